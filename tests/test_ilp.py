@@ -1,0 +1,127 @@
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from falcon_prune.ilp import CostGroups, solve_ilp
+
+
+def exact(I, f, S, F, integral=True):
+    p = len(I)
+    A = np.vstack([np.ones(p), f])
+    ub = [np.inf if S is None else S, np.inf if F is None else F]
+    res = milp(
+        -I,
+        constraints=[LinearConstraint(A, -np.inf, ub)],
+        integrality=np.ones(p) if integral else None,
+        bounds=Bounds(0, 1),
+        options={"mip_rel_gap": 0},
+    )
+    assert res.success
+    return -res.fun
+
+
+def check(I, f, S, F, groups=None):
+    r = solve_ilp(torch.tensor(I), groups if groups is not None else torch.tensor(f), S, F)
+    mask = r.mask.numpy()
+    assert S is None or mask.sum() <= S
+    assert F is None or f[mask].sum() <= F * (1 + 1e-12)
+    assert r.kept == mask.sum()
+    assert r.cost == pytest.approx(f[mask].sum())
+    assert r.objective == pytest.approx(I[mask].sum())
+    opt = exact(I, f, S, F)
+    lp = exact(I, f, S, F, integral=False)
+    two_items = np.sort(I)[-2:].sum()
+    assert r.objective >= opt - two_items - 1e-9
+    assert r.objective <= opt + 1e-9
+    assert r.upper_bound >= opt - 1e-9
+    assert r.upper_bound == pytest.approx(lp, rel=1e-7, abs=1e-9)
+    assert r.gap == pytest.approx(r.upper_bound - r.objective)
+    return r, opt
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_both_binding_layer_costs(seed):
+    rng = np.random.default_rng(seed)
+    p = 300
+    I = rng.random(p) ** 2
+    f = rng.choice([1.0, 9.0, 36.0, 144.0], p)
+    # the count budget binds at the FLOP-only optimum, and the FLOP budget at the count-only one
+    S, F = int(0.3 * p), 0.2 * f.sum()
+    check(I, f, S, F)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_arbitrary_per_weight_costs(seed):
+    rng = np.random.default_rng(100 + seed)
+    p = 700  # more distinct costs than the grouped path takes: the flat path runs
+    I = rng.random(p)
+    f = rng.random(p) * 5
+    check(I, f, int(0.4 * p), 0.25 * f.sum())
+
+
+def test_only_flop_binding():
+    rng = np.random.default_rng(1)
+    I, f = rng.random(200), rng.choice([1.0, 4.0, 16.0], 200)
+    r, _ = check(I, f, None, 0.3 * f.sum())
+    r2, _ = check(I, f, 200, 0.3 * f.sum())  # count budget slack
+    assert r.kept == r2.kept
+
+
+def test_only_count_binding_is_top_k():
+    rng = np.random.default_rng(2)
+    I, f = rng.random(200), rng.choice([1.0, 4.0, 16.0], 200)
+    r, opt = check(I, f, 50, None)
+    assert r.objective == pytest.approx(np.sort(I)[-50:].sum())
+    assert r.gap == pytest.approx(0, abs=1e-9)
+
+
+def test_ties():
+    I = np.repeat([1.0, 0.5, 0.25], 100)
+    f = np.tile([1.0, 2.0], 150)
+    for S, F in [(120, 200.0), (None, 151.0), (77, None), (150, 160.0)]:
+        check(I, f, S, F)
+
+
+def test_layer_groups_equal_flat_costs():
+    sizes = torch.tensor([40, 60, 30, 70])
+    costs = torch.tensor([16.0, 4.0, 16.0, 1.0])
+    f = torch.repeat_interleave(costs, sizes).numpy().astype(float)
+    I = np.random.default_rng(3).random(200)
+    groups = CostGroups.from_layers(costs, sizes)
+    assert len(groups.index) == 3  # equal costs are merged
+    r1, _ = check(I, f, 80, 0.3 * f.sum(), groups)
+    r2, _ = check(I, f, 80, 0.3 * f.sum())
+    assert torch.equal(r1.mask, r2.mask)
+
+
+def test_budgets_larger_than_everything():
+    I = np.random.default_rng(4).random(50)
+    f = np.ones(50)
+    r, _ = check(I, f, 1000, 1e9)
+    assert r.kept == 50
+
+
+def test_zero_budget():
+    I, f = np.random.default_rng(5).random(50), np.ones(50)
+    r = solve_ilp(torch.tensor(I), torch.tensor(f), 0, None)
+    assert r.kept == 0 and r.upper_bound >= 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,err",
+    [
+        (dict(scores=torch.tensor([1.0, float("nan")])), "NaN"),
+        (dict(scores=torch.tensor([1.0, -1.0])), ">= 0"),
+        (dict(scores=torch.tensor([1.0, 1.0, 1.0])), "entries"),
+        (dict(max_count=-1), ">= 0"),
+        (dict(max_cost=float("nan")), "number"),
+    ],
+)
+def test_bad_input(kwargs, err):
+    args = dict(
+        scores=torch.tensor([1.0, 2.0]), costs=torch.tensor([1.0, 1.0]), max_count=1, max_cost=1.0
+    )
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=err):
+        solve_ilp(**args)
