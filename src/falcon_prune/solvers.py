@@ -1,0 +1,298 @@
+"""Pruning methods behind one interface (METHOD.md sections 3, 4 and 7).
+
+Every method maps the dense flat weights ``w_bar`` (p,) and the two budgets to pruned flat
+weights (p,) whose support meets both budgets:
+
+- ``mp``: global magnitude pruning: the longest prefix of weights by decreasing |w| that fits.
+- ``mp_flops``: the ILP of section 3 with scores w^2 (FLOP-aware magnitude pruning).
+- ``woodfisher``: OBS saliency w_i^2 / [H^-1]_ii on the quadratic model, then the exact
+  (multi-weight OBS) update of the kept weights.
+- ``chita``: IHT with a top-S projection plus back-solve on the quadratic model
+  (sparsity-only).
+- ``falcon``: IHT with the ILP projection plus back-solve.
+
+Sparsity-only methods (mp, woodfisher, chita) given a FLOP budget search the largest
+sparsity level whose support meets it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from falcon_prune.ilp import CostGroups, solve_ilp
+from falcon_prune.quadratic import QuadraticModel
+
+METHODS = ("mp", "mp_flops", "woodfisher", "chita", "falcon")
+NEEDS_GRADIENTS = {"woodfisher", "chita", "falcon"}
+
+
+@dataclass
+class Budget:
+    """Absolute budgets: ``count`` kept weights (None: no limit) and ``cost`` kept MACs per
+    sample (None: no limit)."""
+
+    count: int | None
+    cost: float | None
+
+    def fits(self, count: int, cost: float) -> bool:
+        ok_count = self.count is None or count <= self.count
+        ok_cost = self.cost is None or cost <= self.cost * (1 + 1e-12)
+        return ok_count and ok_cost
+
+
+@dataclass
+class SolverOptions:
+    """Hyperparameters of the IHT solvers (chita, falcon).
+
+    ``max_iter`` IHT iterations per round; ``rounds`` alternations of IHT and back-solve;
+    ``step`` 'lipschitz' (1/L from power iteration) or 'linesearch' (backtracking from a
+    larger step, accepting only descent); ``tol`` relative change that stops IHT once the
+    support is stable; ``active_factor`` restricts IHT to the top (factor x kept) weights by
+    |w_bar| (None: all weights).
+    """
+
+    max_iter: int = 100
+    rounds: int = 2
+    step: str = "linesearch"
+    step_scale: float = 1000.0
+    tol: float = 1e-5
+    active_factor: float | None = None
+    progress: bool = True
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class SolverResult:
+    w: torch.Tensor
+    mask: torch.Tensor
+    ilp_gap: float | None = None
+    ilp_upper_bound: float | None = None
+    iterations: int = 0
+    objective: float | None = None
+
+
+def costs_of(mask: torch.Tensor, groups: CostGroups) -> float:
+    """Kept MACs of a flat mask under the grouped costs."""
+    if hasattr(groups, "costs"):
+        return float(groups.costs.to(mask.device)[mask].sum())
+    return float(
+        sum(
+            c * int(mask[idx.to(mask.device)].sum())
+            for c, idx in zip(groups.cost.tolist(), groups.index, strict=True)
+        )
+    )
+
+
+def _per_weight_costs(groups: CostGroups, device) -> torch.Tensor:
+    if hasattr(groups, "costs"):
+        return groups.costs.to(device)
+    f = torch.empty(groups.p, dtype=torch.float64, device=device)
+    for c, idx in zip(groups.cost.tolist(), groups.index, strict=True):
+        f[idx.to(device)] = c
+    return f
+
+
+def prefix_support(order: torch.Tensor, groups: CostGroups, budget: Budget) -> torch.Tensor:
+    """Mask of the longest prefix of ``order`` (indices, most important first) meeting both
+    budgets: the sparsity-level search of a sparsity-only method, done exactly."""
+    f = _per_weight_costs(groups, order.device)[order]
+    ok = torch.ones(order.numel(), dtype=torch.bool, device=order.device)
+    if budget.cost is not None:
+        ok &= torch.cumsum(f, 0) <= budget.cost * (1 + 1e-12)
+    if budget.count is not None:
+        ok &= torch.arange(1, order.numel() + 1, device=order.device) <= budget.count
+    k = order.numel() if bool(ok.all()) else int(torch.argmin(ok.to(torch.int8)))
+    mask = torch.zeros(order.numel(), dtype=torch.bool, device=order.device)
+    mask[order[:k]] = True
+    return mask
+
+
+def magnitude(w_bar: torch.Tensor, groups: CostGroups, budget: Budget) -> SolverResult:
+    order = torch.argsort(w_bar.abs(), descending=True, stable=True)
+    mask = prefix_support(order, groups, budget)
+    return SolverResult(w_bar * mask, mask)
+
+
+def magnitude_flops(w_bar: torch.Tensor, groups: CostGroups, budget: Budget) -> SolverResult:
+    r = solve_ilp(w_bar.double() ** 2, groups, budget.count, budget.cost)
+    return SolverResult(w_bar * r.mask, r.mask, r.gap, r.upper_bound)
+
+
+def woodfisher(qm: QuadraticModel, groups: CostGroups, budget: Budget) -> SolverResult:
+    saliency = qm.w_bar.double() ** 2 / inverse_hessian_diagonal(qm)
+    order = torch.argsort(saliency, descending=True, stable=True)
+    mask = prefix_support(order, groups, budget)
+    w = qm.solve_on_support(mask)
+    return SolverResult(w, mask, objective=qm.value(w))
+
+
+def inverse_hessian_diagonal(qm: QuadraticModel) -> torch.Tensor:
+    """diag((X^T X / n + lam I)^-1) (p,) float64 via Woodbury (or per block)."""
+    X, n, lam = qm.X, qm.n, qm.lam
+    if qm.block_size is None:
+        K = torch.zeros((n, n), dtype=torch.float64, device=X.device)
+        for a in range(0, qm.p, qm.chunk):
+            Xc = X[:, a : a + qm.chunk].double()
+            K += Xc @ Xc.T
+        K.diagonal().add_(lam * n)
+        Kinv = torch.linalg.inv(K)
+        out = torch.empty(qm.p, dtype=torch.float64, device=X.device)
+        for a in range(0, qm.p, qm.chunk):
+            Xc = X[:, a : a + qm.chunk].double()
+            out[a : a + qm.chunk] = (1 - (Xc * (Kinv @ Xc)).sum(0)) / lam
+        return out
+    out = torch.empty(qm.p, dtype=torch.float64, device=X.device)
+    for a, b in qm._blocks():
+        B = min(qm.block_size, b - a)
+        Xb = X[:, a:b].reshape(n, -1, B).permute(1, 0, 2).double()
+        H = Xb.transpose(1, 2) @ Xb / n
+        H.diagonal(dim1=1, dim2=2).add_(lam)
+        out[a:b] = (
+            torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal(dim1=1, dim2=2).reshape(-1)
+        )
+    return out
+
+
+Projection = Callable[[torch.Tensor], tuple[torch.Tensor, object]]
+
+
+def iht(
+    qm: QuadraticModel,
+    w0: torch.Tensor,
+    project: Projection,
+    opts: SolverOptions,
+    desc: str,
+) -> tuple[torch.Tensor, torch.Tensor, object, int]:
+    """Iterative hard thresholding on Q from the feasible ``w0``: v = w - eta grad Q(w),
+    w = v restricted to project(v). Returns (w, mask, last projection info, iterations)."""
+    L = qm.lipschitz()
+    eta = 1.0 / L
+    w = w0.clone()
+    mask = w0 != 0
+    q = qm.value(w)
+    info = None
+    it = 0
+    step = eta * opts.step_scale
+    bar = tqdm(total=opts.max_iter, desc=desc, unit="it", disable=not opts.progress, leave=False)
+    for it in range(1, opts.max_iter + 1):
+        g = qm.grad(w)
+        if opts.step == "linesearch":
+            step = min(step * 2, eta * opts.step_scale)
+        while True:
+            v = w - step * g
+            new_mask, info = project(v)
+            w_new = v * new_mask
+            q_new = qm.value(w_new)
+            if opts.step != "linesearch" or q_new <= q or step <= eta:
+                break
+            step = max(eta, step / 2)
+        change = float((w_new - w).norm()) / max(float(w.norm()), 1e-30)
+        stable = torch.equal(new_mask, mask)
+        w, mask, q = w_new, new_mask, q_new
+        opts.history.append({"method": desc, "iteration": it, "objective": q, "step": step})
+        bar.update(1)
+        bar.set_postfix(Q=f"{q:.4g}", change=f"{change:.1e}")
+        if stable and change < opts.tol:
+            break
+    bar.close()
+    return w, mask, info, it
+
+
+def _refine(
+    qm: QuadraticModel, w0: torch.Tensor, project: Projection, opts: SolverOptions, desc: str
+) -> SolverResult:
+    """Rounds of IHT followed by the back-solve on the support; keeps the best Q."""
+    best: SolverResult | None = None
+    w = w0
+    total = 0
+    for r in range(max(1, opts.rounds)):
+        w, mask, info, its = iht(qm, w, project, opts, f"{desc} round {r + 1}")
+        total += its
+        w = qm.solve_on_support(mask)
+        obj = qm.value(w)
+        if best is None or obj < best.objective:
+            gap = getattr(info, "gap", None)
+            ub = getattr(info, "upper_bound", None)
+            best = SolverResult(w, mask, gap, ub, total, obj)
+    best.iterations = total
+    return best
+
+
+def falcon(
+    qm: QuadraticModel, groups: CostGroups, budget: Budget, opts: SolverOptions
+) -> SolverResult:
+    """FALCON: IHT on Q with the ILP projection (scores v^2), warm-started from FLOP-aware
+    magnitude pruning, then back-solve; a few alternations."""
+    active = _active_set(qm.w_bar, groups, budget, opts)
+
+    def project(v: torch.Tensor):
+        scores = v.double() ** 2
+        if active is not None:
+            scores = scores * active
+        r = solve_ilp(scores, groups, budget.count, budget.cost)
+        return r.mask, r
+
+    start = magnitude_flops(qm.w_bar, groups, budget)
+    return _refine(qm, start.w, project, opts, "falcon")
+
+
+def _active_set(w_bar, groups, budget, opts) -> torch.Tensor | None:
+    if opts.active_factor is None:
+        return None
+    base = magnitude_flops(w_bar, groups, budget)
+    k = min(w_bar.numel(), int(math.ceil(opts.active_factor * int(base.mask.sum()))))
+    keep = torch.zeros(w_bar.numel(), dtype=torch.float64, device=w_bar.device)
+    keep[torch.topk(w_bar.abs(), k).indices] = 1
+    return keep
+
+
+def chita(
+    qm: QuadraticModel, groups: CostGroups, budget: Budget, opts: SolverOptions
+) -> SolverResult:
+    """CHITA: IHT with a top-S projection and back-solve (sparsity-only). With a FLOP budget,
+    the largest S whose result meets it is found by bisection over S."""
+
+    def run(S: int) -> SolverResult:
+        def project(v: torch.Tensor):
+            mask = torch.zeros(v.numel(), dtype=torch.bool, device=v.device)
+            if S > 0:
+                mask[torch.topk(v.abs(), S).indices] = True
+            return mask, None
+
+        start = magnitude(qm.w_bar, groups, Budget(S, None))
+        return _refine(qm, qm.solve_on_support(start.mask), project, opts, f"chita S={S}")
+
+    return search_sparsity(run, qm.w_bar, groups, budget)
+
+
+def search_sparsity(
+    run: Callable[[int], SolverResult], w_bar: torch.Tensor, groups: CostGroups, budget: Budget
+) -> SolverResult:
+    """The largest count S (within budget.count) whose ``run(S)`` meets the cost budget, by
+    bisection; the magnitude-pruning prefix gives the starting bracket."""
+    p = w_bar.numel()
+    cap = p if budget.count is None else min(p, budget.count)
+    if budget.cost is None:
+        return run(cap)
+    result = run(cap)
+    if costs_of(result.mask, groups) <= budget.cost * (1 + 1e-12):
+        return result
+    lo = int(magnitude(w_bar, groups, budget).mask.sum())
+    best = run(lo)
+    while costs_of(best.mask, groups) > budget.cost * (1 + 1e-12) and lo > 0:
+        lo //= 2
+        best = run(lo)
+    hi = cap
+    while hi - lo > max(1, p // 2000):
+        mid = (lo + hi) // 2
+        r = run(mid)
+        if costs_of(r.mask, groups) <= budget.cost * (1 + 1e-12):
+            lo, best = mid, r
+        else:
+            hi = mid
+    return best
