@@ -1,8 +1,36 @@
 """falcon-prune: prune trained PyTorch networks under a FLOP budget and a non-zero budget
 at once, with FALCON (Meng et al., AISTATS 2024)."""
 
+from falcon_prune.api import (
+    LayerReport,
+    PruneResult,
+    apply_weights,
+    make_permanent,
+    masks_of,
+    prune,
+)
 from falcon_prune.costs import CostModel, count_macs
+from falcon_prune.fisher import MemoryBudgetError, gradient_matrix
 from falcon_prune.ilp import CostGroups, ILPResult, solve_ilp
+from falcon_prune.quadratic import QuadraticModel
+from falcon_prune.solvers import METHODS, SolverOptions
 
-__all__ = ["CostModel", "CostGroups", "ILPResult", "count_macs", "solve_ilp"]
+__all__ = [
+    "METHODS",
+    "CostGroups",
+    "CostModel",
+    "ILPResult",
+    "LayerReport",
+    "MemoryBudgetError",
+    "PruneResult",
+    "QuadraticModel",
+    "SolverOptions",
+    "apply_weights",
+    "count_macs",
+    "gradient_matrix",
+    "make_permanent",
+    "masks_of",
+    "prune",
+    "solve_ilp",
+]
 __version__ = "0.1.0"

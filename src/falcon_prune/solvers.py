@@ -9,7 +9,8 @@ weights (p,) whose support meets both budgets:
   (multi-weight OBS) update of the kept weights.
 - ``chita``: IHT with a top-S projection plus back-solve on the quadratic model
   (sparsity-only).
-- ``falcon``: IHT with the ILP projection plus back-solve.
+- ``falcon``: IHT with the ILP projection plus back-solve; the projection's scores are
+  v_i^2 f_i^beta, with beta (and the ridge) chosen by held-out loss when data allows.
 
 Sparsity-only methods (mp, woodfisher, chita) given a FLOP budget search the largest
 sparsity level whose support meets it.
@@ -53,15 +54,20 @@ class SolverOptions:
     ``step`` 'lipschitz' (1/L from power iteration) or 'linesearch' (backtracking from a
     larger step, accepting only descent); ``tol`` relative change that stops IHT once the
     support is stable; ``active_factor`` restricts IHT to the top (factor x kept) weights by
-    |w_bar| (None: all weights).
+    |w_bar| (None: all weights). falcon's projection weights v_i^2 by f_i^beta: with
+    held-out data beta is chosen from ``cost_exponents`` and the ridge from ``ridges`` by
+    held-out loss; otherwise beta = ``cost_exponent``.
     """
 
-    max_iter: int = 100
-    rounds: int = 2
-    step: str = "linesearch"
+    max_iter: int = 30
+    rounds: int = 1
+    step: str = "lipschitz"
     step_scale: float = 1000.0
     tol: float = 1e-5
     active_factor: float | None = None
+    ridges: tuple[float, ...] = (1e-2, 1e-3, 1e-4)
+    cost_exponents: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    cost_exponent: float = 0.5
     progress: bool = True
     history: list[dict] = field(default_factory=list)
 
@@ -74,6 +80,9 @@ class SolverResult:
     ilp_upper_bound: float | None = None
     iterations: int = 0
     objective: float | None = None
+    ridge: float | None = None
+    beta: float | None = None
+    source: str | None = None
 
 
 def costs_of(mask: torch.Tensor, groups: CostGroups) -> float:
@@ -170,30 +179,28 @@ def iht(
 ) -> tuple[torch.Tensor, torch.Tensor, object, int]:
     """Iterative hard thresholding on Q from the feasible ``w0``: v = w - eta grad Q(w),
     w = v restricted to project(v). Returns (w, mask, last projection info, iterations)."""
-    L = qm.lipschitz()
-    eta = 1.0 / L
+    eta = 1.0 / qm.lipschitz()
     w = w0.clone()
     mask = w0 != 0
-    q = qm.value(w)
+    q, g = qm.value_and_grad(w)
     info = None
     it = 0
-    step = eta * opts.step_scale
+    step = eta * opts.step_scale if opts.step == "linesearch" else eta
     bar = tqdm(total=opts.max_iter, desc=desc, unit="it", disable=not opts.progress, leave=False)
     for it in range(1, opts.max_iter + 1):
-        g = qm.grad(w)
         if opts.step == "linesearch":
             step = min(step * 2, eta * opts.step_scale)
         while True:
             v = w - step * g
             new_mask, info = project(v)
             w_new = v * new_mask
-            q_new = qm.value(w_new)
+            q_new, g_new = qm.value_and_grad(w_new)
             if opts.step != "linesearch" or q_new <= q or step <= eta:
                 break
             step = max(eta, step / 2)
         change = float((w_new - w).norm()) / max(float(w.norm()), 1e-30)
         stable = torch.equal(new_mask, mask)
-        w, mask, q = w_new, new_mask, q_new
+        w, mask, q, g = w_new, new_mask, q_new, g_new
         opts.history.append({"method": desc, "iteration": it, "objective": q, "step": step})
         bar.update(1)
         bar.set_postfix(Q=f"{q:.4g}", change=f"{change:.1e}")
@@ -223,22 +230,81 @@ def _refine(
     return best
 
 
+Evaluate = Callable[[torch.Tensor], float]
+
+
+def weighted_scores(v: torch.Tensor, groups: CostGroups, beta: float) -> torch.Tensor:
+    """ILP scores v_i^2 f_i^beta (p,) float64: the projection in the norm weighted by
+    f^beta. beta = 0 is plain FLOP-aware magnitude; as beta grows towards 1 the ILP's
+    value-per-cost order v^2 f^(beta-1) approaches global magnitude order."""
+    scores = v.double() ** 2
+    if beta != 0:
+        scores = scores * _per_weight_costs(groups, v.device).clamp_min(1e-12) ** beta
+    return scores
+
+
 def falcon(
-    qm: QuadraticModel, groups: CostGroups, budget: Budget, opts: SolverOptions
+    qm: QuadraticModel,
+    groups: CostGroups,
+    budget: Budget,
+    opts: SolverOptions,
+    evaluate: Evaluate | None = None,
 ) -> SolverResult:
-    """FALCON: IHT on Q with the ILP projection (scores v^2), warm-started from FLOP-aware
-    magnitude pruning, then back-solve; a few alternations."""
-    active = _active_set(qm.w_bar, groups, budget, opts)
+    """FALCON: IHT on Q with the ILP projection, then back-solve.
+
+    The projection keeps the support that maximises sum v_i^2 f_i^beta under both budgets.
+    With ``evaluate`` (the network's loss on held-out samples, lower is better), beta is
+    chosen from ``opts.cost_exponents`` and then the ridge from ``opts.ridges`` by the
+    held-out loss of the back-solved warm start (the ILP support of w_bar); without it,
+    beta = ``opts.cost_exponent`` and the model's ridge are used. IHT then runs from the
+    chosen warm start; its result replaces the start only when it scores better."""
+    w_bar = qm.w_bar
+    betas = tuple(opts.cost_exponents) if evaluate is not None else (opts.cost_exponent,)
+    ridges = tuple(opts.ridges) if evaluate is not None else ()
+
+    def candidate(beta: float, lam: float, ilp) -> tuple[float, SolverResult]:
+        q = qm.with_ridge(lam)
+        w = q.solve_on_support(ilp.mask)
+        obj = q.value(w)
+        s = evaluate(w) if evaluate is not None else obj
+        opts.history.append(
+            {"phase": "warm start", "beta": beta, "ridge": lam, "objective": obj, "score": s}
+        )
+        res = SolverResult(w, ilp.mask, ilp.gap, ilp.upper_bound, 0, obj, lam)
+        res.beta = beta
+        return s, res
+
+    starts = {
+        b: solve_ilp(weighted_scores(w_bar, groups, b), groups, budget.count, budget.cost)
+        for b in betas
+    }
+    best_s, best = min((candidate(b, qm.lam, starts[b]) for b in betas), key=lambda c: c[0])
+    for lam in ridges:
+        if lam != qm.lam:
+            s, res = candidate(best.beta, lam, starts[best.beta])
+            if s < best_s:
+                best_s, best = s, res
+    beta, lam = best.beta, best.ridge
+    q = qm.with_ridge(lam)
+    active = _active_set(w_bar, groups, budget, opts)
 
     def project(v: torch.Tensor):
-        scores = v.double() ** 2
+        scores = weighted_scores(v, groups, beta)
         if active is not None:
             scores = scores * active
         r = solve_ilp(scores, groups, budget.count, budget.cost)
         return r.mask, r
 
-    start = magnitude_flops(qm.w_bar, groups, budget)
-    return _refine(qm, start.w, project, opts, "falcon")
+    refined = _refine(q, w_bar * best.mask, project, opts, "falcon")
+    s1 = evaluate(refined.w) if evaluate is not None else refined.objective
+    opts.history.append(
+        {"phase": "iht", "beta": beta, "ridge": lam, "objective": refined.objective,
+         "score": s1, "iterations": refined.iterations}
+    )
+    chosen = refined if s1 < best_s else best
+    chosen.iterations, chosen.ridge, chosen.beta = refined.iterations, lam, beta
+    chosen.source = "iht" if chosen is refined else "warm start"
+    return chosen
 
 
 def _active_set(w_bar, groups, budget, opts) -> torch.Tensor | None:
