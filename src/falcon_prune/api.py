@@ -168,6 +168,23 @@ def make_permanent(model: nn.Module) -> nn.Module:
     return model
 
 
+def clone_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that also works when it carries ``torch.nn.utils.prune``
+    masks (whose computed ``weight`` tensors refuse deepcopy); ``model`` is left as it was."""
+    stash = []
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                name = hook._tensor_name
+                stash.append((module, name, getattr(module, name)))
+                setattr(module, name, getattr(module, name).detach())
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for module, name, value in stash:
+            setattr(module, name, value)
+
+
 def _unmask(model: nn.Module) -> None:
     """Turn masked weights of a previously pruned model into plain (zero-holding) weights."""
     make_permanent(model)
@@ -260,7 +277,7 @@ def prune(
     fit = SampleSource(samples.x[:n_fit], samples.y[:n_fit])
     held = SampleSource(samples.x[n_fit:], samples.y[n_fit:])
 
-    pruned = copy.deepcopy(model)
+    pruned = clone_model(model)
     _unmask(pruned)
     pruned.eval()
     times: dict[str, float] = {}

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from falcon_prune.api import make_permanent, masks_of, prune
+from falcon_prune.api import clone_model, make_permanent, masks_of, prune
 from falcon_prune.costs import count_macs
 from falcon_prune.data import load_dataset
 from falcon_prune.evaluation import accuracy
@@ -80,7 +79,7 @@ def cmd_prune(a: argparse.Namespace) -> int:
     print(r.table())
     print(r.summary())
     masks = masks_of(r.model)
-    plain = make_permanent(copy.deepcopy(r.model))
+    plain = make_permanent(clone_model(r.model))
     a.output.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": a.model, "state_dict": plain.state_dict(), "masks": masks,
                 "report": r.to_dict()}, a.output)

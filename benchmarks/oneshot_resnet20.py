@@ -1,0 +1,93 @@
+"""One-shot pruning of the shared CIFAR-10 ResNet20 at FLOP budgets, every method.
+
+Each (method, budget) runs in its own process so that its peak memory is its own. The
+pruned network is recounted independently (a fresh forward-hook cost model over the
+non-zero weights of the plain, mask-folded copy) and tested on the 846 shared test images.
+
+    python benchmarks/oneshot_resnet20.py --budgets 0.4 0.3 \
+        --out benchmarks/results/oneshot_resnet20.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+METHODS = ["mp", "mp_flops", "woodfisher", "chita", "falcon"]
+
+
+def run_one(method: str, flops: float, seed: int, n_gradients: int) -> dict:
+    import torch
+
+    import falcon_prune as fp
+    from falcon_prune.data import load_cifar10
+    from falcon_prune.evaluation import accuracy
+    from falcon_prune.models import load_checkpoint, resnet20
+
+    torch.manual_seed(seed)
+    npz = SHARED / "data" / "cifar10_subset.npz"
+    model = load_checkpoint(resnet20(), SHARED / "checkpoints" / "resnet20_cifar10.pth.tar")
+    train, test = load_cifar10(npz, "train"), load_cifar10(npz, "test")
+    t = time.perf_counter()
+    r = fp.prune(model.eval(), train.tensors, flops=flops, method=method,
+                 n_gradients=n_gradients, seed=seed, progress=False)
+    seconds = time.perf_counter() - t
+    plain = fp.make_permanent(fp.api.clone_model(r.model))
+    kept, dense = fp.count_macs(plain, train.tensors[0][:1])
+    layers = fp.CostModel.from_model(plain, train.tensors[0][:1]).layers
+    weights = [lay.module.weight for lay in layers]
+    nnz = sum(int(w.count_nonzero()) for w in weights) / sum(w.numel() for w in weights)
+    return {
+        "method": method, "flops_budget": flops, "seed": seed,
+        "accuracy": accuracy(r.model, test.tensors),
+        "flops_fraction": r.flops_fraction, "flops_recount": kept / dense,
+        "nnz_fraction": r.nnz_fraction, "nnz_recount": nnz,
+        "seconds": seconds, "times": r.times, "peak_rss_mb": fp.api.peak_rss_mb(),
+        "ilp_gap": r.ilp_gap,
+        "details": {k: v for k, v in r.details.items() if k != "candidates"},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.3])
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--n-gradients", type=int, default=1000)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/oneshot_resnet20.json"))
+    ap.add_argument("--single", nargs=3, metavar=("METHOD", "FLOPS", "SEED"),
+                    help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.single:
+        row = run_one(a.single[0], float(a.single[1]), int(a.single[2]), a.n_gradients)
+        print("RESULT " + json.dumps(row))
+        return
+    if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
+        sys.exit(f"{SHARED} is absent: this benchmark needs the project's shared data")
+    rows = []
+    for flops in a.budgets:
+        for method in a.methods:
+            for seed in a.seeds:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--n-gradients", str(a.n_gradients),
+                     "--single", method, str(flops), str(seed)],
+                    capture_output=True, text=True, check=True,
+                ).stdout
+                row = json.loads(out.split("RESULT ", 1)[1])
+                rows.append(row)
+                print(f"{flops:.2f} {method:<10} acc {row['accuracy']:.4f} FLOPs "
+                      f"{row['flops_fraction']:.4f} (recount {row['flops_recount']:.4f}) NNZ "
+                      f"{row['nnz_fraction']:.4f} {row['seconds']:.1f}s "
+                      f"{row['peak_rss_mb']:.0f} MiB", flush=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
