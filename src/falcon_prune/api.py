@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import prune as torch_prune
 
-from falcon_prune.costs import CostModel, flatten_weights
+from falcon_prune.costs import CostModel, find_prunable_modules, flatten_weights
 from falcon_prune.fisher import LossFn, SampleSource, as_samples, gradient_matrix
 from falcon_prune.ilp import CostGroups
 from falcon_prune.quadratic import QuadraticModel
@@ -254,6 +254,11 @@ def prune(
     _check_args(method, n_gradients, samples_per_gradient)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not find_prunable_modules(model):
+        raise ValueError(
+            f"{type(model).__name__} has no prunable layers (Conv1d/Conv2d/Conv3d/Linear); "
+            "nothing to prune."
+        )
     if not ridge > 0:
         raise ValueError(f"ridge must be > 0, got {ridge!r}")
     torch.manual_seed(seed)

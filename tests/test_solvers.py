@@ -1,0 +1,117 @@
+import pytest
+import torch
+from helpers import small_data, trained_cnn
+
+from falcon_prune import solvers as S
+from falcon_prune.costs import CostModel, flatten_weights
+from falcon_prune.fisher import as_samples, gradient_matrix
+from falcon_prune.ilp import CostGroups
+from falcon_prune.quadratic import QuadraticModel
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model = trained_cnn()
+    x, y = small_data()
+    cm = CostModel.from_model(model, x[:1])
+    X = gradient_matrix(model, cm, as_samples((x, y)), 120, progress=False)
+    w = flatten_weights(cm)
+    groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes())
+    return cm, QuadraticModel(X, w, 1e-3), groups
+
+
+BUDGETS = [(None, 0.4), (0.5, None), (0.3, 0.5), (0.6, 0.3)]
+
+
+def run(method, qm, groups, budget, evaluate=None):
+    opts = S.SolverOptions(progress=False, max_iter=10)
+    if method == "mp":
+        return S.magnitude(qm.w_bar, groups, budget)
+    if method == "mp_flops":
+        return S.magnitude_flops(qm.w_bar, groups, budget)
+    if method == "woodfisher":
+        return S.woodfisher(qm, groups, budget)
+    if method == "chita":
+        return S.chita(qm, groups, budget, opts)
+    return S.falcon(qm, groups, budget, opts, evaluate)
+
+
+@pytest.mark.parametrize("method", S.METHODS)
+@pytest.mark.parametrize("fractions", BUDGETS)
+def test_every_method_meets_both_budgets(problem, method, fractions):
+    cm, qm, groups = problem
+    nnz, flops = fractions
+    budget = S.Budget(None if nnz is None else int(nnz * cm.num_weights),
+                      None if flops is None else flops * cm.dense_macs)
+    r = run(method, qm, groups, budget)
+    kept = r.mask & (r.w != 0)
+    assert budget.fits(int(kept.sum()), cm.macs_of_mask(kept))
+    assert torch.all(r.w[~r.mask] == 0)
+    # not trivially empty: the search uses most of the tighter budget
+    used = cm.macs_of_mask(r.mask) / cm.dense_macs
+    assert used > 0.5 * (flops or 0) and int(r.mask.sum()) > 0
+
+
+def test_falcon_improves_the_model_over_magnitude_start(problem):
+    cm, qm, groups = problem
+    budget = S.Budget(None, 0.35 * cm.dense_macs)
+    start = S.magnitude_flops(qm.w_bar, groups, budget)
+    r = S.falcon(qm, groups, budget, S.SolverOptions(progress=False, cost_exponent=0.0))
+    assert r.objective < qm.value(start.w)
+    assert r.ilp_gap is not None and r.ilp_gap >= 0
+
+
+def test_falcon_selection_uses_evaluate(problem):
+    cm, qm, groups = problem
+    budget = S.Budget(None, 0.35 * cm.dense_macs)
+    calls = []
+
+    def evaluate(w):
+        calls.append(w)
+        return float(w.abs().sum())  # prefers small weights: a checkable choice
+
+    opts = S.SolverOptions(progress=False, max_iter=5)
+    r = S.falcon(qm, groups, budget, opts, evaluate)
+    starts = [h for h in opts.history if h.get("phase") == "warm start"]
+    assert len(starts) == len(opts.cost_exponents) + len(opts.ridges) - 1
+    best = min(h["score"] for h in starts + [h for h in opts.history if h.get("phase") == "iht"])
+    assert float(r.w.abs().sum()) == pytest.approx(best)
+
+
+def test_linesearch_iht_never_increases_q(problem):
+    cm, qm, groups = problem
+    budget = S.Budget(None, 0.3 * cm.dense_macs)
+    opts = S.SolverOptions(progress=False, step="linesearch", max_iter=15)
+    start = S.magnitude_flops(qm.w_bar, groups, budget)
+
+    def project(v):
+        r = S.solve_ilp(v.double() ** 2, groups, None, budget.cost)
+        return r.mask, r
+
+    S.iht(qm, start.w, project, opts, "t")
+    q = [qm.value(start.w)] + [h["objective"] for h in opts.history]
+    assert all(b <= a + 1e-9 for a, b in zip(q, q[1:], strict=False))
+
+
+def test_inverse_hessian_diagonal(problem):
+    _, qm, _ = problem
+    small = QuadraticModel(qm.X[:, :200].double(), qm.w_bar[:200].double(), 1e-2, chunk=64)
+    H = small.X.T @ small.X / small.n + 1e-2 * torch.eye(200, dtype=torch.float64)
+    ref = torch.linalg.inv(H).diagonal()
+    assert torch.allclose(S.inverse_hessian_diagonal(small), ref, rtol=1e-6)
+    blocked = QuadraticModel(small.X, small.w_bar, 1e-2, block_size=50)
+    Hb = torch.block_diag(*[H[a : a + 50, a : a + 50] for a in range(0, 200, 50)])
+    assert torch.allclose(S.inverse_hessian_diagonal(blocked), torch.linalg.inv(Hb).diagonal(),
+                          rtol=1e-6)
+
+
+def test_prefix_support_is_longest_feasible_prefix(problem):
+    cm, qm, groups = problem
+    budget = S.Budget(None, 0.5 * cm.dense_macs)
+    order = torch.argsort(qm.w_bar.abs(), descending=True)
+    mask = S.prefix_support(order, groups, budget)
+    k = int(mask.sum())
+    assert cm.macs_of_mask(mask) <= budget.cost
+    longer = mask.clone()
+    longer[order[k]] = True
+    assert cm.macs_of_mask(longer) > budget.cost
