@@ -84,8 +84,10 @@ def main() -> None:
                       f"{row['flops_fraction']:.4f} (recount {row['flops_recount']:.4f}) NNZ "
                       f"{row['nnz_fraction']:.4f} {row['seconds']:.1f}s "
                       f"{row['peak_rss_mb']:.0f} MiB", flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+                # written after every row so that an interrupted run keeps what it measured
+                a.out.parent.mkdir(parents=True, exist_ok=True)
+                a.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows},
+                                            indent=1))
     print(f"wrote {a.out}")
 
 

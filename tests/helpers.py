@@ -48,3 +48,20 @@ def state(model):
 def same_state(model, saved):
     now = model.state_dict()
     return set(now) == set(saved) and all(torch.equal(now[k], saved[k]) for k in saved)
+
+
+class BatchNormCNN(nn.Module):
+    """SmallCNN with BatchNorm after each convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 6, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))

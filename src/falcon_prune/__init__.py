@@ -2,6 +2,7 @@
 at once, with FALCON (Meng et al., AISTATS 2024)."""
 
 from falcon_prune.api import (
+    METHODS,
     LayerReport,
     PruneResult,
     apply_weights,
@@ -11,23 +12,28 @@ from falcon_prune.api import (
 )
 from falcon_prune.costs import CostModel, count_macs
 from falcon_prune.fisher import MemoryBudgetError, gradient_matrix
+from falcon_prune.gradual import GradualResult, gradual
 from falcon_prune.ilp import CostGroups, ILPResult, solve_ilp
 from falcon_prune.quadratic import QuadraticModel
-from falcon_prune.solvers import METHODS, SolverOptions
+from falcon_prune.schedules import Schedule
+from falcon_prune.solvers import SolverOptions
 
 __all__ = [
     "METHODS",
     "CostGroups",
     "CostModel",
+    "GradualResult",
     "ILPResult",
     "LayerReport",
     "MemoryBudgetError",
     "PruneResult",
     "QuadraticModel",
+    "Schedule",
     "SolverOptions",
     "apply_weights",
     "count_macs",
     "gradient_matrix",
+    "gradual",
     "make_permanent",
     "masks_of",
     "prune",

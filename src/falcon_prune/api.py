@@ -9,25 +9,30 @@ The user's model is never modified: the pruned network is a copy whose prunable 
 from __future__ import annotations
 
 import copy
+import csv
+import json
 import math
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import prune as torch_prune
+from tqdm.auto import tqdm
 
+from falcon_prune import solvers
 from falcon_prune.costs import CostModel, find_prunable_modules, flatten_weights
 from falcon_prune.fisher import LossFn, SampleSource, as_samples, gradient_matrix
 from falcon_prune.ilp import CostGroups
 from falcon_prune.quadratic import QuadraticModel
+from falcon_prune.schedules import Schedule, as_schedule, stage_budgets
 from falcon_prune.solvers import (
-    METHODS,
-    NEEDS_GRADIENTS,
     Budget,
     SolverOptions,
     SolverResult,
@@ -39,6 +44,8 @@ from falcon_prune.solvers import (
 )
 
 DEFAULT_RIDGE = 1e-3
+METHODS = (*solvers.METHODS, "falcon++")
+NEEDS_GRADIENTS = {*solvers.NEEDS_GRADIENTS, "falcon++"}
 
 
 @dataclass
@@ -77,6 +84,7 @@ class PruneResult:
     times: dict[str, float]
     peak_rss_mb: float
     details: dict = field(default_factory=dict)
+    stages: list[dict] = field(default_factory=list)
 
     def table(self) -> str:
         """The per-layer report as fixed-width text."""
@@ -118,8 +126,13 @@ class PruneResult:
             "times": self.times,
             "peak_rss_mb": self.peak_rss_mb,
             "details": self.details,
+            "stages": self.stages,
             "layers": [vars(r) for r in self.layers],
         }
+
+    def write_trajectory(self, path: str | Path) -> Path:
+        """Write the per-stage trajectory (falcon++) as CSV or JSON, by the file suffix."""
+        return write_rows(self.stages, path)
 
 
 # -- validation ---------------------------------------------------------------------------
@@ -139,6 +152,23 @@ def check_fraction(name: str, value: object) -> float | None:
             f"model to keep (e.g. {name}=0.3 keeps 30 %)"
         )
     return v
+
+
+def write_rows(rows: list[dict], path: str | Path) -> Path:
+    """Write a list of flat dicts as ``.csv`` or ``.json`` (by suffix); returns the path."""
+    path = Path(path)
+    if path.suffix not in (".csv", ".json"):
+        raise ValueError(f"{path}: write to a .csv or a .json file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=1))
+        return path
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def _check_args(method: str, n_gradients: object, samples_per_gradient: object) -> None:
@@ -210,6 +240,23 @@ def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # -- the call -----------------------------------------------------------------------------
+@dataclass
+class _Problem:
+    """Everything one pruning solve needs besides the model's current weights."""
+
+    n_gradients: int
+    samples_per_gradient: int
+    ridge: float
+    alpha: float
+    block_size: int | None
+    options: SolverOptions
+    loss_fn: LossFn | None
+    dtype: torch.dtype
+    device: torch.device | str
+    memory_limit: int | None
+    progress: bool
+
+
 def prune(
     model: nn.Module,
     data: object,
@@ -223,6 +270,9 @@ def prune(
     alpha: float = 0.0,
     block_size: int | None = None,
     options: SolverOptions | None = None,
+    schedule: Schedule | str | Sequence[float] | None = None,
+    stages: int = 5,
+    revive: bool = False,
     loss_fn: LossFn | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -237,14 +287,22 @@ def prune(
 
     ``data``: an (inputs, targets) tuple of tensors, a Dataset of (x, y) pairs or a loader of
     (x, y) batches. The first ``n_gradients * samples_per_gradient`` samples give the
-    gradient matrix (methods woodfisher, chita, falcon); up to ``n_validation`` further
-    samples, when the data has them, let ``falcon`` choose its ridge and warm start by their
-    loss (otherwise it uses Q with ``ridge``). ``ridge`` is lam and ``alpha`` the
+    gradient matrix (methods woodfisher, chita, falcon, falcon++); up to ``n_validation``
+    further samples, when the data has them, let ``falcon`` choose its ridge and warm start
+    by their loss (otherwise it uses Q with ``ridge``). ``ridge`` is lam and ``alpha`` the
     first-order scale of the quadratic model; ``block_size`` switches to the block-diagonal
-    approximation. Raises ``ValueError``/``TypeError`` on bad input and
-    ``falcon_prune.MemoryBudgetError`` when the gradient matrix would exceed
-    ``memory_limit`` bytes (default 60 % of available RAM); the user's model is untouched in
-    every case.
+    approximation.
+
+    ``method="falcon++"`` reaches the budgets in ``stages`` stages on ``schedule`` (a
+    :class:`~falcon_prune.schedules.Schedule`, 'linear' / 'cubic' / 'exponential', or a list
+    of kept fractions per stage); every stage recomputes the gradients at the current
+    weights, takes them as the new centre and meets its own budgets; pruned weights stay
+    pruned unless ``revive=True``. The per-stage trajectory is in ``result.stages``.
+    Without ``revive``, weights that are already zero in ``model`` stay zero (any method).
+
+    Raises ``ValueError``/``TypeError`` on bad input and ``falcon_prune.MemoryBudgetError``
+    when the gradient matrix would exceed ``memory_limit`` bytes (default 60 % of available
+    RAM); the user's model is untouched in every case.
     """
     t_start = time.perf_counter()
     flops = check_fraction("flops", flops)
@@ -261,11 +319,13 @@ def prune(
         )
     if not ridge > 0:
         raise ValueError(f"ridge must be > 0, got {ridge!r}")
+    plan = stage_budgets(as_schedule(schedule, stages), flops, nnz) if method == "falcon++" \
+        else [(flops, nnz)]
     torch.manual_seed(seed)
     needs_grad = method in NEEDS_GRADIENTS
     n_fit = n_gradients * samples_per_gradient if needs_grad else 1
     total = _data_length(data)
-    want = n_fit + (n_validation if method == "falcon" else 0)
+    want = n_fit + (n_validation if method in ("falcon", "falcon++") else 0)
     if total is not None:
         if total < n_fit:
             raise ValueError(
@@ -288,61 +348,184 @@ def prune(
     times: dict[str, float] = {}
     t = time.perf_counter()
     example = example_input if example_input is not None else samples.x[:1]
-    try:
-        cm = CostModel.from_model(pruned, example)
-    except RuntimeError as e:
-        raise ValueError(
-            f"the model could not run on the data ({e}); check the input shape "
-            f"(got {tuple(samples.x.shape[1:])} per sample)"
-        ) from e
-    w_bar = flatten_weights(cm, dtype)
+    cm = cost_model_of(pruned, example, samples.x.shape[1:])
     groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes())
     p, dense = cm.num_weights, cm.dense_macs
-    budget = Budget(
-        None if nnz is None else int(math.floor(nnz * p + 1e-9)),
-        None if flops is None else flops * dense,
-    )
     times["costs"] = time.perf_counter() - t
-    opts = options if options is not None else SolverOptions(progress=progress)
-
-    if needs_grad:
-        t = time.perf_counter()
-        X = gradient_matrix(
-            pruned, cm, fit, n_gradients, samples_per_gradient, loss_fn, dtype, device,
-            memory_limit=memory_limit, progress=progress,
-        )
-        times["gradients"] = time.perf_counter() - t
-        qm = QuadraticModel(X, w_bar.to(device), ridge, alpha, block_size)
-    t = time.perf_counter()
-    evaluate = _held_out_loss(pruned, cm, held, loss_fn, device) if len(held) else None
-    if method == "mp":
-        res = magnitude(w_bar, groups, budget)
-    elif method == "mp_flops":
-        res = magnitude_flops(w_bar, groups, budget)
-    elif method == "woodfisher":
-        res = woodfisher(qm, groups, budget)
-    elif method == "chita":
-        res = chita(qm, groups, budget, opts)
-    else:
-        res = falcon(qm, groups, budget, opts, evaluate)
-    times["solver"] = time.perf_counter() - t
-    w, mask = res.w.detach().to("cpu", torch.float32), res.mask.to("cpu")
-    mask = mask & (w != 0)
-    apply_weights(cm, w, mask)
+    problem = _Problem(
+        n_gradients, samples_per_gradient, ridge, alpha, block_size,
+        options if options is not None else SolverOptions(progress=progress),
+        loss_fn, dtype, device, memory_limit, progress,
+    )
+    stage_method = "falcon" if method == "falcon++" else method
+    trajectory: list[dict] = []
+    # weights that come in pruned (zero) stay pruned, as do those of earlier stages
+    mask = None if revive else flatten_weights(cm) != 0
+    bar = tqdm(total=len(plan), desc="falcon++ stages", unit="stage",
+               disable=not progress or method != "falcon++")
+    for k, (f_k, s_k) in enumerate(plan, 1):
+        t_stage = time.perf_counter()
+        budget = budget_of(cm, f_k, s_k)
+        allowed = None if (revive or mask is None) else mask
+        res, w, mask = solve_step(pruned, cm, groups, budget, stage_method, fit, held, problem,
+                                  allowed, times)
+        write_weights(cm, w)
+        if method == "falcon++":
+            row = stage_record(k, pruned, cm, f_k, s_k, held, loss_fn, device)
+            row["seconds"] = time.perf_counter() - t_stage
+            row.update(_details(res, problem.options, stage_method, history=False))
+            trajectory.append(row)
+            bar.update(1)
+            bar.set_postfix(flops=f"{row['flops_fraction']:.3f}",
+                            loss=f"{row.get('held_out_loss', float('nan')):.3g}")
+    bar.close()
+    apply_weights(cm, flatten_weights(cm), mask)
+    budget = budget_of(cm, flops, nnz)
     report = _verify(cm, budget, flops, nnz, method)
     times["total"] = time.perf_counter() - t_start
-    details = _details(res, opts, method)
-    if method == "falcon" and evaluate is None:
-        details["selection"] = "quadratic model (no held-out samples left in the data)"
-    elif method == "falcon":
-        details["selection"] = f"held-out loss on {len(held)} samples"
+    details = _details(res, problem.options, stage_method)
+    if stage_method == "falcon":
+        details["selection"] = (
+            f"held-out loss on {len(held)} samples" if len(held)
+            else "quadratic model (no held-out samples left in the data)"
+        )
     return PruneResult(
         model=pruned, method=method, flops_budget=flops, nnz_budget=nnz,
         flops_fraction=report[0] / dense, nnz_fraction=report[1] / p, dense_macs=dense,
         num_weights=p, layers=report[2], ilp_gap=res.ilp_gap,
         ilp_upper_bound=res.ilp_upper_bound, times=times, peak_rss_mb=peak_rss_mb(),
-        details=details,
+        details=details, stages=trajectory,
     )
+
+
+def cost_model_of(model: nn.Module, example: torch.Tensor, sample_shape) -> CostModel:
+    """The cost model, with a shape error turned into a message about the data."""
+    try:
+        return CostModel.from_model(model, example)
+    except RuntimeError as e:
+        raise ValueError(
+            f"the model could not run on the data ({e}); check the input shape "
+            f"(got {tuple(sample_shape)} per sample)"
+        ) from e
+
+
+def budget_of(cm: CostModel, flops: float | None, nnz: float | None) -> Budget:
+    """Absolute budgets (kept weights, kept MACs) from kept fractions."""
+    return Budget(
+        None if nnz is None else int(math.floor(nnz * cm.num_weights + 1e-9)),
+        None if flops is None else flops * cm.dense_macs,
+    )
+
+
+def write_weights(cm: CostModel, w: torch.Tensor) -> None:
+    """Copy flat weights ``w`` (p,) into the (plain, unmasked) prunable layers."""
+    with torch.no_grad():
+        for lay, wl in zip(cm.layers, cm.split(w), strict=True):
+            lay.module.weight.copy_(wl.to(lay.module.weight.dtype))
+
+
+def solve_step(
+    model: nn.Module,
+    cm: CostModel,
+    groups: CostGroups,
+    budget: Budget,
+    method: str,
+    fit: SampleSource,
+    held: SampleSource,
+    problem: _Problem,
+    allowed: torch.Tensor | None = None,
+    times: dict[str, float] | None = None,
+) -> tuple[SolverResult, torch.Tensor, torch.Tensor]:
+    """One pruning solve around the model's current (plain) weights.
+
+    ``allowed`` (p,) bool restricts the support to those weights (the others stay zero): the
+    problem is solved on the sub-vector, so X has only ``allowed.sum()`` columns. Returns
+    the solver result and the flat weights (p,) float32 and mask (p,) bool on the CPU."""
+    times = times if times is not None else {}
+    w_all = flatten_weights(cm, problem.dtype)
+    if allowed is not None and bool(allowed.all()):
+        allowed = None
+    idx = None if allowed is None else allowed.nonzero().reshape(-1)
+    w_bar = w_all if idx is None else w_all[idx]
+    sub_groups = groups if allowed is None else groups.subset(allowed)
+    held_loss = (
+        _held_out_loss(model, cm, held, problem.loss_fn, problem.device) if len(held) else None
+    )
+    evaluate = None
+    if held_loss is not None:
+        evaluate = held_loss if idx is None else (lambda v: held_loss(_scatter(v, idx, cm)))
+    if method in NEEDS_GRADIENTS:
+        t = time.perf_counter()
+        X = gradient_matrix(
+            model, cm, fit, problem.n_gradients, problem.samples_per_gradient, problem.loss_fn,
+            problem.dtype, problem.device, memory_limit=problem.memory_limit,
+            progress=problem.progress, columns=idx,
+        )
+        times["gradients"] = times.get("gradients", 0.0) + time.perf_counter() - t
+        qm = QuadraticModel(X, w_bar.to(problem.device), problem.ridge, problem.alpha,
+                            problem.block_size)
+    t = time.perf_counter()
+    opts = problem.options
+    if method == "mp":
+        res = magnitude(w_bar, sub_groups, budget)
+    elif method == "mp_flops":
+        res = magnitude_flops(w_bar, sub_groups, budget)
+    elif method == "woodfisher":
+        res = woodfisher(qm, sub_groups, budget)
+    elif method == "chita":
+        res = chita(qm, sub_groups, budget, opts)
+    else:
+        res = falcon(qm, sub_groups, budget, opts, evaluate)
+    times["solver"] = times.get("solver", 0.0) + time.perf_counter() - t
+    w = res.w.detach().to("cpu", torch.float32)
+    mask = res.mask.to("cpu") & (w != 0)
+    if idx is not None:
+        w, mask = _scatter(w, idx, cm), _scatter(mask, idx, cm)
+    return res, w * mask, mask
+
+
+def _scatter(v: torch.Tensor, idx: torch.Tensor, cm: CostModel) -> torch.Tensor:
+    out = torch.zeros(cm.num_weights, dtype=v.dtype, device=v.device)
+    out[idx.to(v.device)] = v
+    return out
+
+
+def stage_record(
+    k: int, model: nn.Module, cm: CostModel, flops, nnz, held: SampleSource, loss_fn, device
+) -> dict:
+    """Kept fractions of the model's current weights and, when there are held-out samples,
+    their loss and accuracy (a row of the falcon++ / gradual trajectory)."""
+    w = flatten_weights(cm)
+    f = cm.layer_costs().to(torch.float64)
+    kept = torch.stack([wl.count_nonzero() for wl in cm.split(w)]).to(torch.float64)
+    row = {
+        "stage": k, "flops_budget": flops, "nnz_budget": nnz,
+        "flops_fraction": float((kept * f).sum()) / cm.dense_macs,
+        "nnz_fraction": float(kept.sum()) / cm.num_weights,
+    }
+    if len(held):
+        row["held_out_loss"], row["held_out_accuracy"] = loss_and_accuracy(
+            model, held, loss_fn, device)
+    return row
+
+
+def loss_and_accuracy(
+    model: nn.Module, data: SampleSource, loss_fn=None, device="cpu", batch: int = 256
+) -> tuple[float, float]:
+    """Mean loss and top-1 accuracy of ``model`` (eval mode, no grad) on the samples."""
+    loss_fn = loss_fn or F.cross_entropy
+    was = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for a in range(0, len(data), batch):
+            xb, yb = data.x[a : a + batch].to(device), data.y[a : a + batch].to(device)
+            out = model(xb)
+            loss += float(loss_fn(out, yb)) * len(xb)
+            if out.dim() == 2 and yb.dim() == 1:
+                correct += int((out.argmax(1) == yb).sum())
+    model.train(was)
+    return loss / len(data), correct / len(data)
 
 
 def _held_out_loss(model: nn.Module, cm: CostModel, held: SampleSource, loss_fn, device):
@@ -382,11 +565,12 @@ def _verify(cm: CostModel, budget: Budget, flops, nnz, method):
     return macs, kept_total, layers
 
 
-def _details(res: SolverResult, opts: SolverOptions, method: str) -> dict:
+def _details(res: SolverResult, opts: SolverOptions, method: str, history: bool = True) -> dict:
     d: dict = {"iterations": res.iterations, "objective": res.objective}
     if method == "falcon":
         d["ridge"], d["cost_exponent"], d["source"] = res.ridge, res.beta, res.source
-        d["candidates"] = [h for h in opts.history if "phase" in h]
+        if history:
+            d["candidates"] = [h for h in opts.history if "phase" in h]
     return d
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``falcon-prune prune | evaluate | demo``."""
+"""Command line: ``falcon-prune prune | gradual | evaluate | demo``."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from falcon_prune.api import clone_model, make_permanent, masks_of, prune
+from falcon_prune.api import METHODS, clone_model, make_permanent, masks_of, prune
 from falcon_prune.costs import count_macs
 from falcon_prune.data import load_dataset
 from falcon_prune.evaluation import accuracy
 from falcon_prune.fisher import MemoryBudgetError
 from falcon_prune.models import INPUT_SHAPES, MODELS, create_model, load_checkpoint
-from falcon_prune.solvers import METHODS
+from falcon_prune.schedules import KINDS, Schedule
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, choices=["mnist", "cifar10", "imagenet"])
     p.add_argument("--data", required=True, type=Path,
                    help="data directory or .npz file (see README: Data)")
+
+
+def _add_schedule_args(p: argparse.ArgumentParser, which: str) -> None:
+    p.add_argument("--stages", type=int, default=5, help=f"{which}number of pruning stages")
+    p.add_argument("--schedule", default="cubic", choices=KINDS,
+                   help=f"{which}shape of the budget schedule")
+    p.add_argument("--start", type=float, default=None,
+                   help=f"{which}kept fraction at the first stage (default: from dense)")
+
+
+def _schedule(a: argparse.Namespace) -> Schedule:
+    return Schedule(stages=a.stages, kind=a.schedule, start=a.start)
+
+
+def _save_model(path: Path, name: str, model, report: dict) -> None:
+    masks = masks_of(model)
+    plain = make_permanent(clone_model(model))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": name, "state_dict": plain.state_dict(), "masks": masks,
+                "report": report}, path)
+    print(f"saved {path}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,9 +68,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-limit-gb", type=float, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    _add_schedule_args(p, "falcon++ ")
+    p.add_argument("--revive", action="store_true",
+                   help="falcon++: let later stages bring back weights pruned earlier")
     p.add_argument("--output", required=True, type=Path, help="where to save the pruned model")
     p.add_argument("--report", type=Path, help="also write the report as JSON here")
+    p.add_argument("--trajectory", type=Path,
+                   help="falcon++: write the per-stage trajectory here (.csv or .json)")
+    p.add_argument("--plot", type=Path, help="falcon++: plot the trajectory to this PNG")
+    p.add_argument("--summary", type=Path, help="write a markdown summary here")
     p.add_argument("--no-progress", action="store_true")
+
+    g = sub.add_parser("gradual", help="gradual pruning with fine-tuning between steps")
+    _add_model_args(g)
+    g.add_argument("--flops", type=float, help="fraction of the dense FLOPs to keep, in (0, 1]")
+    g.add_argument("--nnz", type=float, help="fraction of the weights to keep, in (0, 1]")
+    g.add_argument("--method", default="falcon", choices=[m for m in METHODS if m != "falcon++"])
+    _add_schedule_args(g, "")
+    g.add_argument("--epochs-per-stage", type=int, default=1)
+    g.add_argument("--final-epochs", type=int, default=2)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--n-gradients", type=int, default=500)
+    g.add_argument("--n-validation", type=int, default=500)
+    g.add_argument("--eval-split", default="test",
+                   help="split evaluated after every step ('none' to skip)")
+    g.add_argument("--checkpoint-dir", type=Path,
+                   help="save the state after every step here (needed for --resume)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output", required=True, type=Path, help="where to save the pruned model")
+    g.add_argument("--history", type=Path, help="write the history here (.csv or .json)")
+    g.add_argument("--plot", type=Path, help="plot the trajectory to this PNG")
+    g.add_argument("--summary", type=Path, help="write a markdown summary here")
+    g.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("evaluate", help="accuracy, FLOP and NNZ fractions of a checkpoint")
     _add_model_args(e)
@@ -73,20 +127,70 @@ def cmd_prune(a: argparse.Namespace) -> int:
     r = prune(
         model, train, flops=a.flops, nnz=a.nnz, method=a.method, n_gradients=a.n_gradients,
         samples_per_gradient=a.samples_per_gradient, n_validation=a.n_validation,
-        ridge=a.ridge, block_size=a.block_size, memory_limit=limit, device=a.device,
-        seed=a.seed, progress=not a.no_progress,
+        ridge=a.ridge, block_size=a.block_size, schedule=_schedule(a), revive=a.revive,
+        memory_limit=limit, device=a.device, seed=a.seed, progress=not a.no_progress,
     )
     print(r.table())
     print(r.summary())
-    masks = masks_of(r.model)
-    plain = make_permanent(clone_model(r.model))
-    a.output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": a.model, "state_dict": plain.state_dict(), "masks": masks,
-                "report": r.to_dict()}, a.output)
-    print(f"saved {a.output}")
+    _save_model(a.output, a.model, r.model, r.to_dict())
     if a.report:
         a.report.write_text(json.dumps(r.to_dict(), indent=2, default=str))
         print(f"wrote {a.report}")
+    if a.trajectory or a.plot:
+        if not r.stages:
+            raise ValueError("--trajectory and --plot need --method falcon++ (stages)")
+        if a.trajectory:
+            print(f"wrote {r.write_trajectory(a.trajectory)}")
+        if a.plot:
+            from falcon_prune.reports import plot_trajectory
+
+            print(f"wrote {plot_trajectory(r.stages, a.plot, f'{a.model} {a.method}')}")
+    if a.summary:
+        from falcon_prune.reports import TRAJECTORY_COLUMNS, markdown_summary
+
+        facts = {"model": a.model, "method": a.method, "FLOPs kept": f"{r.flops_fraction:.4f}",
+                 "weights kept": f"{r.nnz_fraction:.4f}",
+                 "seconds": f"{r.times['total']:.1f}"}
+        a.summary.write_text(markdown_summary(f"{a.model} pruned with {a.method}", facts,
+                                              r.stages, TRAJECTORY_COLUMNS))
+        print(f"wrote {a.summary}")
+    return 0
+
+
+def cmd_gradual(a: argparse.Namespace) -> int:
+    from falcon_prune.gradual import gradual
+
+    model = load_checkpoint(create_model(a.model), a.checkpoint).eval()
+    train = load_dataset(a.dataset, a.data, "train")
+    test = None if a.eval_split == "none" else load_dataset(a.dataset, a.data, a.eval_split)
+    r = gradual(
+        model, train, flops=a.flops, nnz=a.nnz, method=a.method, schedule=_schedule(a),
+        epochs_per_stage=a.epochs_per_stage, final_epochs=a.final_epochs,
+        batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
+        eval_data=test, n_gradients=a.n_gradients, n_validation=a.n_validation,
+        checkpoint_dir=a.checkpoint_dir, resume=a.resume, seed=a.seed,
+        progress=not a.no_progress,
+    )
+    last = r.history[-1]
+    acc = f", {a.eval_split} accuracy {last['eval_accuracy']:.4f}" if "eval_accuracy" in last \
+        else ""
+    print(f"gradual {a.method}: FLOPs kept {r.flops_fraction:.4f}, weights kept "
+          f"{r.nnz_fraction:.4f}{acc}; {r.times['total']:.0f}s")
+    _save_model(a.output, a.model, r.model, {"history": r.history, "times": r.times})
+    if a.history:
+        print(f"wrote {r.write_history(a.history)}")
+    if a.plot:
+        from falcon_prune.reports import plot_trajectory
+
+        print(f"wrote {plot_trajectory(r.history, a.plot, f'{a.model} gradual {a.method}')}")
+    if a.summary:
+        from falcon_prune.reports import HISTORY_COLUMNS, markdown_summary
+
+        facts = {"model": a.model, "method": a.method, "FLOPs kept": f"{r.flops_fraction:.4f}",
+                 "weights kept": f"{r.nnz_fraction:.4f}", "seconds": f"{r.times['total']:.0f}"}
+        a.summary.write_text(markdown_summary(f"{a.model}: gradual {a.method}", facts,
+                                              r.history, HISTORY_COLUMNS))
+        print(f"wrote {a.summary}")
     return 0
 
 
@@ -110,11 +214,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_prune(a)
         if a.command == "evaluate":
             return cmd_evaluate(a)
+        if a.command == "gradual":
+            return cmd_gradual(a)
         from falcon_prune.demo import run_demo
 
         run_demo(flops=a.flops, seed=a.seed, progress=not a.no_progress)
         return 0
-    except (ValueError, TypeError, FileNotFoundError, MemoryBudgetError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError,
+            MemoryBudgetError) as e:
         print(f"falcon-prune: error: {e}", file=sys.stderr)
         return 2
 

@@ -148,9 +148,12 @@ def gradient_matrix(
     chunk: int = 64,
     memory_limit: int | None = None,
     progress: bool = True,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """X (n_gradients, p) in ``dtype`` on ``device``: row j is the gradient of the mean loss
     over samples ``j*m .. j*m+m-1`` (m = samples_per_gradient) at the current weights.
+    With ``columns`` (int64 indices into the flat weights) only those columns are kept,
+    X is (n_gradients, len(columns)) and the memory check counts only them.
 
     The memory estimate is checked before X is allocated. Raises ``ValueError`` when the
     model/data shapes disagree or a gradient is NaN/inf.
@@ -167,7 +170,7 @@ def gradient_matrix(
             f"{n_gradients} gradients x {m} samples each need {n_gradients * m} samples, but "
             f"the data has {len(samples)}; lower n_gradients or pass more data"
         )
-    p = cost_model.num_weights
+    p = cost_model.num_weights if columns is None else int(columns.numel())
     check_memory(n_gradients, p, dtype, memory_limit)
     loss_fn = loss_fn or F.cross_entropy
     names = [lay.name + ".weight" for lay in cost_model.layers]
@@ -208,6 +211,8 @@ def gradient_matrix(
                     "sample) and that the targets fit the loss"
                 ) from e
             rows = torch.cat([g[k].reshape(stop - start, -1) for k in names], dim=1)
+            if columns is not None:
+                rows = rows[:, columns.to(rows.device)]
             if not torch.isfinite(rows).all():
                 raise ValueError(
                     f"gradients {start}..{stop - 1} contain NaN or inf: check the data "

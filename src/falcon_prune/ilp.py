@@ -107,6 +107,19 @@ class CostGroups:
     def total_cost(self) -> float:
         return float(sum(c * len(i) for c, i in zip(self.cost.tolist(), self.index, strict=True)))
 
+    def subset(self, keep: torch.Tensor) -> CostGroups:
+        """The groups of the sub-vector ``v[keep]`` (keep: (p,) bool): indices renumbered to
+        positions among the kept weights, empty groups dropped."""
+        keep = keep.reshape(-1).to(torch.bool)
+        position = torch.cumsum(keep.to(torch.int64), 0) - 1
+        index, cost = [], []
+        for c, idx in zip(self.cost.tolist(), self.index, strict=True):
+            k = keep.to(idx.device)[idx]
+            if bool(k.any()):
+                index.append(position.to(idx.device)[idx[k]])
+                cost.append(c)
+        return CostGroups(index, torch.tensor(cost, dtype=torch.float64), int(keep.sum()))
+
 
 class _FlatCosts(CostGroups):
     """Arbitrary per-weight costs with too many distinct values to group."""
@@ -120,6 +133,9 @@ class _FlatCosts(CostGroups):
     @property
     def total_cost(self) -> float:
         return float(self.costs.sum())
+
+    def subset(self, keep: torch.Tensor) -> CostGroups:
+        return _FlatCosts(self.costs[keep.reshape(-1).to(torch.bool).to(self.costs.device)])
 
 
 def _check_scores(scores: torch.Tensor, p: int) -> torch.Tensor:

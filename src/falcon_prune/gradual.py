@@ -1,0 +1,416 @@
+"""Gradual pruning with fine-tuning (METHOD.md section 6).
+
+``gradual`` alternates pruning steps, each to the next level of a budget schedule and with
+any method of the library (``mp`` gives classical gradual magnitude pruning), with
+fine-tuning epochs in which ``torch.nn.utils.prune`` masks keep pruned weights at zero, and
+ends with a fine-tune at the target. After every pruning step the BatchNorm running
+statistics are re-estimated on training batches, since pruning changes every layer's
+output distribution.
+
+The run is a sequence of events (prune step k, epoch e of stage k, final epochs); with a
+``checkpoint_dir`` the full state (model and masks, optimizer, LR schedule, RNG states,
+history) is saved after every event, and ``resume=True`` continues from the last one.
+Data order depends only on (seed, epoch number), so a resumed run ends with the same masks
+and weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from falcon_prune.api import (
+    DEFAULT_RIDGE,
+    METHODS,
+    NEEDS_GRADIENTS,
+    _Problem,
+    budget_of,
+    check_fraction,
+    clone_model,
+    cost_model_of,
+    find_prunable_modules,
+    loss_and_accuracy,
+    make_permanent,
+    masks_of,
+    solve_step,
+    write_rows,
+)
+from falcon_prune.costs import CostModel
+from falcon_prune.fisher import LossFn, SampleSource, as_samples
+from falcon_prune.ilp import CostGroups
+from falcon_prune.schedules import Schedule, as_schedule, stage_budgets
+from falcon_prune.solvers import SolverOptions
+
+CHECKPOINT_NAME = "gradual.pt"
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer, int], object]
+
+
+@dataclass
+class GradualResult:
+    """What ``gradual`` returns: the pruned, fine-tuned ``model`` (masks attached), its kept
+    fractions, the ``history`` (one row per pruning step and per epoch) and seconds per
+    phase."""
+
+    model: nn.Module
+    method: str
+    flops_budget: float | None
+    nnz_budget: float | None
+    flops_fraction: float
+    nnz_fraction: float
+    history: list[dict]
+    times: dict[str, float] = field(default_factory=dict)
+
+    def write_history(self, path: str | Path) -> Path:
+        """The history as CSV or JSON (by suffix)."""
+        return write_rows(self.history, path)
+
+
+def default_optimizer(lr: float, momentum: float, weight_decay: float) -> OptimizerFactory:
+    """SGD with Nesterov-free momentum (the default of ``gradual``)."""
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum,
+                                          weight_decay=weight_decay)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_epochs: int):
+    """Cosine decay of the LR over all epochs of the run, stepped once per epoch."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_epochs))
+
+
+def _as_dataset(data: object) -> tuple[Dataset, int | None]:
+    if isinstance(data, DataLoader):
+        return data.dataset, data.batch_size
+    if (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data)):
+        if len(data[0]) != len(data[1]):
+            raise ValueError(
+                f"train_data inputs and targets differ in length: {len(data[0])} vs "
+                f"{len(data[1])}"
+            )
+        return TensorDataset(data[0], data[1]), None
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        return data, None
+    raise TypeError(
+        "train_data must be an (inputs, targets) tuple of tensors, a Dataset of (x, y) pairs "
+        f"or a DataLoader over one; got {type(data).__name__}"
+    )
+
+
+def _loader(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> DataLoader:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g)
+
+
+def _check_training_batch(model: nn.Module, dataset: Dataset, loss_fn: LossFn) -> None:
+    xb, yb = next(iter(DataLoader(dataset, batch_size=2)))
+    try:
+        with torch.no_grad():
+            model.eval()
+            out = model(xb)
+            loss = loss_fn(out, yb)
+    except (RuntimeError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"the model cannot be trained on train_data ({e}); check that the inputs have the "
+            f"shape the model expects (got {tuple(xb.shape[1:])} per sample) and that the "
+            "targets fit the loss (class indices below the number of outputs)"
+        ) from e
+    if not torch.isfinite(loss):
+        raise ValueError("the loss on the first training batch is NaN/inf; check the data")
+
+
+def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batches: int, batch_size: int,
+                          seed: int) -> None:
+    """Re-estimate BatchNorm running statistics (cumulative average over ``batches``
+    training batches, no gradient step). No-op for models without BatchNorm."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches <= 0:
+        return
+    saved = [m.momentum for m in bns]
+    was = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for i, (xb, _) in enumerate(_loader(dataset, batch_size, seed, -1)):
+            if i >= batches:
+                break
+            model(xb)
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
+    model.train(was)
+
+
+def _attach_masks(model: nn.Module) -> None:
+    """Give every prunable layer a ``torch.nn.utils.prune`` mask (its non-zero pattern if it
+    has none), so that parameters (``weight_orig``) stay the same objects all run long."""
+    for _, module in find_prunable_modules(model):
+        if not torch_prune.is_pruned(module):
+            torch_prune.custom_from_mask(module, "weight", module.weight.detach() != 0)
+
+
+def _layers(model: nn.Module) -> dict[str, nn.Module]:
+    return dict(find_prunable_modules(model))
+
+
+def _write_back(model: nn.Module, cm: CostModel, w: torch.Tensor, mask: torch.Tensor) -> None:
+    """Copy the solve's flat weights/mask into the masked training model, in place."""
+    layers = _layers(model)
+    with torch.no_grad():
+        for lay, wl, ml in zip(cm.layers, cm.split(w), cm.split(mask), strict=True):
+            m = layers[lay.name]
+            m.weight_orig.copy_(wl.to(m.weight_orig.dtype))
+            m.weight_mask.copy_(ml.to(m.weight_mask.dtype))
+
+
+def _kept_fractions(model: nn.Module, cm: CostModel) -> tuple[float, float]:
+    layers = _layers(model)
+    kept = torch.tensor([float(layers[lay.name].weight_mask.sum()) for lay in cm.layers],
+                        dtype=torch.float64)
+    macs = float((kept * cm.layer_costs().to(torch.float64)).sum())
+    return macs / cm.dense_macs, float(kept.sum()) / cm.num_weights
+
+
+def _config(**kw) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
+
+
+def gradual(
+    model: nn.Module,
+    train_data: object,
+    flops: float | None = None,
+    nnz: float | None = None,
+    method: str = "falcon",
+    schedule: Schedule | str | Sequence[float] | None = None,
+    stages: int = 5,
+    epochs_per_stage: int = 1,
+    final_epochs: int = 2,
+    batch_size: int = 128,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    optimizer: OptimizerFactory | None = None,
+    lr_scheduler: SchedulerFactory | None = None,
+    eval_data: object = None,
+    n_gradients: int = 500,
+    n_validation: int = 500,
+    ridge: float = DEFAULT_RIDGE,
+    options: SolverOptions | None = None,
+    bn_batches: int = 20,
+    loss_fn: LossFn | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    callback: Callable[[dict], None] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> GradualResult:
+    """Gradually prune a copy of ``model`` to ``flops`` / ``nnz`` (kept fractions in (0, 1])
+    with fine-tuning on ``train_data``.
+
+    Stage k (of ``schedule``, default cubic over ``stages`` stages) prunes with ``method``
+    to its budgets, using ``n_gradients`` gradients and ``n_validation`` held-out samples
+    drawn from ``train_data`` (pruned weights are never revived), re-estimates BatchNorm
+    statistics on ``bn_batches`` batches, then fine-tunes ``epochs_per_stage`` epochs with
+    the masks kept; ``final_epochs`` more epochs follow at the target. The optimizer is
+    ``optimizer(params)`` (default SGD, ``lr``, ``momentum``, ``weight_decay``) and the LR
+    schedule ``lr_scheduler(optimizer, total_epochs)`` stepped per epoch (default cosine to
+    0). ``eval_data`` (optional) is evaluated after every event. ``callback(row)`` sees every
+    history row. With ``checkpoint_dir`` the state is saved after every event and
+    ``resume=True`` continues from it. The user's model is never modified.
+    """
+    t_start = time.perf_counter()
+    flops = check_fraction("flops", flops)
+    nnz = check_fraction("nnz", nnz)
+    if flops is None and nnz is None:
+        raise ValueError("give at least one budget: flops=<fraction kept> and/or nnz=<fraction>")
+    if method not in METHODS or method == "falcon++":
+        raise ValueError(
+            f"unknown method {method!r} for a gradual step; choose one of "
+            f"{', '.join(m for m in METHODS if m != 'falcon++')}"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not find_prunable_modules(model):
+        raise ValueError(f"{type(model).__name__} has no prunable layers; nothing to prune")
+    for name, v, low in (("epochs_per_stage", epochs_per_stage, 0), ("final_epochs",
+                         final_epochs, 0), ("batch_size", batch_size, 1),
+                         ("n_gradients", n_gradients, 1), ("bn_batches", bn_batches, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+    sched = as_schedule(schedule, stages)
+    plan = stage_budgets(sched, flops, nnz)
+    total_epochs = len(plan) * epochs_per_stage + final_epochs
+    if total_epochs == 0:
+        raise ValueError(
+            "epochs_per_stage and final_epochs are both 0: there is no fine-tuning; use "
+            "falcon_prune.prune for one-shot pruning or give at least one epoch"
+        )
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs the checkpoint_dir of the interrupted run")
+    loss_fn = loss_fn or F.cross_entropy
+    dataset, loader_batch = _as_dataset(train_data)
+    batch_size = loader_batch or batch_size
+    work = clone_model(model)
+    _check_training_batch(work, dataset, loss_fn)
+    need = (n_gradients + n_validation) if method in NEEDS_GRADIENTS else 1
+    if method in NEEDS_GRADIENTS and len(dataset) < n_gradients:
+        raise ValueError(
+            f"n_gradients={n_gradients} but train_data has {len(dataset)} samples; lower it"
+        )
+    evaluation = as_samples(eval_data) if eval_data is not None else None
+
+    _attach_masks(work)
+    opt = (optimizer or default_optimizer(lr, momentum, weight_decay))(list(work.parameters()))
+    lrs = (lr_scheduler or cosine_schedule)(opt, total_epochs)
+    config = _config(flops=flops, nnz=nnz, method=method, levels=[list(b) for b in plan],
+                     epochs_per_stage=epochs_per_stage, final_epochs=final_epochs,
+                     batch_size=batch_size, n_gradients=n_gradients, seed=seed)
+    events = []
+    for k in range(1, len(plan) + 1):
+        events += [("prune", k, 0)] + [("epoch", k, i) for i in range(1, epochs_per_stage + 1)]
+    events += [("epoch", len(plan) + 1, i) for i in range(1, final_epochs + 1)]
+    history: list[dict] = []
+    start = 0
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if resume:
+        if not ckpt.exists():
+            raise FileNotFoundError(f"resume=True but there is no checkpoint at {ckpt}")
+        start, history = _load(ckpt, config, work, opt, lrs)
+    elif ckpt is not None and ckpt.exists():
+        raise FileExistsError(
+            f"{ckpt} exists: pass resume=True to continue that run, or another checkpoint_dir"
+        )
+    if start == 0:
+        torch.manual_seed(seed)
+
+    plain = make_permanent(clone_model(work))
+    sample_x = dataset[0][0].unsqueeze(0)
+    cm = cost_model_of(plain, sample_x, sample_x.shape[1:])
+    groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes())
+    problem = _Problem(n_gradients, 1, ridge, 0.0, None,
+                       options if options is not None else SolverOptions(progress=False),
+                       loss_fn, torch.float32, "cpu", None, False)
+    times = {"prune": 0.0, "train": 0.0}
+    bar = tqdm(total=len(events), initial=start, desc=f"gradual {method}", unit="step",
+               disable=not progress)
+    for i in range(start, len(events)):
+        kind, k, e = events[i]
+        t = time.perf_counter()
+        f_k, s_k = plan[min(k, len(plan)) - 1]
+        if kind == "prune":
+            row = _prune_step(work, dataset, cm, groups, f_k, s_k, method, problem, need,
+                              seed + k, bn_batches, batch_size)
+            times["prune"] += time.perf_counter() - t
+        else:
+            row = {"train_loss": _train_epoch(work, opt, dataset, batch_size, seed, i, loss_fn)}
+            row["lr"] = opt.param_groups[0]["lr"]
+            lrs.step()
+            times["train"] += time.perf_counter() - t
+        row = {"event": i + 1, "phase": kind if kind == "prune" else
+               ("final" if k > len(plan) else "finetune"), "stage": min(k, len(plan)),
+               "epoch": e, **row}
+        row["flops_fraction"], row["nnz_fraction"] = _kept_fractions(work, cm)
+        if evaluation is not None:
+            row["eval_loss"], row["eval_accuracy"] = loss_and_accuracy(work, evaluation, loss_fn)
+        row["seconds"] = time.perf_counter() - t
+        history.append(row)
+        if ckpt is not None:
+            _save(ckpt, config, i + 1, work, opt, lrs, history)
+        bar.update(1)
+        bar.set_postfix(stage=f"{row['stage']}/{len(plan)}", flops=f"{row['flops_fraction']:.3f}",
+                        loss=f"{row.get('train_loss', row.get('eval_loss', math.nan)):.3g}")
+        if callback is not None:
+            callback(row)
+    bar.close()
+    work.eval()
+    f_final, s_final = _kept_fractions(work, cm)
+    budget = budget_of(cm, flops, nnz)
+    macs, count = f_final * cm.dense_macs, round(s_final * cm.num_weights)
+    if not budget.fits(count, macs):
+        raise RuntimeError(f"internal error: gradual {method} ended over budget; please report")
+    times["total"] = time.perf_counter() - t_start
+    return GradualResult(work, method, flops, nnz, f_final, s_final, history, times)
+
+
+def _prune_step(work, dataset, cm, groups, f_k, s_k, method, problem, need, seed, bn_batches,
+                batch_size) -> dict:
+    """Prune the masked training model in place to the stage budgets (never reviving)."""
+    plain = make_permanent(clone_model(work)).eval()
+    cm_plain = CostModel.from_model(plain, dataset[0][0].unsqueeze(0))
+    masks = masks_of(work)
+    allowed = torch.cat([masks[lay.name].reshape(-1) for lay in cm.layers])
+    n_fit = problem.n_gradients if method in NEEDS_GRADIENTS else 1
+    samples = as_samples(dataset, min(need, len(dataset)), seed=seed)
+    fit = SampleSource(samples.x[:n_fit], samples.y[:n_fit])
+    held = SampleSource(samples.x[n_fit:], samples.y[n_fit:])
+    res, w, mask = solve_step(plain, cm_plain, groups, budget_of(cm, f_k, s_k), method, fit,
+                              held, problem, allowed)
+    _write_back(work, cm, w, mask)
+    recalibrate_batchnorm(work, dataset, bn_batches, batch_size, seed)
+    return {"flops_budget": f_k, "nnz_budget": s_k}
+
+
+def _train_epoch(model, opt, dataset, batch_size, seed, epoch, loss_fn) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for xb, yb in _loader(dataset, batch_size, seed, epoch):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                "the training loss became NaN/inf; lower the learning rate (lr=...)"
+            )
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(xb)
+        count += len(xb)
+    return total / max(1, count)
+
+
+def _save(path: Path, config: dict, next_event: int, model, opt, lrs, history) -> None:
+    state = {
+        "config": config, "next_event": next_event, "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "lr_scheduler": lrs.state_dict() if hasattr(lrs, "state_dict") else None,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                "python": random.getstate()},
+        "history": history,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: an interruption never leaves half a checkpoint
+
+
+def _load(path: Path, config: dict, model, opt, lrs) -> tuple[int, list[dict]]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["config"] != config:
+        diff = {k: (state["config"].get(k), v) for k, v in config.items()
+                if state["config"].get(k) != v}
+        raise ValueError(
+            f"{path} belongs to a run with other settings {diff} (saved, now); resume with "
+            "the same arguments or use another checkpoint_dir"
+        )
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if state["lr_scheduler"] is not None:
+        lrs.load_state_dict(state["lr_scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return state["next_event"], state["history"]

@@ -1,0 +1,124 @@
+"""Budget schedules for multi-stage (FALCON++) and gradual pruning (METHOD.md sections 5, 6).
+
+A schedule turns a target kept fraction F (of FLOPs or of weights) into the kept fractions
+of T stages, non-increasing and ending exactly at F. With u running over the stages from
+0 (first) to 1 (last) and k0 the first stage's kept fraction:
+
+- ``linear``:       k(u) = k0 + (F - k0) u
+- ``cubic``:        k(u) = F + (k0 - F) (1 - u)^3   (gradual magnitude pruning's polynomial
+  schedule: big steps first, small ones near the target)
+- ``exponential``:  k(u) = k0 (F / k0)^u            (a constant ratio between stages)
+
+``start`` is k0, the first stage's kept fraction; by default the first stage is where the
+shape puts it on the way from the dense model, i.e. u runs over 1/T, 2/T, ..., 1 from a
+virtual stage 0 at k0 = 1. An explicit list of kept fractions is also accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+KINDS = ("linear", "cubic", "exponential")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """``stages`` >= 1 stages of shape ``kind`` (see the module doc) starting at the kept
+    fraction ``start`` (None: from the dense model), or explicit ``levels`` (kept fractions
+    per stage, non-increasing, the last one equal to or below the target)."""
+
+    stages: int = 5
+    kind: str = "cubic"
+    start: float | None = None
+    levels: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.levels is not None:
+            levels = tuple(float(v) for v in self.levels)
+            if not levels:
+                raise ValueError("an explicit schedule needs at least one level")
+            for v in levels:
+                if math.isnan(v) or not 0 < v <= 1:
+                    raise ValueError(f"schedule level {v!r} is not a kept fraction in (0, 1]")
+            if any(b > a + 1e-12 for a, b in zip(levels, levels[1:], strict=False)):
+                raise ValueError(
+                    f"schedule levels {levels} increase; kept fractions must be non-increasing "
+                    "(pruned weights are not revived)"
+                )
+            object.__setattr__(self, "levels", levels)
+            return
+        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
+            raise ValueError(f"stages must be a positive integer, got {self.stages!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown schedule {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.start is not None and (math.isnan(self.start) or not 0 < self.start <= 1):
+            raise ValueError(f"start={self.start!r} must be a kept fraction in (0, 1]")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.levels) if self.levels is not None else self.stages
+
+    def fractions(self, target: float) -> list[float]:
+        """Kept fractions of every stage for the final ``target`` in (0, 1]; the last is the
+        target. Raises when an explicit schedule ends above the target or ``start`` is
+        below it."""
+        if self.levels is not None:
+            if self.levels[-1] > target + 1e-12:
+                raise ValueError(
+                    f"the schedule ends at {self.levels[-1]} kept, above the target {target}; "
+                    "its last level must reach the target"
+                )
+            return [max(v, target) for v in self.levels[:-1]] + [target]
+        T = self.stages
+        if self.start is not None and self.start < target - 1e-12:
+            raise ValueError(
+                f"schedule start {self.start} is below the target {target}: the first stage "
+                "would prune more than the last; give start >= target"
+            )
+        if self.start is None:
+            k0, us = 1.0, [t / T for t in range(1, T + 1)]
+        else:
+            k0 = self.start
+            us = [0.0] if T == 1 else [t / (T - 1) for t in range(T)]
+            if T == 1:
+                return [target]
+        out = [_shape(self.kind, k0, target, u) for u in us]
+        out[-1] = target
+        return [max(v, target) for v in out]
+
+
+def _shape(kind: str, k0: float, target: float, u: float) -> float:
+    if kind == "linear":
+        return k0 + (target - k0) * u
+    if kind == "cubic":
+        return target + (k0 - target) * (1 - u) ** 3
+    return k0 * (target / k0) ** u
+
+
+def stage_budgets(
+    schedule: Schedule, flops: float | None, nnz: float | None
+) -> list[tuple[float | None, float | None]]:
+    """(flops, nnz) kept fractions per stage; a budget that is None stays None."""
+    T = schedule.num_stages
+    f = schedule.fractions(flops) if flops is not None else [None] * T
+    s = schedule.fractions(nnz) if nnz is not None else [None] * T
+    return list(zip(f, s, strict=True))
+
+
+def as_schedule(value: Schedule | str | Sequence[float] | None, stages: int = 5) -> Schedule:
+    """A Schedule from a Schedule, a kind name, or an explicit list of kept fractions."""
+    if value is None:
+        return Schedule(stages=stages)
+    if isinstance(value, Schedule):
+        return value
+    if isinstance(value, str):
+        return Schedule(stages=stages, kind=value)
+    try:
+        return Schedule(levels=tuple(value))
+    except TypeError as e:
+        raise TypeError(
+            f"schedule must be a Schedule, one of {KINDS} or a list of kept fractions, got "
+            f"{value!r}"
+        ) from e

@@ -1,0 +1,93 @@
+"""falcon++: multi-stage one-shot pruning."""
+
+import json
+
+import pytest
+import torch
+from helpers import same_state, small_data, state, trained_cnn
+
+import falcon_prune as fp
+from falcon_prune import api
+
+
+@pytest.fixture(scope="module")
+def model():
+    return trained_cnn()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return small_data()
+
+
+def test_every_stage_meets_its_budgets_and_never_revives(model, data, monkeypatch):
+    seen = []
+    real = api.solve_step
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        allowed = args[8] if len(args) > 8 else kw.get("allowed")
+        seen.append((None if allowed is None else allowed.clone(), out[2].clone()))
+        return out
+
+    monkeypatch.setattr(api, "solve_step", spy)
+    before = state(model)
+    sched = fp.Schedule(stages=3, kind="linear")
+    r = fp.prune(model, data, flops=0.3, nnz=0.5, method="falcon++", schedule=sched,
+                 n_gradients=80, n_validation=80, progress=False)
+    assert same_state(model, before)
+    assert len(r.stages) == 3 and len(seen) == 3
+    for row, (f_k, s_k) in zip(r.stages, [(0.7667, 0.8333), (0.5333, 0.6667), (0.3, 0.5)],
+                               strict=True):
+        assert row["flops_budget"] == pytest.approx(f_k, abs=1e-4)
+        assert row["nnz_budget"] == pytest.approx(s_k, abs=1e-4)
+        assert row["flops_fraction"] <= row["flops_budget"] + 1e-12
+        assert row["nnz_fraction"] <= row["nnz_budget"] + 1e-12
+        assert {"held_out_loss", "held_out_accuracy", "seconds"} <= set(row)
+    for (_, prev), (allowed, cur) in zip(seen, seen[1:], strict=False):
+        assert torch.equal(allowed, prev)  # the stage was restricted to the previous support
+        assert not (cur & ~prev).any()  # and nothing pruned came back
+    assert r.flops_fraction <= 0.3 and r.nnz_fraction <= 0.5
+    assert r.flops_fraction == pytest.approx(r.stages[-1]["flops_fraction"])
+
+
+def test_incoming_zeros_stay_pruned_unless_revive(model, data):
+    first = fp.prune(model, data, flops=0.6, method="mp", progress=False)
+    zero = torch.cat([m.weight.detach().reshape(-1) == 0
+                      for m in (first.model.c1, first.model.c2, first.model.fc)])
+    r = fp.prune(first.model, data, flops=0.3, method="falcon++", stages=2, n_gradients=60,
+                 progress=False)
+    kept = torch.cat([m.weight.detach().reshape(-1) != 0
+                      for m in (r.model.c1, r.model.c2, r.model.fc)])
+    assert not (kept & zero).any()
+    r2 = fp.prune(first.model, data, flops=0.3, method="falcon++", stages=2, n_gradients=60,
+                  revive=True, progress=False)
+    assert r2.flops_fraction <= 0.3
+
+
+def test_trajectory_files(model, data, tmp_path):
+    r = fp.prune(model, data, flops=0.4, method="falcon++", stages=2, n_gradients=60,
+                 progress=False)
+    csv_path = r.write_trajectory(tmp_path / "t.csv")
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].startswith("stage,flops_budget") and len(lines) == 3
+    rows = json.loads(r.write_trajectory(tmp_path / "t.json").read_text())
+    assert [row["stage"] for row in rows] == [1, 2]
+    assert r.to_dict()["stages"] == r.stages
+    with pytest.raises(ValueError, match=".csv or a .json"):
+        r.write_trajectory(tmp_path / "t.txt")
+
+
+def test_single_stage_methods_have_no_trajectory(model, data):
+    r = fp.prune(model, data, flops=0.4, method="mp", progress=False)
+    assert r.stages == []
+
+
+def test_bad_schedule_is_refused_and_model_unchanged(model, data):
+    before = state(model)
+    with pytest.raises(ValueError, match="above the target"):
+        fp.prune(model, data, flops=0.3, method="falcon++", schedule=[0.8, 0.5],
+                 progress=False)
+    with pytest.raises(ValueError, match="stages must be"):
+        fp.prune(model, data, flops=0.3, method="falcon++", stages=0, progress=False)
+    assert same_state(model, before)
