@@ -6,6 +6,9 @@ non-zero weights of the plain, mask-folded copy) and tested on the 846 shared te
 
     python benchmarks/oneshot_resnet20.py --budgets 0.4 0.3 \
         --out benchmarks/results/oneshot_resnet20.json
+
+With ``--sampling random`` each seed draws its own random gradient and validation samples
+from the training images (``first``: the first ones, whatever the seed).
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import time
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-METHODS = ["mp", "mp_flops", "woodfisher", "chita", "falcon"]
+METHODS = ["mp", "mp_flops", "woodfisher", "chita", "falcon", "falcon++"]
 
 
-def run_one(method: str, flops: float, seed: int, n_gradients: int) -> dict:
+def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
+            sampling: str) -> dict:
     import torch
+    from torch.utils.data import TensorDataset
 
     import falcon_prune as fp
     from falcon_prune.data import load_cifar10
@@ -33,9 +38,11 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int) -> dict:
     npz = SHARED / "data" / "cifar10_subset.npz"
     model = load_checkpoint(resnet20(), SHARED / "checkpoints" / "resnet20_cifar10.pth.tar")
     train, test = load_cifar10(npz, "train"), load_cifar10(npz, "test")
+    data = TensorDataset(*train.tensors) if sampling == "random" else train.tensors
+    extra = {} if n_gradients is None else {"n_gradients": n_gradients}
     t = time.perf_counter()
-    r = fp.prune(model.eval(), train.tensors, flops=flops, method=method,
-                 n_gradients=n_gradients, seed=seed, progress=False)
+    r = fp.prune(model.eval(), data, flops=flops, method=method, seed=seed, progress=False,
+                 **extra)
     seconds = time.perf_counter() - t
     plain = fp.make_permanent(fp.api.clone_model(r.model))
     kept, dense = fp.count_macs(plain, train.tensors[0][:1])
@@ -48,7 +55,7 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int) -> dict:
         "flops_fraction": r.flops_fraction, "flops_recount": kept / dense,
         "nnz_fraction": r.nnz_fraction, "nnz_recount": nnz,
         "seconds": seconds, "times": r.times, "peak_rss_mb": fp.api.peak_rss_mb(),
-        "ilp_gap": r.ilp_gap,
+        "ilp_gap": r.ilp_gap, "sampling": sampling, "stages": r.stages,
         "details": {k: v for k, v in r.details.items() if k != "candidates"},
     }
 
@@ -58,13 +65,16 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.3])
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--n-gradients", type=int, default=1000)
+    ap.add_argument("--n-gradients", type=int, default=None,
+                    help="default: the library's default for the method")
+    ap.add_argument("--sampling", choices=["first", "random"], default="first")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/oneshot_resnet20.json"))
     ap.add_argument("--single", nargs=3, metavar=("METHOD", "FLOPS", "SEED"),
                     help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.single:
-        row = run_one(a.single[0], float(a.single[1]), int(a.single[2]), a.n_gradients)
+        row = run_one(a.single[0], float(a.single[1]), int(a.single[2]), a.n_gradients,
+                      a.sampling)
         print("RESULT " + json.dumps(row))
         return
     if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
@@ -73,8 +83,9 @@ def main() -> None:
     for flops in a.budgets:
         for method in a.methods:
             for seed in a.seeds:
+                extra = [] if a.n_gradients is None else ["--n-gradients", str(a.n_gradients)]
                 out = subprocess.run(
-                    [sys.executable, __file__, "--n-gradients", str(a.n_gradients),
+                    [sys.executable, __file__, *extra, "--sampling", a.sampling,
                      "--single", method, str(flops), str(seed)],
                     capture_output=True, text=True, check=True,
                 ).stdout

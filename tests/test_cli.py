@@ -43,3 +43,31 @@ def test_cli_errors_are_reported(tmp_path, capsys):
     assert main(["evaluate", "--model", "resnet20", "--checkpoint", str(ckpt), "--dataset",
                  "mnist", "--data", str(data)]) == 2
     assert "does not match" in capsys.readouterr().err
+
+
+def test_falcon_plus_plus_and_gradual_from_the_command_line(tmp_path, capsys):
+    ckpt = shared_path("checkpoints", "mlpnet_mnist.ckpt")
+    data = shared_path("data", "mnist_10k.npz")
+    common = ["--model", "mlpnet", "--checkpoint", str(ckpt), "--dataset", "mnist",
+              "--data", str(data), "--flops", "0.3", "--n-gradients", "100",
+              "--n-validation", "100", "--stages", "2", "--no-progress"]
+    out = tmp_path / "fpp.pt"
+    assert main(["prune", *common, "--method", "falcon++", "--output", str(out),
+                 "--trajectory", str(tmp_path / "t.csv"), "--plot", str(tmp_path / "t.png"),
+                 "--summary", str(tmp_path / "t.md")]) == 0
+    assert (tmp_path / "t.csv").read_text().count("\n") == 3
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| stage |" in (tmp_path / "t.md").read_text()
+    assert torch.load(out, weights_only=False)["report"]["flops_fraction"] <= 0.3
+    g = ["gradual", *common, "--method", "mp", "--epochs-per-stage", "1", "--final-epochs",
+         "1", "--batch-size", "500", "--checkpoint-dir", str(tmp_path / "ck"), "--output",
+         str(tmp_path / "g.pt"), "--history", str(tmp_path / "h.json"), "--plot",
+         str(tmp_path / "h.png"), "--summary", str(tmp_path / "h.md")]
+    assert main(g) == 0
+    assert "gradual mp: FLOPs kept" in capsys.readouterr().out
+    assert (tmp_path / "h.png").exists() and "| event |" in (tmp_path / "h.md").read_text()
+    # the finished run's checkpoint is not overwritten by accident
+    assert main(g) == 2
+    assert "resume" in capsys.readouterr().err
+    # resuming a finished run re-does nothing and reports the same result
+    assert main([*g, "--resume"]) == 0

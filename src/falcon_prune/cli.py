@@ -61,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="falcon", choices=METHODS)
     p.add_argument("--n-gradients", type=int, default=1000)
     p.add_argument("--samples-per-gradient", type=int, default=1)
-    p.add_argument("--n-validation", type=int, default=1000,
-                   help="held-out samples falcon uses to choose its ridge and exponent")
+    p.add_argument("--n-validation", type=int, default=None,
+                   help="held-out samples falcon uses to choose its ridge and exponent "
+                        "(default 1000; falcon++: 500)")
     p.add_argument("--ridge", type=float, default=1e-3)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--memory-limit-gb", type=float, default=None)

@@ -50,7 +50,8 @@ class Budget:
 class SolverOptions:
     """Hyperparameters of the IHT solvers (chita, falcon).
 
-    ``max_iter`` IHT iterations per round; ``rounds`` alternations of IHT and back-solve;
+    ``max_iter`` IHT iterations per round (0: falcon keeps its best warm start);
+    ``rounds`` alternations of IHT and back-solve;
     ``step`` 'lipschitz' (1/L from power iteration) or 'linesearch' (backtracking from a
     larger step, accepting only descent); ``tol`` relative change that stops IHT once the
     support is stable; ``active_factor`` restricts IHT to the top (factor x kept) weights by
@@ -285,6 +286,9 @@ def falcon(
             if s < best_s:
                 best_s, best = s, res
     beta, lam = best.beta, best.ridge
+    if opts.max_iter == 0:  # warm start only (no IHT)
+        best.source = "warm start"
+        return best
     q = qm.with_ridge(lam)
     active = _active_set(w_bar, groups, budget, opts)
 
