@@ -1,12 +1,22 @@
 """Gradual pruning with fine-tuning, checkpoints and resume."""
 
+import sys
+import warnings
+
 import pytest
 import torch
 from helpers import BatchNormCNN, same_state, small_data, state, trained_cnn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    SequentialSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+)
 
 import falcon_prune as fp
-from falcon_prune.gradual import recalibrate_batchnorm
+from falcon_prune.gradual import CHECKPOINT_NAME, _as_feed, recalibrate_batchnorm
 
 KW = dict(flops=0.3, stages=2, epochs_per_stage=1, final_epochs=1, batch_size=32,
           n_gradients=60, n_validation=60, progress=False)
@@ -93,17 +103,28 @@ def test_loader_input_and_custom_optimizer(model, data):
 
 @pytest.mark.parametrize("kw, exc, match", [
     ({"schedule": [0.8, 0.5]}, ValueError, "above the target"),
+    ({"schedule": [0.6, 0.3], "stages": 3}, ValueError, "disagrees"),
     ({"epochs_per_stage": 0, "final_epochs": 0}, ValueError, "no fine-tuning"),
     ({"epochs_per_stage": -1}, ValueError, "epochs_per_stage must be"),
     ({"flops": 1.2}, ValueError, "not a fraction"),
     ({"method": "falcon++"}, ValueError, "gradual step"),
     ({"lr": 0.0}, ValueError, "lr must be"),
+    ({"n_validation": -1}, ValueError, "n_validation must be an integer >= 0"),
+    ({"n_validation": 10.5}, ValueError, "n_validation must be an integer >= 0"),
+    ({"n_validation": True}, ValueError, "n_validation must be an integer >= 0"),
 ])
 def test_bad_arguments(model, data, kw, exc, match):
     before = state(model)
     with pytest.raises(exc, match=match):
         fp.gradual(model, data, **{"method": "mp", **KW, **kw})
     assert same_state(model, before)
+
+
+def test_explicit_schedule_sets_the_number_of_stages(model, data):
+    kw = {k: v for k, v in KW.items() if k != "stages"}  # stages left at its default
+    r = fp.gradual(model, data, method="mp", schedule=[0.6, 0.45, 0.3], **kw)
+    assert [row["flops_budget"] for row in r.history if row["phase"] == "prune"] == \
+        [0.6, 0.45, 0.3]
 
 
 def test_training_data_of_the_wrong_shape(model, data):
@@ -136,3 +157,138 @@ def test_gradual_with_batchnorm_model(data):
     r = fp.gradual(net, data, method="falcon", **KW)
     assert r.flops_fraction <= 0.3
     assert torch.isfinite(r.model.b2.running_var).all()
+
+
+class FlatDataset(Dataset):
+    """Items (x flattened to (64,), y): only a collate_fn that reshapes makes them trainable."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x.reshape(len(x), -1), y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_loader_collate_fn_is_used_and_its_sampler_replaced(model, data):
+    calls = []
+
+    def unflatten(items):
+        calls.append(len(items))
+        return torch.stack([x for x, _ in items]).reshape(-1, 1, 8, 8), \
+            torch.stack([y for _, y in items])
+
+    loader = DataLoader(FlatDataset(*data), batch_size=32, shuffle=False, collate_fn=unflatten)
+    kw = {**KW, "batch_size": 7}  # the loader's batch size wins
+    r = fp.gradual(model, loader, method="falcon", **kw)
+    assert 32 in calls and 120 in calls  # training batches; the 120 pruning-step samples
+    # same seeded order as for the tensors themselves: identical masks and weights
+    ref = fp.gradual(model, data, method="falcon", **KW)
+    a, b = fp.masks_of(r.model), fp.masks_of(ref.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = r.model.state_dict(), ref.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_loader_options_are_kept_and_custom_samplers_warned(data):
+    ds = TensorDataset(*data)
+    loader = DataLoader(ds, batch_size=50, shuffle=True, num_workers=2, drop_last=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain RandomSampler is replaced silently
+        feed = _as_feed(loader, 128)
+    epoch = feed.epoch(seed=0, epoch=1)
+    assert (feed.batch_size, epoch.num_workers, epoch.drop_last) == (50, 2, True)
+    assert [len(b[0]) for b in feed.epoch(0, 1)] == [50] * 4  # drop_last: 240 = 4 x 50 + 40
+    subset = DataLoader(ds, batch_size=50, sampler=SubsetRandomSampler(range(10)))
+    with pytest.warns(UserWarning, match="custom sampler \\(SubsetRandomSampler\\).*seeded"):
+        assert len(_as_feed(subset, 128).dataset) == 240
+    custom = DataLoader(ds, batch_sampler=[[0, 1], [2, 3]])
+    with pytest.warns(UserWarning, match="custom batch_sampler.*batches of 64"):
+        assert _as_feed(custom, 64).batch_size == 64
+    plain = DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 16, False))
+    assert _as_feed(plain, 64).batch_size == 16
+    with pytest.raises(ValueError, match="batch_size=None"):
+        _as_feed(DataLoader(ds, batch_size=None), 64)
+
+
+def test_seeded_order_depends_only_on_seed_and_epoch(data):
+    feed = _as_feed(DataLoader(TensorDataset(*data), batch_size=60, shuffle=True), 128)
+    first = [y for _, y in feed.epoch(3, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(first, [y for _, y in feed.epoch(3, 2)],
+                                                   strict=True))
+    other = torch.cat([y for _, y in feed.epoch(3, 1)])
+    assert not torch.equal(torch.cat(first), other)
+
+
+def test_checkpoint_config_records_every_setting(model, data, tmp_path):
+    fp.gradual(model, data, method="mp", checkpoint_dir=tmp_path, **KW)
+    config = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["config"]
+    assert {"lr", "momentum", "weight_decay", "ridge", "n_validation", "bn_batches",
+            "schedule", "levels", "solver_options", "n_train", "optimizer",
+            "lr_scheduler", "loss_fn", "drop_last", "collate_fn"} <= config.keys()
+    assert config["schedule"]["kind"] == "cubic" and config["lr_scheduler"] == "cosine"
+    with pytest.raises(ValueError, match=r"other settings \{'lr': \(0\.01, 0\.02\)\}"):
+        fp.gradual(model, data, method="mp", checkpoint_dir=tmp_path, resume=True,
+                   **{**KW, "lr": 0.02})
+    with pytest.raises(ValueError, match="'n_validation': \\(60, 30\\)"):
+        fp.gradual(model, data, method="mp", checkpoint_dir=tmp_path, resume=True,
+                   **{**KW, "n_validation": 30})
+    with pytest.raises(ValueError, match="'optimizer': \\('sgd', 'custom'\\)"):
+        fp.gradual(model, data, method="mp", checkpoint_dir=tmp_path, resume=True,
+                   optimizer=lambda p: torch.optim.SGD(p, lr=0.01), **KW)
+    # the same settings resume (nothing left to do)
+    r = fp.gradual(model, data, method="mp", checkpoint_dir=tmp_path, resume=True, **KW)
+    assert len(r.history) == 5
+
+
+class Halving:
+    """An LR schedule without state_dict/load_state_dict."""
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def step(self):
+        for g in self.opt.param_groups:
+            g["lr"] /= 2
+
+
+def test_scheduler_without_state_cannot_be_checkpointed(model, data, tmp_path):
+    with pytest.raises(TypeError, match="must provide state_dict and load_state_dict"):
+        fp.gradual(model, data, method="mp", lr_scheduler=lambda o, n: Halving(o),
+                   checkpoint_dir=tmp_path, **KW)
+    assert not (tmp_path / CHECKPOINT_NAME).exists()  # refused before any work
+    r = fp.gradual(model, data, method="mp", lr_scheduler=lambda o, n: Halving(o), **KW)
+    assert [row["lr"] for row in r.history if "lr" in row] == pytest.approx([0.01, 5e-3, 2.5e-3])
+    with pytest.raises(TypeError, match="without step"):
+        fp.gradual(model, data, method="mp", lr_scheduler=lambda o, n: object(), **KW)
+
+
+def test_progress_bar_shows_stage_budgets_and_loss(model, data, monkeypatch):
+    postfixes = []
+
+    class Bar:
+        def __init__(self, *args, **kw):
+            pass
+
+        def update(self, n):
+            pass
+
+        def set_postfix(self, post):
+            postfixes.append(dict(post))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(sys.modules["falcon_prune.gradual"], "tqdm", Bar)
+    r = fp.gradual(model, data, method="mp", nnz=0.5, eval_data=small_data(64, seed=1), **KW)
+    assert len(postfixes) == len(r.history) == 5
+    first, second, last = postfixes[0], postfixes[1], postfixes[-1]
+    assert first["stage"] == "1/2" and first["loss"] == "nan"  # no epoch trained yet
+    assert first["flops_budget"] == f"{r.history[0]['flops_budget']:.3f}"
+    assert first["nnz_budget"] == f"{r.history[0]['nnz_budget']:.3f}"
+    assert second["loss"] == f"{r.history[1]['train_loss']:.3g}"
+    assert last == {"stage": "2/2", "flops_budget": "0.300", "nnz_budget": "0.500",
+                    "loss": f"{r.history[-1]['train_loss']:.3g}",
+                    "eval_loss": f"{r.history[-1]['eval_loss']:.3g}"}

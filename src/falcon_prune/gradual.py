@@ -20,8 +20,9 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as torch_prune
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+    default_collate,
+)
 from tqdm.auto import tqdm
 
 from falcon_prune.api import (
@@ -90,9 +100,49 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_epochs: int):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_epochs))
 
 
-def _as_dataset(data: object) -> tuple[Dataset, int | None]:
+# DataLoader options ``gradual`` keeps from a user's loader (besides dataset, batch size and
+# drop_last); its sampler, shuffle and generator are replaced by the seeded shuffling.
+LOADER_OPTIONS = ("collate_fn", "num_workers", "worker_init_fn", "multiprocessing_context",
+                  "prefetch_factor", "pin_memory", "timeout")
+
+
+@dataclass
+class _Feed:
+    """Where training batches come from: a map-style ``dataset`` of (x, y) items, shuffled by
+    (seed, epoch) and cut into batches of ``batch_size`` samples by a DataLoader with the
+    options ``loader_kw`` kept from the user's loader (collate_fn, drop_last, workers)."""
+
+    dataset: Dataset
+    batch_size: int
+    loader_kw: dict = field(default_factory=dict)
+
+    def epoch(self, seed: int, epoch: int) -> DataLoader:
+        return _loader(self.dataset, self.batch_size, seed, epoch, **self.loader_kw)
+
+    def samples(self, n: int, seed: int) -> SampleSource:
+        """``n`` samples, the seeded random subset ``as_samples`` draws, collated in one
+        batch by the loader's ``collate_fn`` when it is a custom one."""
+        collate = self.loader_kw.get("collate_fn")
+        if collate in (None, default_collate):
+            return as_samples(self.dataset, n, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self.dataset), generator=g)[:n]
+        return SampleSource(*_batch_pair(collate([self.dataset[int(i)] for i in idx])))
+
+
+def _batch_pair(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of a collated batch; anything else raises with the fix."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"a training batch must be an (inputs, targets) pair, got {type(batch).__name__}; make "
+        "the dataset items (or the DataLoader's collate_fn) return (x, y)"
+    )
+
+
+def _as_feed(data: object, batch_size: int) -> _Feed:
     if isinstance(data, DataLoader):
-        return data.dataset, data.batch_size
+        return _feed_of_loader(data, batch_size)
     if (isinstance(data, (tuple, list)) and len(data) == 2
             and all(isinstance(t, torch.Tensor) for t in data)):
         if len(data[0]) != len(data[1]):
@@ -100,22 +150,68 @@ def _as_dataset(data: object) -> tuple[Dataset, int | None]:
                 f"train_data inputs and targets differ in length: {len(data[0])} vs "
                 f"{len(data[1])}"
             )
-        return TensorDataset(data[0], data[1]), None
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        return data, None
+        return _Feed(TensorDataset(data[0], data[1]), batch_size)
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset) \
+            and hasattr(data, "__len__"):
+        return _Feed(data, batch_size)
     raise TypeError(
-        "train_data must be an (inputs, targets) tuple of tensors, a Dataset of (x, y) pairs "
-        f"or a DataLoader over one; got {type(data).__name__}"
+        "train_data must be an (inputs, targets) tuple of tensors, a map-style Dataset of "
+        f"(x, y) pairs or a DataLoader over one; got {type(data).__name__}"
     )
 
 
-def _loader(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> DataLoader:
+def _feed_of_loader(loader: DataLoader, batch_size: int) -> _Feed:
+    """The dataset, batch size, drop_last and LOADER_OPTIONS of ``loader``; a sampler other
+    than a plain Random/SequentialSampler is replaced with a warning."""
+    if isinstance(loader.dataset, IterableDataset) or not hasattr(loader.dataset, "__len__"):
+        raise TypeError(
+            "train_data is a DataLoader over an iterable-style dataset; gradual shuffles by "
+            "index with a seeded order (so that resume works) and needs a map-style Dataset "
+            "with __len__ and __getitem__: pass a DataLoader over one"
+        )
+    bs = loader.batch_sampler
+    if bs is None:
+        raise ValueError(
+            "train_data is a DataLoader with batch_size=None (no batching); give it a "
+            "batch_size, or pass its dataset and batch_size=..."
+        )
+    plain = type(bs) is BatchSampler
+    custom = _custom_sampler(bs)
+    if custom is not None:
+        warnings.warn(
+            f"train_data's DataLoader uses {custom}; gradual replaces it by its own seeded "
+            "shuffling (the data order depends only on seed and epoch, so that a resumed run "
+            f"repeats it) in batches of {bs.batch_size if plain else batch_size} samples; pass "
+            "a DataLoader with shuffle=True/False (or the dataset) to silence this",
+            UserWarning, stacklevel=4,  # the caller of gradual
+        )
+    kw = {k: getattr(loader, k) for k in LOADER_OPTIONS}
+    kw["drop_last"] = bs.drop_last if plain else False
+    return _Feed(loader.dataset, bs.batch_size if plain else batch_size, kw)
+
+
+def _custom_sampler(batch_sampler: object) -> str | None:
+    """What in a loader's batch sampler is more than plain shuffling or sequential order."""
+    if type(batch_sampler) is not BatchSampler:
+        return f"a custom batch_sampler ({type(batch_sampler).__name__})"
+    s = batch_sampler.sampler
+    if type(s) is SequentialSampler:
+        return None
+    if type(s) is RandomSampler and not s.replacement and s.num_samples == len(s.data_source):
+        return None
+    return f"a custom sampler ({type(s).__name__})"
+
+
+def _loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, **loader_kw) -> DataLoader:
+    """Batches of ``dataset`` in an order that depends only on (seed, epoch)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, **loader_kw)
 
 
-def _check_training_batch(model: nn.Module, dataset: Dataset, loss_fn: LossFn) -> None:
-    xb, yb = next(iter(DataLoader(dataset, batch_size=2)))
+def _check_training_batch(model: nn.Module, feed: _Feed, loss_fn: LossFn) -> torch.Tensor:
+    """Run the model and loss on the first two samples; return the first input (1, ...)."""
+    collate = feed.loader_kw.get("collate_fn")
+    xb, yb = _batch_pair(next(iter(DataLoader(feed.dataset, batch_size=2, collate_fn=collate))))
     try:
         with torch.no_grad():
             model.eval()
@@ -129,12 +225,14 @@ def _check_training_batch(model: nn.Module, dataset: Dataset, loss_fn: LossFn) -
         ) from e
     if not torch.isfinite(loss):
         raise ValueError("the loss on the first training batch is NaN/inf; check the data")
+    return xb[:1]
 
 
 def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batches: int, batch_size: int,
-                          seed: int) -> None:
+                          seed: int, **loader_kw) -> None:
     """Re-estimate BatchNorm running statistics (cumulative average over ``batches``
-    training batches, no gradient step). No-op for models without BatchNorm."""
+    training batches of ``batch_size`` samples, no gradient step). ``loader_kw`` are more
+    DataLoader options (collate_fn, num_workers, ...). No-op for models without BatchNorm."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or batches <= 0:
         return
@@ -145,10 +243,10 @@ def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batches: int, batc
         m.momentum = None
     model.train()
     with torch.no_grad():
-        for i, (xb, _) in enumerate(_loader(dataset, batch_size, seed, -1)):
+        for i, batch in enumerate(_loader(dataset, batch_size, seed, -1, **loader_kw)):
             if i >= batches:
                 break
-            model(xb)
+            model(_batch_pair(batch)[0])
     for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     model.train(was)
@@ -188,6 +286,58 @@ def _config(**kw) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
 
 
+def _run_config(*, optimizer, lr, momentum, weight_decay, lr_scheduler, loss_fn, options,
+                schedule, feed, **settings) -> dict:
+    """Every setting that changes the result of a run, as plain values (a checkpoint refuses
+    to resume under others). Callables are recorded as 'custom' (or the default's name); the
+    SGD hyperparameters only when the default optimizer uses them."""
+    opt = {"optimizer": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay} \
+        if optimizer is None else {"optimizer": "custom"}
+    solver = {k: v for k, v in asdict(options).items() if k not in ("progress", "history")}
+    collate = feed.loader_kw.get("collate_fn")
+    return _config(
+        **settings, **opt, lr_scheduler="cosine" if lr_scheduler is None else "custom",
+        loss_fn="cross_entropy" if loss_fn in (None, F.cross_entropy) else "custom",
+        schedule=asdict(schedule), solver_options=solver, n_train=len(feed.dataset),
+        batch_size=feed.batch_size, drop_last=feed.loader_kw.get("drop_last", False),
+        collate_fn="default" if collate in (None, default_collate) else "custom",
+    )
+
+
+def _check_scheduler(lrs: object, checkpointing: bool) -> None:
+    """The LR schedule must step; with checkpoints it must also save and restore its state."""
+    name = type(lrs).__name__
+    if not callable(getattr(lrs, "step", None)):
+        raise TypeError(
+            f"lr_scheduler(optimizer, total_epochs) returned a {name} without step(); return "
+            "a torch.optim.lr_scheduler object (or one with step())"
+        )
+    if checkpointing and not all(callable(getattr(lrs, m, None))
+                                 for m in ("state_dict", "load_state_dict")):
+        raise TypeError(
+            f"the lr_scheduler ({name}) has no state_dict()/load_state_dict(), so a checkpoint "
+            "could not save its position and a resumed run would restart its schedule; with "
+            "checkpoint_dir the scheduler must provide state_dict and load_state_dict (every "
+            "torch.optim.lr_scheduler does), or run without checkpoint_dir"
+        )
+
+
+def _postfix(row: dict, stages: int, f_k: float | None, s_k: float | None,
+             history: list[dict]) -> dict:
+    """Progress bar postfix: stage, that stage's budgets (kept fractions) and the loss of
+    the last training epoch (and the evaluation loss when there is evaluation data)."""
+    post = {"stage": f"{row['stage']}/{stages}"}
+    if f_k is not None:
+        post["flops_budget"] = f"{f_k:.3f}"
+    if s_k is not None:
+        post["nnz_budget"] = f"{s_k:.3f}"
+    loss = next((r["train_loss"] for r in reversed(history) if "train_loss" in r), math.nan)
+    post["loss"] = f"{loss:.3g}"
+    if "eval_loss" in row:
+        post["eval_loss"] = f"{row['eval_loss']:.3g}"
+    return post
+
+
 def gradual(
     model: nn.Module,
     train_data: object,
@@ -195,7 +345,7 @@ def gradual(
     nnz: float | None = None,
     method: str = "falcon",
     schedule: Schedule | str | Sequence[float] | None = None,
-    stages: int = 5,
+    stages: int | None = None,
     epochs_per_stage: int = 1,
     final_epochs: int = 2,
     batch_size: int = 128,
@@ -218,18 +368,35 @@ def gradual(
     progress: bool = True,
 ) -> GradualResult:
     """Gradually prune a copy of ``model`` to ``flops`` / ``nnz`` (kept fractions in (0, 1])
-    with fine-tuning on ``train_data``.
+    with fine-tuning on ``train_data``: an (inputs, targets) tuple of tensors, a map-style
+    Dataset of (x, y) items, or a DataLoader over one.
 
-    Stage k (of ``schedule``, default cubic over ``stages`` stages) prunes with ``method``
-    to its budgets, using ``n_gradients`` gradients and ``n_validation`` held-out samples
-    drawn from ``train_data`` (pruned weights are never revived), re-estimates BatchNorm
-    statistics on ``bn_batches`` batches, then fine-tunes ``epochs_per_stage`` epochs with
+    Every epoch sees the data in batches of ``batch_size`` samples in a random order that
+    depends only on (``seed``, epoch), so that a resumed run repeats it. Of a DataLoader,
+    ``gradual`` takes its dataset, batch size (overriding ``batch_size``), drop_last,
+    collate_fn and worker options (num_workers, worker_init_fn, multiprocessing_context,
+    prefetch_factor, pin_memory, timeout); its sampler, shuffle and generator are replaced
+    by that seeded shuffling, with a warning when they were more than a plain
+    RandomSampler/SequentialSampler (a custom sampler or batch_sampler; then batches have
+    ``batch_size`` samples). The collate_fn also collates the samples of the pruning steps
+    and must return (inputs, targets).
+
+    Stage k (of ``schedule``: default cubic over ``stages`` stages, 5 unless given; a list
+    of kept fractions gives its own) prunes with ``method`` to its budgets, using
+    ``n_gradients`` gradients and ``n_validation`` held-out samples drawn from
+    ``train_data`` (pruned weights are never revived), re-estimates BatchNorm statistics on
+    ``bn_batches`` batches, then fine-tunes ``epochs_per_stage`` epochs with
     the masks kept; ``final_epochs`` more epochs follow at the target. The optimizer is
     ``optimizer(params)`` (default SGD, ``lr``, ``momentum``, ``weight_decay``) and the LR
     schedule ``lr_scheduler(optimizer, total_epochs)`` stepped per epoch (default cosine to
     0). ``eval_data`` (optional) is evaluated after every event. ``callback(row)`` sees every
-    history row. With ``checkpoint_dir`` the state is saved after every event and
-    ``resume=True`` continues from it. The user's model is never modified.
+    history row. With ``checkpoint_dir`` the state is saved after every event (a custom LR
+    schedule must then have ``state_dict``/``load_state_dict``) and ``resume=True`` continues
+    from it; the checkpoint records every setting that changes the result (budgets,
+    schedule, epochs, batches, data size, optimizer and its hyperparameters, solver options,
+    ridge, n_gradients, n_validation, bn_batches, seed; custom optimizer, LR schedule, loss
+    and collate_fn only as 'custom') and refuses to resume under other ones. The user's
+    model is never modified.
     """
     t_start = time.perf_counter()
     flops = check_fraction("flops", flops)
@@ -247,7 +414,8 @@ def gradual(
         raise ValueError(f"{type(model).__name__} has no prunable layers; nothing to prune")
     for name, v, low in (("epochs_per_stage", epochs_per_stage, 0), ("final_epochs",
                          final_epochs, 0), ("batch_size", batch_size, 1),
-                         ("n_gradients", n_gradients, 1), ("bn_batches", bn_batches, 0)):
+                         ("n_gradients", n_gradients, 1), ("n_validation", n_validation, 0),
+                         ("bn_batches", bn_batches, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
     sched = as_schedule(schedule, stages)
@@ -262,11 +430,10 @@ def gradual(
         raise ValueError(f"lr must be > 0, got {lr!r}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs the checkpoint_dir of the interrupted run")
-    loss_fn = loss_fn or F.cross_entropy
-    dataset, loader_batch = _as_dataset(train_data)
-    batch_size = loader_batch or batch_size
+    feed = _as_feed(train_data, batch_size)
+    dataset = feed.dataset
     work = clone_model(model)
-    _check_training_batch(work, dataset, loss_fn)
+    sample_x = _check_training_batch(work, feed, loss_fn or F.cross_entropy)
     need = (n_gradients + n_validation) if method in NEEDS_GRADIENTS else 1
     if method in NEEDS_GRADIENTS and len(dataset) < n_gradients:
         raise ValueError(
@@ -274,12 +441,20 @@ def gradual(
         )
     evaluation = as_samples(eval_data) if eval_data is not None else None
 
+    options = options if options is not None else SolverOptions(progress=False)
+    config = _run_config(
+        optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        lr_scheduler=lr_scheduler, loss_fn=loss_fn, options=options, schedule=sched, feed=feed,
+        flops=flops, nnz=nnz, method=method, levels=[list(b) for b in plan],
+        epochs_per_stage=epochs_per_stage, final_epochs=final_epochs, n_gradients=n_gradients,
+        n_validation=n_validation, ridge=ridge, bn_batches=bn_batches, seed=seed,
+    )
+    loss_fn = loss_fn or F.cross_entropy
+
     _attach_masks(work)
     opt = (optimizer or default_optimizer(lr, momentum, weight_decay))(list(work.parameters()))
     lrs = (lr_scheduler or cosine_schedule)(opt, total_epochs)
-    config = _config(flops=flops, nnz=nnz, method=method, levels=[list(b) for b in plan],
-                     epochs_per_stage=epochs_per_stage, final_epochs=final_epochs,
-                     batch_size=batch_size, n_gradients=n_gradients, seed=seed)
+    _check_scheduler(lrs, checkpointing=checkpoint_dir is not None)
     events = []
     for k in range(1, len(plan) + 1):
         events += [("prune", k, 0)] + [("epoch", k, i) for i in range(1, epochs_per_stage + 1)]
@@ -299,12 +474,10 @@ def gradual(
         torch.manual_seed(seed)
 
     plain = make_permanent(clone_model(work))
-    sample_x = dataset[0][0].unsqueeze(0)
     cm = cost_model_of(plain, sample_x, sample_x.shape[1:])
     groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes())
-    problem = _Problem(n_gradients, 1, ridge, 0.0, None,
-                       options if options is not None else SolverOptions(progress=False),
-                       loss_fn, torch.float32, "cpu", None, False)
+    problem = _Problem(n_gradients, 1, ridge, 0.0, None, options, loss_fn, torch.float32,
+                       "cpu", None, False)
     times = {"prune": 0.0, "train": 0.0}
     bar = tqdm(total=len(events), initial=start, desc=f"gradual {method}", unit="step",
                disable=not progress)
@@ -313,11 +486,11 @@ def gradual(
         t = time.perf_counter()
         f_k, s_k = plan[min(k, len(plan)) - 1]
         if kind == "prune":
-            row = _prune_step(work, dataset, cm, groups, f_k, s_k, method, problem, need,
-                              seed + k, bn_batches, batch_size)
+            row = _prune_step(work, feed, sample_x, cm, groups, f_k, s_k, method, problem,
+                              need, seed + k, bn_batches)
             times["prune"] += time.perf_counter() - t
         else:
-            row = {"train_loss": _train_epoch(work, opt, dataset, batch_size, seed, i, loss_fn)}
+            row = {"train_loss": _train_epoch(work, opt, feed, seed, i, loss_fn)}
             row["lr"] = opt.param_groups[0]["lr"]
             lrs.step()
             times["train"] += time.perf_counter() - t
@@ -332,8 +505,7 @@ def gradual(
         if ckpt is not None:
             _save(ckpt, config, i + 1, work, opt, lrs, history)
         bar.update(1)
-        bar.set_postfix(stage=f"{row['stage']}/{len(plan)}", flops=f"{row['flops_fraction']:.3f}",
-                        loss=f"{row.get('train_loss', row.get('eval_loss', math.nan)):.3g}")
+        bar.set_postfix(_postfix(row, len(plan), f_k, s_k, history))
         if callback is not None:
             callback(row)
     bar.close()
@@ -347,28 +519,32 @@ def gradual(
     return GradualResult(work, method, flops, nnz, f_final, s_final, history, times)
 
 
-def _prune_step(work, dataset, cm, groups, f_k, s_k, method, problem, need, seed, bn_batches,
-                batch_size) -> dict:
-    """Prune the masked training model in place to the stage budgets (never reviving)."""
+def _prune_step(work, feed, sample_x, cm, groups, f_k, s_k, method, problem, need, seed,
+                bn_batches) -> dict:
+    """Prune the masked training model in place to the stage budgets (never reviving);
+    ``sample_x`` is one input (1, ...) for the cost model."""
     plain = make_permanent(clone_model(work)).eval()
-    cm_plain = CostModel.from_model(plain, dataset[0][0].unsqueeze(0))
+    cm_plain = CostModel.from_model(plain, sample_x)
     masks = masks_of(work)
     allowed = torch.cat([masks[lay.name].reshape(-1) for lay in cm.layers])
     n_fit = problem.n_gradients if method in NEEDS_GRADIENTS else 1
-    samples = as_samples(dataset, min(need, len(dataset)), seed=seed)
+    samples = feed.samples(min(need, len(feed.dataset)), seed)
     fit = SampleSource(samples.x[:n_fit], samples.y[:n_fit])
     held = SampleSource(samples.x[n_fit:], samples.y[n_fit:])
     res, w, mask = solve_step(plain, cm_plain, groups, budget_of(cm, f_k, s_k), method, fit,
                               held, problem, allowed)
     _write_back(work, cm, w, mask)
-    recalibrate_batchnorm(work, dataset, bn_batches, batch_size, seed)
+    recalibrate_batchnorm(work, feed.dataset, bn_batches, feed.batch_size, seed,
+                          **feed.loader_kw)
     return {"flops_budget": f_k, "nnz_budget": s_k}
 
 
-def _train_epoch(model, opt, dataset, batch_size, seed, epoch, loss_fn) -> float:
+def _train_epoch(model, opt, feed: _Feed, seed, epoch, loss_fn) -> float:
+    """One epoch of SGD steps over ``feed``; the mean training loss per sample."""
     model.train()
     total, count = 0.0, 0
-    for xb, yb in _loader(dataset, batch_size, seed, epoch):
+    for batch in feed.epoch(seed, epoch):
+        xb, yb = _batch_pair(batch)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(xb), yb)
         if not torch.isfinite(loss):
@@ -386,7 +562,7 @@ def _save(path: Path, config: dict, next_event: int, model, opt, lrs, history) -
     state = {
         "config": config, "next_event": next_event, "model": model.state_dict(),
         "optimizer": opt.state_dict(),
-        "lr_scheduler": lrs.state_dict() if hasattr(lrs, "state_dict") else None,
+        "lr_scheduler": lrs.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                 "python": random.getstate()},
         "history": history,
@@ -399,16 +575,19 @@ def _save(path: Path, config: dict, next_event: int, model, opt, lrs, history) -
 
 def _load(path: Path, config: dict, model, opt, lrs) -> tuple[int, list[dict]]:
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["config"] != config:
-        diff = {k: (state["config"].get(k), v) for k, v in config.items()
-                if state["config"].get(k) != v}
+    saved = state["config"]
+    if saved != config:
+        absent = "<not set>"
+        diff = {k: (saved.get(k, absent), config.get(k, absent))
+                for k in sorted(saved.keys() | config.keys())
+                if saved.get(k, absent) != config.get(k, absent)}
         raise ValueError(
             f"{path} belongs to a run with other settings {diff} (saved, now); resume with "
             "the same arguments or use another checkpoint_dir"
         )
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
-    if state["lr_scheduler"] is not None:
+    if state["lr_scheduler"] is not None:  # None in checkpoints of older versions
         lrs.load_state_dict(state["lr_scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
