@@ -1,3 +1,5 @@
+import json
+
 import torch
 from conftest import shared_path
 
@@ -26,7 +28,7 @@ def test_prune_and_evaluate_mlpnet(tmp_path, capsys):
     assert saved["report"]["flops_fraction"] <= 0.2
     capsys.readouterr()
     assert main(["evaluate", "--model", "mlpnet", "--checkpoint", str(out), "--dataset",
-                 "mnist", "--data", str(data)]) == 0
+                 "mnist", "--data", str(data), "--split", "all"]) == 0
     text = capsys.readouterr().out
     assert "FLOPs kept 0.2000" in text or "FLOPs kept 0.19" in text
     acc = float(text.split("accuracy ")[1].split()[0])
@@ -43,6 +45,28 @@ def test_cli_errors_are_reported(tmp_path, capsys):
     assert main(["evaluate", "--model", "resnet20", "--checkpoint", str(ckpt), "--dataset",
                  "mnist", "--data", str(data)]) == 2
     assert "does not match" in capsys.readouterr().err
+    # the shared MNIST file has training digits only: no silent "test" accuracy
+    assert main(["evaluate", "--model", "mlpnet", "--checkpoint", str(ckpt), "--dataset",
+                 "mnist", "--data", str(data)]) == 2
+    assert "no test split" in capsys.readouterr().err
+    # multi-stage options with a single-stage method are refused before any work
+    assert main([*base, "--flops", "0.3", "--method", "falcon", "--stages", "3"]) == 2
+    assert "only apply to --method falcon++" in capsys.readouterr().err
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_prune_with_gradients_on_disk_in_float16(tmp_path, capsys):
+    ckpt = shared_path("checkpoints", "mlpnet_mnist.ckpt")
+    data = shared_path("data", "mnist_10k.npz")
+    report = tmp_path / "r.json"
+    assert main(["prune", "--model", "mlpnet", "--checkpoint", str(ckpt), "--dataset", "mnist",
+                 "--data", str(data), "--flops", "0.3", "--n-gradients", "100",
+                 "--n-validation", "100", "--storage", "disk", "--dtype", "float16",
+                 "--scratch-dir", str(tmp_path), "--output", str(tmp_path / "o.pt"),
+                 "--report", str(report), "--no-progress"]) == 0
+    details = json.loads(report.read_text())["details"]
+    assert details["storage"].startswith("gradient matrix on disk") and "float16" in \
+        details["storage"]
 
 
 def test_falcon_plus_plus_and_gradual_from_the_command_line(tmp_path, capsys):
@@ -62,7 +86,7 @@ def test_falcon_plus_plus_and_gradual_from_the_command_line(tmp_path, capsys):
     g = ["gradual", *common, "--method", "mp", "--epochs-per-stage", "1", "--final-epochs",
          "1", "--batch-size", "500", "--checkpoint-dir", str(tmp_path / "ck"), "--output",
          str(tmp_path / "g.pt"), "--history", str(tmp_path / "h.json"), "--plot",
-         str(tmp_path / "h.png"), "--summary", str(tmp_path / "h.md")]
+         str(tmp_path / "h.png"), "--summary", str(tmp_path / "h.md"), "--eval-split", "none"]
     assert main(g) == 0
     assert "gradual mp: FLOPs kept" in capsys.readouterr().out
     assert (tmp_path / "h.png").exists() and "| event |" in (tmp_path / "h.md").read_text()

@@ -1,10 +1,12 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import SmallCNN, small_data
 
 from falcon_prune.costs import CostModel
-from falcon_prune.fisher import MemoryBudgetError, as_samples, gradient_matrix
+from falcon_prune.fisher import MemoryBudgetError, as_samples, estimate_bytes, gradient_matrix
 
 
 def setup():
@@ -28,7 +30,15 @@ def test_rows_equal_autograd_gradients(m):
 
 def test_memory_refusal_names_numbers_and_fix():
     model, cm, x, y = setup()
-    with pytest.raises(MemoryBudgetError, match=r"GiB.*n_gradients=\d+ would fit"):
+    p = cm.num_weights
+    limit = estimate_bytes(12, p, torch.float32) + 1
+    with pytest.raises(MemoryBudgetError, match=r"KiB.*n_gradients=(\d+) would fit") as e:
+        gradient_matrix(model, cm, as_samples((x, y)), 20, memory_limit=limit, progress=False)
+    fit = int(re.search(r"n_gradients=(\d+)", str(e.value)).group(1))
+    assert 1 <= fit <= 12 and estimate_bytes(fit, p, torch.float32) <= limit
+    X = gradient_matrix(model, cm, as_samples((x, y)), fit, memory_limit=limit, progress=False)
+    assert X.shape == (fit, p)
+    with pytest.raises(MemoryBudgetError, match="even one gradient would not fit"):
         gradient_matrix(model, cm, as_samples((x, y)), 20, memory_limit=1000, progress=False)
 
 

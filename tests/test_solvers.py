@@ -95,11 +95,12 @@ def test_linesearch_iht_never_increases_q(problem):
 
 def test_inverse_hessian_diagonal(problem):
     _, qm, _ = problem
-    small = QuadraticModel(qm.X[:, :200].double(), qm.w_bar[:200].double(), 1e-2, chunk=64)
-    H = small.X.T @ small.X / small.n + 1e-2 * torch.eye(200, dtype=torch.float64)
+    X = qm.X.columns(0, 200).double()
+    small = QuadraticModel(X, qm.w_bar[:200].double(), 1e-2, chunk=64)
+    H = X.T @ X / small.n + 1e-2 * torch.eye(200, dtype=torch.float64)
     ref = torch.linalg.inv(H).diagonal()
     assert torch.allclose(S.inverse_hessian_diagonal(small), ref, rtol=1e-6)
-    blocked = QuadraticModel(small.X, small.w_bar, 1e-2, block_size=50)
+    blocked = QuadraticModel(X, small.w_bar, 1e-2, block_size=50)
     Hb = torch.block_diag(*[H[a : a + 50, a : a + 50] for a in range(0, 200, 50)])
     assert torch.allclose(S.inverse_hessian_diagonal(blocked), torch.linalg.inv(Hb).diagonal(),
                           rtol=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import resource
@@ -24,11 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import prune as torch_prune
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from falcon_prune import solvers
 from falcon_prune.costs import CostModel, find_prunable_modules, flatten_weights
-from falcon_prune.fisher import LossFn, SampleSource, as_samples, gradient_matrix
+from falcon_prune.fisher import LossFn, SampleSource, as_samples, gradient_store
 from falcon_prune.ilp import CostGroups
 from falcon_prune.quadratic import QuadraticModel
 from falcon_prune.schedules import Schedule, as_schedule, stage_budgets
@@ -42,6 +44,7 @@ from falcon_prune.solvers import (
     magnitude_flops,
     woodfisher,
 )
+from falcon_prune.storage import DTYPES, STORAGES, compute_dtype_of
 
 DEFAULT_RIDGE = 1e-3
 METHODS = (*solvers.METHODS, "falcon++")
@@ -179,9 +182,46 @@ def _check_args(method: str, n_gradients: object, samples_per_gradient: object) 
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
+def _check_numerics(ridge, alpha, block_size, dtype, device, storage, memory_limit) -> None:
+    """Validate the numerical options of ``prune`` before any work is done."""
+    for name, v in (("ridge", ridge), ("alpha", alpha)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            raise TypeError(f"{name} must be a number, got {v!r}")
+    if not ridge > 0:
+        raise ValueError(f"ridge must be > 0 (e.g. 1e-3), got {ridge!r}")
+    if alpha < 0:
+        raise ValueError(f"alpha (the first-order scale) must be >= 0, got {alpha!r}")
+    if block_size is not None and (isinstance(block_size, bool) or
+                                   not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"dtype must be one of {', '.join(map(str, DTYPES))} (the gradient matrix's "
+            f"storage), got {dtype!r}"
+        )
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    if memory_limit is not None and (isinstance(memory_limit, bool) or
+                                     not isinstance(memory_limit, (int, float))
+                                     or not memory_limit > 0):
+        raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda')") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA GPU here; use device='cpu'")
+
+
 def _data_length(data: object) -> int | None:
+    """Number of samples in ``data`` (not batches), or None when it cannot be told."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         return len(data[0])
+    if isinstance(data, DataLoader):
+        try:
+            return len(data.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return None
     try:
         return len(data)  # type: ignore[arg-type]
     except TypeError:
@@ -255,6 +295,9 @@ class _Problem:
     device: torch.device | str
     memory_limit: int | None
     progress: bool
+    storage: str = "auto"
+    scratch_dir: str | None = None
+    storage_used: str | None = None  # filled in by the first gradient solve
 
 
 def prune(
@@ -271,12 +314,14 @@ def prune(
     block_size: int | None = None,
     options: SolverOptions | None = None,
     schedule: Schedule | str | Sequence[float] | None = None,
-    stages: int = 5,
+    stages: int | None = None,
     revive: bool = False,
     loss_fn: LossFn | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     memory_limit: int | None = None,
+    storage: str = "auto",
+    scratch_dir: str | None = None,
     example_input: torch.Tensor | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -293,7 +338,13 @@ def prune(
     first-order scale of the quadratic model; ``block_size`` switches to the block-diagonal
     approximation.
 
-    ``method="falcon++"`` reaches the budgets in ``stages`` stages on ``schedule`` (a
+    The gradient matrix is stored as ``storage`` says: 'memory', 'disk' (a scratch file in
+    ``scratch_dir``, streamed in chunks) or 'auto' (default): in memory in ``dtype`` when
+    it fits ``memory_limit`` bytes (default 60 % of the available RAM), else in float32 or
+    float16, else on disk; the choice is in ``result.details['storage']`` (and printed
+    when ``progress``). ``device='cuda'`` runs gradients and solvers on the GPU.
+
+    ``method="falcon++"`` reaches the budgets in ``stages`` stages (default 5) on ``schedule`` (a
     :class:`~falcon_prune.schedules.Schedule`, 'linear' / 'cubic' / 'exponential', or a list
     of kept fractions per stage); every stage recomputes the gradients at the current
     weights, takes them as the new centre and meets its own budgets; pruned weights stay
@@ -306,8 +357,9 @@ def prune(
     Without ``revive``, weights that are already zero in ``model`` stay zero (any method).
 
     Raises ``ValueError``/``TypeError`` on bad input and ``falcon_prune.MemoryBudgetError``
-    when the gradient matrix would exceed ``memory_limit`` bytes (default 60 % of available
-    RAM); the user's model is untouched in every case.
+    when the gradient matrix cannot be stored within ``memory_limit`` bytes (with
+    ``storage='memory'``, or when not even the disk path fits); the user's model is
+    untouched in every case.
     """
     t_start = time.perf_counter()
     flops = check_fraction("flops", flops)
@@ -322,9 +374,13 @@ def prune(
             f"{type(model).__name__} has no prunable layers (Conv1d/Conv2d/Conv3d/Linear); "
             "nothing to prune."
         )
-    if not ridge > 0:
-        raise ValueError(f"ridge must be > 0, got {ridge!r}")
+    _check_numerics(ridge, alpha, block_size, dtype, device, storage, memory_limit)
     multistage = method == "falcon++"
+    if not multistage and (schedule is not None or stages is not None or revive):
+        raise ValueError(
+            f"schedule, stages and revive belong to method='falcon++'; method={method!r} is "
+            "single-stage: drop them or use method='falcon++'"
+        )
     plan = stage_budgets(as_schedule(schedule, stages), flops, nnz) if multistage \
         else [(flops, nnz)]
     if n_validation is None:
@@ -334,6 +390,11 @@ def prune(
     if options is None:
         options = (SolverOptions(progress=progress, max_iter=0, ridges=(1e-4,)) if multistage
                    else SolverOptions(progress=progress))
+    elif not isinstance(options, SolverOptions):
+        raise TypeError(f"options must be a falcon_prune.SolverOptions, got {options!r}")
+    else:
+        options = dataclasses.replace(options, progress=options.progress and progress,
+                                      history=[])
     torch.manual_seed(seed)
     needs_grad = method in NEEDS_GRADIENTS
     n_fit = n_gradients * samples_per_gradient if needs_grad else 1
@@ -368,7 +429,7 @@ def prune(
     problem = _Problem(
         n_gradients, samples_per_gradient, ridge, alpha, block_size,
         options,
-        loss_fn, dtype, device, memory_limit, progress,
+        loss_fn, dtype, device, memory_limit, progress, storage, scratch_dir,
     )
     stage_method = "falcon" if method == "falcon++" else method
     trajectory: list[dict] = []
@@ -397,6 +458,8 @@ def prune(
     report = _verify(cm, budget, flops, nnz, method)
     times["total"] = time.perf_counter() - t_start
     details = _details(res, problem.options, stage_method)
+    if problem.storage_used is not None:
+        details["storage"] = problem.storage_used
     if stage_method == "falcon":
         details["selection"] = (
             f"held-out loss on {len(held)} samples" if len(held)
@@ -455,7 +518,7 @@ def solve_step(
     problem is solved on the sub-vector, so X has only ``allowed.sum()`` columns. Returns
     the solver result and the flat weights (p,) float32 and mask (p,) bool on the CPU."""
     times = times if times is not None else {}
-    w_all = flatten_weights(cm, problem.dtype)
+    w_all = flatten_weights(cm, compute_dtype_of(problem.dtype))
     if allowed is not None and bool(allowed.all()):
         allowed = None
     idx = None if allowed is None else allowed.nonzero().reshape(-1)
@@ -469,11 +532,16 @@ def solve_step(
         evaluate = held_loss if idx is None else (lambda v: held_loss(_scatter(v, idx, cm)))
     if method in NEEDS_GRADIENTS:
         t = time.perf_counter()
-        X = gradient_matrix(
+        X = gradient_store(
             model, cm, fit, problem.n_gradients, problem.samples_per_gradient, problem.loss_fn,
             problem.dtype, problem.device, memory_limit=problem.memory_limit,
-            progress=problem.progress, columns=idx,
+            progress=problem.progress, columns=idx, storage=problem.storage,
+            scratch_dir=problem.scratch_dir,
         )
+        if problem.storage_used is None:
+            problem.storage_used = X.plan.describe()
+            if problem.progress:
+                tqdm.write(problem.storage_used, file=sys.stderr)
         times["gradients"] = times.get("gradients", 0.0) + time.perf_counter() - t
         qm = QuadraticModel(X, w_bar.to(problem.device), problem.ridge, problem.alpha,
                             problem.block_size)

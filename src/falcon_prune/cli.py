@@ -16,6 +16,10 @@ from falcon_prune.evaluation import accuracy
 from falcon_prune.fisher import MemoryBudgetError
 from falcon_prune.models import INPUT_SHAPES, MODELS, create_model, load_checkpoint
 from falcon_prune.schedules import KINDS, Schedule
+from falcon_prune.storage import STORAGES
+
+DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32,
+               "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -27,15 +31,26 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_schedule_args(p: argparse.ArgumentParser, which: str) -> None:
-    p.add_argument("--stages", type=int, default=5, help=f"{which}number of pruning stages")
-    p.add_argument("--schedule", default="cubic", choices=KINDS,
-                   help=f"{which}shape of the budget schedule")
+    p.add_argument("--stages", type=int, default=None,
+                   help=f"{which}number of pruning stages (default 5)")
+    p.add_argument("--schedule", default=None, choices=KINDS,
+                   help=f"{which}shape of the budget schedule (default cubic)")
     p.add_argument("--start", type=float, default=None,
                    help=f"{which}kept fraction at the first stage (default: from dense)")
 
 
 def _schedule(a: argparse.Namespace) -> Schedule:
-    return Schedule(stages=a.stages, kind=a.schedule, start=a.start)
+    return Schedule(stages=5 if a.stages is None else a.stages,
+                    kind=a.schedule or "cubic", start=a.start)
+
+
+def _check_prune_args(a: argparse.Namespace) -> None:
+    """Refuse, before any work, options that the chosen method would not use."""
+    if a.method != "falcon++":
+        given = [f"--{k}" for k in ("stages", "schedule", "start", "trajectory", "plot")
+                 if getattr(a, k) is not None] + (["--revive"] if a.revive else [])
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to --method falcon++")
 
 
 def _save_model(path: Path, name: str, model, report: dict) -> None:
@@ -65,8 +80,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="held-out samples falcon uses to choose its ridge and exponent "
                         "(default 1000; falcon++: 500)")
     p.add_argument("--ridge", type=float, default=1e-3)
-    p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--memory-limit-gb", type=float, default=None)
+    p.add_argument("--alpha", type=float, default=0.0,
+                   help="scale of the first-order term of the quadratic model")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="block-diagonal Hessian with blocks of this many weights")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES),
+                   help="storage dtype of the gradient matrix")
+    p.add_argument("--storage", default="auto", choices=STORAGES,
+                   help="where the gradient matrix lives (auto: memory if it fits the limit, "
+                        "else a smaller dtype, else disk)")
+    p.add_argument("--scratch-dir", default=None,
+                   help="directory for the on-disk gradient matrix (default: system temp)")
+    p.add_argument("--memory-limit-gb", type=float, default=None,
+                   help="memory limit for the gradient matrix and solver (default: 60%% of "
+                        "the available RAM)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     _add_schedule_args(p, "falcon++ ")
@@ -122,14 +149,18 @@ def _example(model_name: str) -> torch.Tensor:
 
 
 def cmd_prune(a: argparse.Namespace) -> int:
+    _check_prune_args(a)
     model = load_checkpoint(create_model(a.model), a.checkpoint).eval()
     train = load_dataset(a.dataset, a.data, "train")
     limit = None if a.memory_limit_gb is None else int(a.memory_limit_gb * 2**30)
+    multistage = {"schedule": _schedule(a), "revive": a.revive} if a.method == "falcon++" \
+        else {}
     r = prune(
         model, train, flops=a.flops, nnz=a.nnz, method=a.method, n_gradients=a.n_gradients,
         samples_per_gradient=a.samples_per_gradient, n_validation=a.n_validation,
-        ridge=a.ridge, block_size=a.block_size, schedule=_schedule(a), revive=a.revive,
-        memory_limit=limit, device=a.device, seed=a.seed, progress=not a.no_progress,
+        ridge=a.ridge, alpha=a.alpha, block_size=a.block_size, dtype=DTYPE_NAMES[a.dtype],
+        storage=a.storage, scratch_dir=a.scratch_dir, memory_limit=limit, device=a.device,
+        seed=a.seed, progress=not a.no_progress, **multistage,
     )
     print(r.table())
     print(r.summary())
@@ -138,8 +169,6 @@ def cmd_prune(a: argparse.Namespace) -> int:
         a.report.write_text(json.dumps(r.to_dict(), indent=2, default=str))
         print(f"wrote {a.report}")
     if a.trajectory or a.plot:
-        if not r.stages:
-            raise ValueError("--trajectory and --plot need --method falcon++ (stages)")
         if a.trajectory:
             print(f"wrote {r.write_trajectory(a.trajectory)}")
         if a.plot:

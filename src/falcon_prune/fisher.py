@@ -8,7 +8,6 @@ statistics, dropout is off), so a row depends on its own sample(s) only.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -20,51 +19,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from falcon_prune.costs import CostModel
+from falcon_prune.storage import (  # noqa: F401  (re-exported: the historical home)
+    GradientStore,
+    MemoryBudgetError,
+    StoragePlan,
+    available_memory,
+    default_memory_limit,
+    estimate_bytes,
+    plan_storage,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class MemoryBudgetError(MemoryError):
-    """Raised before allocating something that would not fit in the memory limit."""
-
-
-def available_memory() -> int:
-    """Bytes of physical memory currently available (Linux/macOS), or total if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def default_memory_limit() -> int:
-    """The default limit for the gradient matrix and solver buffers: 60 % of available RAM."""
-    return int(0.6 * available_memory())
-
-
-def estimate_bytes(n: int, p: int, dtype: torch.dtype) -> int:
-    """Memory of the gradient matrix plus the solver's working copies (one n x n Gram matrix
-    in float64 and a handful of p-vectors), in bytes."""
-    item = torch.empty((), dtype=dtype).element_size()
-    return n * p * item + 8 * n * n * 2 + 16 * p * 8
-
-
-def check_memory(n: int, p: int, dtype: torch.dtype, limit: int | None) -> int:
-    """Refuse (MemoryBudgetError) when the gradient matrix would not fit; returns the estimate."""
-    need = estimate_bytes(n, p, dtype)
-    limit = default_memory_limit() if limit is None else int(limit)
-    if need > limit:
-        gib = 2**30
-        raise MemoryBudgetError(
-            f"the gradient matrix ({n} gradients x {p:,} weights in {dtype}) needs about "
-            f"{need / gib:.2f} GiB, over the memory limit of {limit / gib:.2f} GiB. Use fewer "
-            f"gradients (n_gradients={max(1, int(n * limit / need))} would fit), "
-            "a smaller dtype (float16/bfloat16), or raise memory_limit."
-        )
-    return need
 
 
 @dataclass
@@ -150,17 +115,52 @@ def gradient_matrix(
     progress: bool = True,
     columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """X (n_gradients, p) in ``dtype`` on ``device``: row j is the gradient of the mean loss
-    over samples ``j*m .. j*m+m-1`` (m = samples_per_gradient) at the current weights.
-    With ``columns`` (int64 indices into the flat weights) only those columns are kept,
-    X is (n_gradients, len(columns)) and the memory check counts only them.
+    """X (n_gradients, p) as one in-memory tensor in ``dtype`` on ``device``: row j is the
+    gradient of the mean loss over samples ``j*m .. j*m+m-1`` (m = samples_per_gradient) at
+    the current weights. With ``columns`` (int64 indices into the flat weights) only those
+    columns are kept. See :func:`gradient_store` for the arguments and errors; this is its
+    ``storage='memory'`` form (refused with :class:`MemoryBudgetError` when it won't fit)."""
+    store = gradient_store(model, cost_model, samples, n_gradients, samples_per_gradient,
+                           loss_fn, dtype, device, chunk, memory_limit, progress, columns,
+                           storage="memory")
+    return store.data if store.row_scale is None else store.to_tensor().to(dtype)
 
-    The memory estimate is checked before X is allocated. Raises ``ValueError`` when the
-    model/data shapes disagree or a gradient is NaN/inf.
+
+def gradient_store(
+    model: nn.Module,
+    cost_model: CostModel,
+    samples: SampleSource,
+    n_gradients: int,
+    samples_per_gradient: int = 1,
+    loss_fn: LossFn | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    chunk: int = 64,
+    memory_limit: int | None = None,
+    progress: bool = True,
+    columns: torch.Tensor | None = None,
+    storage: str = "auto",
+    scratch_dir: str | None = None,
+    plan: StoragePlan | None = None,
+) -> GradientStore:
+    """The gradient matrix X (n_gradients, p) in a :class:`GradientStore`.
+
+    Row j is the gradient of the mean loss over samples ``j*m .. j*m+m-1``
+    (m = ``samples_per_gradient``) at the model's current weights, in eval mode, computed
+    with ``torch.func`` (vmap over grad of functional_call), at most ``chunk`` samples per
+    vmap call (fewer when a chunk of per-sample gradients would take more than an eighth of
+    the memory limit). With ``columns`` (sorted int64 indices into the flat weights) only
+    those columns are kept and counted.
+
+    Where X lives comes from ``plan`` or :func:`~falcon_prune.storage.plan_storage`
+    (``storage``, ``dtype``, ``memory_limit`` in bytes, ``scratch_dir``), decided before
+    anything is allocated. Raises ``ValueError`` when model and data disagree in shape or a
+    gradient is NaN/inf, and ``MemoryBudgetError`` when X cannot be stored within the limit.
     """
-    if not isinstance(n_gradients, int) or n_gradients < 1:
+    if isinstance(n_gradients, bool) or not isinstance(n_gradients, int) or n_gradients < 1:
         raise ValueError(f"n_gradients must be a positive integer, got {n_gradients!r}")
-    if not isinstance(samples_per_gradient, int) or samples_per_gradient < 1:
+    if (isinstance(samples_per_gradient, bool) or not isinstance(samples_per_gradient, int)
+            or samples_per_gradient < 1):
         raise ValueError(
             f"samples_per_gradient must be a positive integer, got {samples_per_gradient!r}"
         )
@@ -170,8 +170,10 @@ def gradient_matrix(
             f"{n_gradients} gradients x {m} samples each need {n_gradients * m} samples, but "
             f"the data has {len(samples)}; lower n_gradients or pass more data"
         )
-    p = cost_model.num_weights if columns is None else int(columns.numel())
-    check_memory(n_gradients, p, dtype, memory_limit)
+    p_all = cost_model.num_weights
+    p = p_all if columns is None else int(columns.numel())
+    if plan is None:
+        plan = plan_storage(n_gradients, p, dtype, storage, memory_limit, scratch_dir)
     loss_fn = loss_fn or F.cross_entropy
     names = [lay.name + ".weight" for lay in cost_model.layers]
     params = dict(model.named_parameters())
@@ -190,10 +192,13 @@ def gradient_matrix(
         return loss_fn(out, yb)
 
     per_row = vmap(grad(loss_of), in_dims=(None, 0, 0))
-    X = torch.empty((n_gradients, p), dtype=dtype, device=device)
+    # a vmap call holds its per-sample gradients twice (the dict and the assembled rows)
+    row_bytes = 2 * p_all * 4
+    rows_per_chunk = max(1, min(max(1, chunk // m), (plan.limit // 8) // row_bytes))
+    store = GradientStore.from_plan(n_gradients, p, plan, device)
+    store.plan = plan
     was_training = model.training
     model.eval()
-    rows_per_chunk = max(1, chunk // m)
     try:
         bar = tqdm(total=n_gradients, desc="gradients", unit="grad", disable=not progress)
         for start in range(0, n_gradients, rows_per_chunk):
@@ -210,7 +215,8 @@ def gradient_matrix(
                     f"have the shape the model expects (got {tuple(samples.x.shape[1:])} per "
                     "sample) and that the targets fit the loss"
                 ) from e
-            rows = torch.cat([g[k].reshape(stop - start, -1) for k in names], dim=1)
+            rows = torch.cat([g.pop(k).reshape(stop - start, -1) for k in names], dim=1)
+            del g
             if columns is not None:
                 rows = rows[:, columns.to(rows.device)]
             if not torch.isfinite(rows).all():
@@ -218,9 +224,10 @@ def gradient_matrix(
                     f"gradients {start}..{stop - 1} contain NaN or inf: check the data "
                     "(NaN/inf inputs, labels out of range) and the model's weights"
                 )
-            X[start:stop] = rows.to(dtype)
+            store.write_rows(start, rows)
+            del rows
             bar.update(stop - start)
         bar.close()
     finally:
         model.train(was_training)
-    return X
+    return store

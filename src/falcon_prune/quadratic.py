@@ -6,11 +6,16 @@ with X (n, p) the gradient matrix and g its row mean. Products with X cost O(np)
 minimiser on a support is an n x n solve (Woodbury); with ``block_size`` set, X^T X is
 replaced by its block-diagonal part (blocks of consecutive weights), which makes every
 support solve small and independent.
+
+X is a tensor or a :class:`~falcon_prune.storage.GradientStore` (in memory or on disk, any
+storage dtype); every product reads it in column chunks, so the same code serves both.
 """
 
 from __future__ import annotations
 
 import torch
+
+from falcon_prune.storage import GradientStore
 
 
 class _GramCache:
@@ -23,19 +28,25 @@ class _GramCache:
 
 
 class QuadraticModel:
-    """Q around ``w_bar`` (p,). ``X`` (n, p) float32/float64 on any device; vectors w are
-    (p,) in X's dtype. ``lam`` > 0 is the ridge, ``alpha`` >= 0 the first-order scale."""
+    """Q around ``w_bar`` (p,). ``X`` (n, p): a tensor (float32/float64, any device) or a
+    :class:`GradientStore`; vectors w are (p,) in the compute dtype (``dtype``: float64 for
+    float64 storage, else float32) on X's device. ``lam`` > 0 is the ridge, ``alpha`` >= 0
+    the first-order scale; ``chunk`` columns per chunk of the Gram and block computations."""
 
     def __init__(
         self,
-        X: torch.Tensor,
+        X: torch.Tensor | GradientStore,
         w_bar: torch.Tensor,
         lam: float,
         alpha: float = 0.0,
         block_size: int | None = None,
         chunk: int = 1 << 16,
     ):
-        if X.dim() != 2 or X.shape[1] != w_bar.numel():
+        if isinstance(X, torch.Tensor):
+            if X.dim() != 2:
+                raise ValueError(f"X must be (n, p={w_bar.numel()}), got {tuple(X.shape)}")
+            X = GradientStore.from_tensor(X)
+        if X.p != w_bar.numel():
             raise ValueError(f"X must be (n, p={w_bar.numel()}), got {tuple(X.shape)}")
         if not lam > 0:
             raise ValueError(f"the ridge lam must be > 0, got {lam}")
@@ -45,10 +56,11 @@ class QuadraticModel:
             raise ValueError(f"block_size must be a positive integer or None, got {block_size}")
         self.X = X
         self.n, self.p = X.shape
-        self.w_bar = w_bar.to(X.dtype).to(X.device)
+        self.dtype, self.device = X.compute_dtype, X.device
+        self.w_bar = w_bar.to(self.device, self.dtype)
         self.lam = float(lam)
         self.alpha = float(alpha)
-        self.g = X.mean(0) if alpha > 0 else torch.zeros_like(self.w_bar)
+        self.g = X.column_mean() if alpha > 0 else torch.zeros_like(self.w_bar)
         self.block_size = block_size
         self.chunk = chunk
         self._cache = _GramCache()
@@ -73,11 +85,11 @@ class QuadraticModel:
     def hessian_vec(self, d: torch.Tensor) -> torch.Tensor:
         """(X^T X / n) d, or its block-diagonal version; d (p,) -> (p,)."""
         if self.block_size is None:
-            return self.X.T @ (self.X @ d) / self.n
+            return self.X.rmatvec(self.X.matvec(d)) / self.n
         out = torch.empty_like(d)
         for a, b in self._blocks():
             B = min(self.block_size, b - a)
-            Xb = self.X[:, a:b].reshape(self.n, -1, B)  # (n, k, B)
+            Xb = self.X.columns(a, b).reshape(self.n, -1, B)  # (n, k, B)
             y = torch.einsum("nkb,kb->nk", Xb, d[a:b].view(-1, B))
             out[a:b] = torch.einsum("nkb,nk->kb", Xb, y).reshape(-1) / self.n
         return out
@@ -102,7 +114,7 @@ class QuadraticModel:
         """Largest eigenvalue of the Hessian (X^T X / n [block-diag] + lam I), by power
         iteration from a seeded random start; slightly over-estimated (x1.05) for safety."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        v = torch.randn(self.p, generator=gen, dtype=self.X.dtype).to(self.X.device)
+        v = torch.randn(self.p, generator=gen, dtype=self.dtype).to(self.device)
         v /= v.norm()
         est = 0.0
         for _ in range(iters):
@@ -116,7 +128,7 @@ class QuadraticModel:
     # -- exact minimisation on a support --------------------------------------------------
     def solve_on_support(self, mask: torch.Tensor) -> torch.Tensor:
         """argmin Q(w) subject to w_i = 0 outside ``mask`` (p,) bool; returns w (p,)."""
-        m = mask.to(self.X.dtype)
+        m = mask.to(self.device, self.dtype)
         d_fixed = -self.w_bar * (1 - m)  # the change forced on pruned weights
         if self.block_size is None:
             d = self._woodbury(mask, d_fixed)
@@ -131,7 +143,7 @@ class QuadraticModel:
         Costs O(n^2 |changed|): the Gram of the previous call is updated by the columns that
         entered or left the support (IHT changes few), or rebuilt from the full Gram's
         complement when that is cheaper."""
-        mask = mask.to(self.X.device)
+        mask = mask.to(self.device)
         if self._cache.mask is not None:
             added = (mask & ~self._cache.mask).nonzero().flatten()
             removed = (~mask & self._cache.mask).nonzero().flatten()
@@ -153,15 +165,7 @@ class QuadraticModel:
 
     def _gram_of(self, idx: torch.Tensor | None) -> torch.Tensor:
         """X[:, idx] X[:, idx]^T (n, n) float64 (all columns when idx is None), in chunks."""
-        K = torch.zeros((self.n, self.n), dtype=torch.float64, device=self.X.device)
-        total = self.p if idx is None else idx.numel()
-        for a in range(0, total, self.chunk):
-            if idx is None:
-                Xc = self.X[:, a : a + self.chunk]
-            else:
-                Xc = self.X.index_select(1, idx[a : a + self.chunk])
-            K += (Xc @ Xc.T).double()
-        return K
+        return self.X.gram(idx)
 
     def _woodbury(self, mask: torch.Tensor, d_fixed: torch.Tensor) -> torch.Tensor:
         """The support part d_T of the minimiser, without cancellation.
@@ -169,12 +173,12 @@ class QuadraticModel:
         The right-hand side -(H d_fixed + alpha g)_T equals X_T^T r with the n-vector
         r = -(X d_fixed + alpha 1) / n, so (X_T^T X_T / n + lam I)^{-1} X_T^T r
         = X_T^T (K_T + lam n I)^{-1} (n r) with K_T = X_T X_T^T (n x n, float64)."""
-        m = mask.to(self.X.dtype)
-        r = -((self.X @ d_fixed).double() + self.alpha)  # n * r
+        m = mask.to(self.device, self.dtype)
+        r = -(self.X.matvec(d_fixed).double() + self.alpha)  # n * r
         K = self.support_gram(mask.bool()).clone()
         K.diagonal().add_(self.lam * self.n)
-        y = torch.linalg.solve(K, r).to(self.X.dtype)
-        return m * (self.X.T @ y)
+        y = torch.linalg.solve(K, r).to(self.dtype)
+        return m * self.X.rmatvec(y)
 
     def _block_solve(self, mask: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         """Block-diagonal solve: for each block, (X_b^T X_b / n + lam I) restricted to the
@@ -182,8 +186,8 @@ class QuadraticModel:
         d = torch.zeros_like(rhs)
         for a, b in self._blocks():
             B = min(self.block_size, b - a)
-            Xb = self.X[:, a:b].reshape(self.n, -1, B).permute(1, 0, 2).double()  # (k, n, B)
-            mb = mask[a:b].view(-1, B).double()  # (k, B)
+            Xb = self.X.columns(a, b).reshape(self.n, -1, B).permute(1, 0, 2).double()
+            mb = mask[a:b].to(self.device).view(-1, B).double()  # (k, B); Xb is (k, n, B)
             H = Xb.transpose(1, 2) @ Xb / self.n  # (k, B, B)
             H = H * mb[:, :, None] * mb[:, None, :]
             H.diagonal(dim1=1, dim2=2).add_(self.lam)

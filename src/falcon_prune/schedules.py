@@ -107,15 +107,28 @@ def stage_budgets(
     return list(zip(f, s, strict=True))
 
 
-def as_schedule(value: Schedule | str | Sequence[float] | None, stages: int = 5) -> Schedule:
-    """A Schedule from a Schedule, a kind name, or an explicit list of kept fractions."""
-    if value is None:
-        return Schedule(stages=stages)
+def as_schedule(
+    value: Schedule | str | Sequence[float] | None, stages: int | None = None
+) -> Schedule:
+    """A Schedule from a Schedule, a kind name, or an explicit list of kept fractions;
+    ``stages`` (default 5) sets the number of stages of a named or default schedule and
+    must agree with a Schedule or list given in full."""
+    if value is None or isinstance(value, str):
+        return Schedule(stages=5 if stages is None else stages,
+                        kind="cubic" if value is None else value)
     if isinstance(value, Schedule):
+        if stages is not None and stages != value.num_stages:
+            raise ValueError(
+                f"stages={stages} disagrees with the schedule's {value.num_stages} stages; "
+                "give the number of stages in one place"
+            )
         return value
-    if isinstance(value, str):
-        return Schedule(stages=stages, kind=value)
     try:
+        if stages is not None and stages != len(value):  # type: ignore[arg-type]
+            raise ValueError(
+                f"stages={stages} disagrees with the {len(value)} levels of the explicit "  # type: ignore[arg-type]
+                "schedule; drop stages or the extra levels"
+            )
         return Schedule(levels=tuple(value))
     except TypeError as e:
         raise TypeError(

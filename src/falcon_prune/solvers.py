@@ -29,6 +29,7 @@ from falcon_prune.ilp import CostGroups, solve_ilp
 from falcon_prune.quadratic import QuadraticModel
 
 METHODS = ("mp", "mp_flops", "woodfisher", "chita", "falcon")
+STEPS = ("lipschitz", "linesearch")
 NEEDS_GRADIENTS = {"woodfisher", "chita", "falcon"}
 
 
@@ -71,6 +72,36 @@ class SolverOptions:
     cost_exponent: float = 0.5
     progress: bool = True
     history: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        def integer(name: str, low: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"SolverOptions.{name} must be an integer >= {low}, got {v!r}")
+
+        integer("max_iter", 0)
+        integer("rounds", 1)
+        if self.step not in STEPS:
+            raise ValueError(f"SolverOptions.step must be one of {STEPS}, got {self.step!r}")
+        if not self.step_scale >= 1:
+            raise ValueError(f"SolverOptions.step_scale must be >= 1, got {self.step_scale!r}")
+        if not self.tol >= 0:
+            raise ValueError(f"SolverOptions.tol must be >= 0, got {self.tol!r}")
+        if self.active_factor is not None and not self.active_factor >= 1:
+            raise ValueError(
+                "SolverOptions.active_factor must be >= 1 (the active set holds that many "
+                f"times the kept weights) or None, got {self.active_factor!r}"
+            )
+        if not self.ridges or not all(r > 0 for r in self.ridges):
+            raise ValueError(f"SolverOptions.ridges must be positive numbers, got {self.ridges!r}")
+        if not self.cost_exponents or not all(0 <= b <= 1 for b in self.cost_exponents):
+            raise ValueError(
+                f"SolverOptions.cost_exponents must lie in [0, 1], got {self.cost_exponents!r}"
+            )
+        if not 0 <= self.cost_exponent <= 1:
+            raise ValueError(
+                f"SolverOptions.cost_exponent must lie in [0, 1], got {self.cost_exponent!r}"
+            )
 
 
 @dataclass
@@ -144,22 +175,18 @@ def woodfisher(qm: QuadraticModel, groups: CostGroups, budget: Budget) -> Solver
 def inverse_hessian_diagonal(qm: QuadraticModel) -> torch.Tensor:
     """diag((X^T X / n + lam I)^-1) (p,) float64 via Woodbury (or per block)."""
     X, n, lam = qm.X, qm.n, qm.lam
+    out = torch.empty(qm.p, dtype=torch.float64, device=qm.device)
     if qm.block_size is None:
-        K = torch.zeros((n, n), dtype=torch.float64, device=X.device)
-        for a in range(0, qm.p, qm.chunk):
-            Xc = X[:, a : a + qm.chunk].double()
-            K += Xc @ Xc.T
+        K = qm.support_gram(torch.ones(qm.p, dtype=torch.bool, device=qm.device)).clone()
         K.diagonal().add_(lam * n)
         Kinv = torch.linalg.inv(K)
-        out = torch.empty(qm.p, dtype=torch.float64, device=X.device)
-        for a in range(0, qm.p, qm.chunk):
-            Xc = X[:, a : a + qm.chunk].double()
-            out[a : a + qm.chunk] = (1 - (Xc * (Kinv @ Xc)).sum(0)) / lam
+        for a, b in X.ranges():
+            Xc = X.columns(a, b).double()
+            out[a:b] = (1 - (Xc * (Kinv @ Xc)).sum(0)) / lam
         return out
-    out = torch.empty(qm.p, dtype=torch.float64, device=X.device)
     for a, b in qm._blocks():
         B = min(qm.block_size, b - a)
-        Xb = X[:, a:b].reshape(n, -1, B).permute(1, 0, 2).double()
+        Xb = X.columns(a, b).reshape(n, -1, B).permute(1, 0, 2).double()
         H = Xb.transpose(1, 2) @ Xb / n
         H.diagonal(dim1=1, dim2=2).add_(lam)
         out[a:b] = (
@@ -179,7 +206,11 @@ def iht(
     desc: str,
 ) -> tuple[torch.Tensor, torch.Tensor, object, int]:
     """Iterative hard thresholding on Q from the feasible ``w0``: v = w - eta grad Q(w),
-    w = v restricted to project(v). Returns (w, mask, last projection info, iterations)."""
+    w = v restricted to project(v). Returns (w, mask, last projection info, iterations).
+
+    With ``opts.step == 'linesearch'`` the step starts at ``step_scale`` / L, is halved
+    until Q decreases, and when not even 1/L decreases Q the iteration stops at the current
+    point: every accepted iterate has a lower Q than the one before."""
     eta = 1.0 / qm.lipschitz()
     w = w0.clone()
     mask = w0 != 0
@@ -193,15 +224,18 @@ def iht(
             step = min(step * 2, eta * opts.step_scale)
         while True:
             v = w - step * g
-            new_mask, info = project(v)
+            new_mask, new_info = project(v)
             w_new = v * new_mask
             q_new, g_new = qm.value_and_grad(w_new)
             if opts.step != "linesearch" or q_new <= q or step <= eta:
                 break
             step = max(eta, step / 2)
+        if opts.step == "linesearch" and q_new > q:
+            it -= 1  # no step decreases Q: stop here, rejecting it
+            break
         change = float((w_new - w).norm()) / max(float(w.norm()), 1e-30)
         stable = torch.equal(new_mask, mask)
-        w, mask, q, g = w_new, new_mask, q_new, g_new
+        w, mask, q, g, info = w_new, new_mask, q_new, g_new, new_info
         opts.history.append({"method": desc, "iteration": it, "objective": q, "step": step})
         bar.update(1)
         bar.set_postfix(Q=f"{q:.4g}", change=f"{change:.1e}")
@@ -294,10 +328,12 @@ def falcon(
 
     def project(v: torch.Tensor):
         scores = weighted_scores(v, groups, beta)
-        if active is not None:
-            scores = scores * active
-        r = solve_ilp(scores, groups, budget.count, budget.cost)
-        return r.mask, r
+        if active is None:
+            r = solve_ilp(scores, groups, budget.count, budget.cost)
+            return r.mask, r
+        r = solve_ilp(scores * active, groups, budget.count, budget.cost)
+        # the ILP's greedy fill may add zero-score weights: keep the support inside the set
+        return r.mask & (active > 0), r
 
     refined = _refine(q, w_bar * best.mask, project, opts, "falcon")
     s1 = evaluate(refined.w) if evaluate is not None else refined.objective

@@ -1,0 +1,121 @@
+"""Choose FALCON++ settings on a validation split carved from the CIFAR-10 training images.
+
+The 4,660 shared training images are split once (seeded): ``--prune-images`` of them
+(default 3,000) are the only data ``prune`` sees (gradients and its own held-out samples
+are drawn from them), the other 1,660 are the validation split on which every candidate
+setting is scored (accuracy and loss of the pruned, not retrained, network). The 846 test
+images are never read. Each (setting, budget, seed) runs in its own process.
+
+    python benchmarks/tune_falcon_pp.py --budgets 0.4 0.3 0.2 --seeds 0 \
+        --out benchmarks/results/tune_falcon_pp.json
+
+A setting is a JSON object of ``prune`` keyword arguments (``stages``, ``schedule``,
+``n_gradients``, ``n_validation``, ``ridge``, ``alpha``) plus ``ridges`` and ``max_iter``
+for :class:`falcon_prune.SolverOptions`; ``--settings`` takes a JSON file with a list of
+them (default: the grid below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+GRID = [
+    {},  # the library's defaults
+    {"schedule": "linear"},
+    {"schedule": "exponential"},
+    {"stages": 8, "n_gradients": 500},
+    {"stages": 8, "n_gradients": 500, "schedule": "exponential"},
+    {"stages": 10, "n_gradients": 500, "schedule": "exponential"},
+    {"stages": 10, "n_gradients": 500, "schedule": "linear"},
+]
+
+
+def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    import falcon_prune as fp
+    from falcon_prune.data import load_cifar10
+    from falcon_prune.models import load_checkpoint, resnet20
+
+    npz = SHARED / "data" / "cifar10_subset.npz"
+    model = load_checkpoint(resnet20(), SHARED / "checkpoints" / "resnet20_cifar10.pth.tar")
+    x, y = load_cifar10(npz, "train").tensors
+    split = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
+    tr, va = split[:prune_images], split[prune_images:]
+    kw = dict(setting)
+    opts = {k: kw.pop(k) for k in ("ridges", "max_iter", "cost_exponents") if k in kw}
+    if "ridges" in opts:
+        opts["ridges"] = tuple(opts["ridges"])
+    if "cost_exponents" in opts:
+        opts["cost_exponents"] = tuple(opts["cost_exponents"])
+    options = fp.SolverOptions(progress=False, **opts) if opts else None
+    t = time.perf_counter()
+    r = fp.prune(model.eval(), TensorDataset(x[tr], y[tr]), flops=flops, method="falcon++",
+                 seed=seed, progress=False, options=options, **kw)
+    seconds = time.perf_counter() - t
+    with torch.no_grad():
+        out = r.model.eval()(x[va])
+    return {
+        "setting": setting, "flops_budget": flops, "seed": seed,
+        "val_accuracy": float((out.argmax(1) == y[va]).float().mean()),
+        "val_loss": float(F.cross_entropy(out, y[va])),
+        "flops_fraction": r.flops_fraction, "seconds": seconds,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.3, 0.2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--prune-images", type=int, default=3000)
+    ap.add_argument("--settings", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/tune_falcon_pp.json"))
+    ap.add_argument("--single", nargs=3, metavar=("SETTING", "FLOPS", "SEED"),
+                    help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.single:
+        row = run_one(json.loads(a.single[0]), float(a.single[1]), int(a.single[2]),
+                      a.prune_images)
+        print("RESULT " + json.dumps(row))
+        return
+    if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
+        sys.exit(f"{SHARED} is absent: this benchmark needs the project's shared data")
+    grid = json.loads(a.settings.read_text()) if a.settings else GRID
+    rows = []
+    for setting in grid:
+        for flops in a.budgets:
+            for seed in a.seeds:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--prune-images", str(a.prune_images),
+                     "--single", json.dumps(setting), str(flops), str(seed)],
+                    capture_output=True, text=True, check=True).stdout
+                row = json.loads(out.split("RESULT ", 1)[1])
+                rows.append(row)
+                print(f"{json.dumps(setting):<70} {flops:.2f} seed {seed} val acc "
+                      f"{row['val_accuracy']:.4f} loss {row['val_loss']:.4f} "
+                      f"{row['seconds']:.1f}s", flush=True)
+                a.out.parent.mkdir(parents=True, exist_ok=True)
+                a.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows},
+                                            indent=1))
+    print("\nmedian validation accuracy per setting and budget:")
+    for setting in grid:
+        cells = []
+        for flops in a.budgets:
+            accs = [r["val_accuracy"] for r in rows
+                    if r["setting"] == setting and r["flops_budget"] == flops]
+            cells.append(f"{flops:.2f}: {statistics.median(accs):.4f}")
+        print(f"{json.dumps(setting):<70} " + "  ".join(cells))
+
+
+if __name__ == "__main__":
+    main()

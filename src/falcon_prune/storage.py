@@ -1,0 +1,422 @@
+"""Where the gradient matrix X (n x p) lives, and how the solvers read it.
+
+For ImageNet-size networks X is the largest object of the method (ResNet50: 25.5 M columns;
+128 rows are 13 GB in float32). A :class:`GradientStore` holds X
+
+- in memory (CPU or GPU) or on disk (a scratch file streamed in column chunks, never mapped,
+  so it costs page cache, not resident memory), and
+- in float64, float32, float16 or bfloat16. Half-precision rows are stored divided by their
+  largest magnitude (``row_scale``), so float16's range never clips a gradient and its 11
+  significant bits are relative to each row.
+
+Solvers only ever see the compute dtype (float64 for float64 storage, float32 otherwise):
+products ``X d``, ``X^T y`` and Gram matrices ``X_T X_T^T`` are accumulated chunk by chunk,
+and ``columns(a, b)`` returns a converted copy (or a view in the plain in-memory case).
+
+:func:`plan_storage` picks the backend and dtype from a memory limit and says why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+HALF = (torch.float16, torch.bfloat16)
+DTYPES = (torch.float64, torch.float32, *HALF)
+STORAGES = ("auto", "memory", "disk")
+GIB = 2**30
+
+
+class MemoryBudgetError(MemoryError):
+    """Raised before allocating something that would not fit in the memory limit."""
+
+
+def available_memory() -> int:
+    """Bytes of physical memory currently available (Linux/macOS), or total if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_memory_limit() -> int:
+    """The default limit for the gradient matrix and solver buffers: 60 % of available RAM."""
+    return int(0.6 * available_memory())
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The dtype solvers compute in for a storage dtype: float64 stays, the rest is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def working_bytes(n: int, p: int) -> int:
+    """The solvers' memory besides X: two n x n float64 Gram matrices and about sixteen
+    p-vectors of 8 bytes (iterates, gradients, ILP scores and sort buffers)."""
+    return 8 * n * n * 2 + 16 * p * 8
+
+
+def estimate_bytes(n: int, p: int, dtype: torch.dtype) -> int:
+    """RAM for an in-memory X (n, p) in ``dtype`` plus the solvers' working memory."""
+    return n * p * itemsize(dtype) + working_bytes(n, p)
+
+
+@dataclass(frozen=True)
+class StoragePlan:
+    """Where and how X is stored: ``backend`` 'memory' or 'disk', the storage ``dtype``,
+    the estimated RAM (``ram_bytes``) and file size (``disk_bytes``), and why."""
+
+    backend: str
+    dtype: torch.dtype
+    ram_bytes: int
+    disk_bytes: int
+    limit: int
+    reason: str
+    scratch_dir: str | None = None
+
+    def describe(self) -> str:
+        where = "in memory" if self.backend == "memory" else f"on disk in {self.scratch_dir}"
+        disk = f", a {format_bytes(self.disk_bytes)} file" if self.backend == "disk" else ""
+        return (f"gradient matrix {where} as {str(self.dtype).replace('torch.', '')} "
+                f"(about {format_bytes(self.ram_bytes)} of RAM{disk}; limit "
+                f"{format_bytes(self.limit)}): {self.reason}")
+
+
+def format_bytes(b: float) -> str:
+    """Bytes as a short human-readable figure (KiB, MiB or GiB)."""
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= size:
+            return f"{b / size:.2f} {unit}"
+    return f"{int(b)} B"
+
+
+def _halvings(n: int) -> list[int]:
+    """n, 0.9n, 0.81n, ... down to 1: candidate smaller gradient counts."""
+    out, k = [], float(n)
+    while k >= 1:
+        out.append(int(k))
+        k *= 0.9
+    return out or [1]
+
+
+def _check_dtype(dtype: object) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"dtype must be one of {', '.join(str(d) for d in DTYPES)} for the gradient "
+            f"matrix, got {dtype!r}"
+        )
+    return dtype  # type: ignore[return-value]
+
+
+def disk_chunk_bytes(limit: int) -> int:
+    """Bytes of one streamed chunk of X (as read, plus its converted copy): small enough to
+    stay far below the limit, large enough for efficient reads."""
+    return int(min(256 * 2**20, max(4 * 2**10, limit // 16)))
+
+
+def plan_storage(
+    n: int,
+    p: int,
+    dtype: torch.dtype = torch.float32,
+    storage: str = "auto",
+    memory_limit: int | None = None,
+    scratch_dir: str | Path | None = None,
+) -> StoragePlan:
+    """Choose where X (n, p) lives under ``memory_limit`` bytes (default: 60 % of the
+    available RAM).
+
+    ``storage='memory'``: X in RAM in ``dtype``, or :class:`MemoryBudgetError` with the
+    numbers and the fixes. ``storage='disk'``: a scratch file in ``scratch_dir`` (default:
+    the system's temporary directory). ``storage='auto'``: the first that fits of X in RAM
+    in ``dtype``, in float32 (when float64 was asked), in float16 (row-scaled), then on disk
+    in ``dtype``; a MemoryBudgetError when even the disk path does not fit."""
+    dtype = _check_dtype(dtype)
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    limit = default_memory_limit() if memory_limit is None else int(memory_limit)
+    if limit <= 0:
+        raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit}")
+    name = str(dtype).replace("torch.", "")
+    need = estimate_bytes(n, p, dtype)
+    if storage in ("memory", "auto") and need <= limit:
+        why = "fits the limit" if storage == "auto" else "storage='memory'"
+        return StoragePlan("memory", dtype, need, 0, limit, why)
+    if storage == "memory":
+        fit_n = max((k for k in _halvings(n) if estimate_bytes(k, p, dtype) <= limit),
+                    default=0)
+        fewer = (f"use fewer gradients (n_gradients={fit_n} would fit), " if fit_n else
+                 "even one gradient would not fit, so ")
+        raise MemoryBudgetError(
+            f"the gradient matrix ({n} gradients x {p:,} weights in {name}) and the solver's "
+            f"buffers need about {format_bytes(need)}, over the memory limit of "
+            f"{format_bytes(limit)}. To fix it: {fewer}use a smaller dtype "
+            "(float16/bfloat16), storage='disk' (or 'auto'), or raise memory_limit."
+        )
+    if storage == "auto":
+        for smaller in (torch.float32, torch.float16):
+            if itemsize(smaller) < itemsize(dtype) and estimate_bytes(n, p, smaller) <= limit:
+                return StoragePlan(
+                    "memory", smaller, estimate_bytes(n, p, smaller), 0, limit,
+                    f"{name} would need {format_bytes(need)}, over the limit; "
+                    f"{str(smaller).replace('torch.', '')} fits",
+                )
+    scratch = Path(scratch_dir) if scratch_dir is not None else Path(tempfile.gettempdir())
+    if not scratch.is_dir():
+        raise ValueError(f"scratch_dir {scratch} is not a directory; create it or pick another")
+    file_bytes = n * p * itemsize(dtype)
+    ram = working_bytes(n, p) + disk_chunk_bytes(limit) * 2
+    if ram > limit:
+        raise MemoryBudgetError(
+            f"even with the gradient matrix on disk, the solver needs about "
+            f"{format_bytes(ram)} ({n} gradients, {p:,} weights), over the memory limit of "
+            f"{format_bytes(limit)}; use fewer gradients or raise memory_limit"
+        )
+    free = shutil.disk_usage(scratch).free
+    if file_bytes > 0.9 * free:
+        raise MemoryBudgetError(
+            f"the gradient matrix needs {format_bytes(file_bytes)} on disk but {scratch} has "
+            f"{format_bytes(free)} free; pass scratch_dir= on a larger disk, use fewer "
+            "gradients or a smaller dtype"
+        )
+    why = ("storage='disk'" if storage == "disk" else
+           f"in memory it would need {format_bytes(estimate_bytes(n, p, torch.float16))} even "
+           "in float16, over the limit")
+    return StoragePlan("disk", dtype, ram, file_bytes, limit, why, str(scratch))
+
+
+class GradientStore:
+    """X (n, p) in memory or in a scratch file, read in column chunks.
+
+    Build it empty (``GradientStore(n, p, ...)``, then :meth:`write_rows`) or around an
+    existing tensor (:meth:`from_tensor`). All reads return the compute dtype
+    (``compute_dtype``) on ``device``.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        p: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        backend: str = "memory",
+        scratch_dir: str | Path | None = None,
+        chunk_bytes: int = 64 * 2**20,
+    ):
+        self.n, self.p = int(n), int(p)
+        self.dtype = _check_dtype(dtype)
+        self.compute_dtype = compute_dtype_of(self.dtype)
+        self.device = torch.device(device)
+        self.backend = backend
+        # columns per chunk: a chunk in compute dtype is about chunk_bytes
+        self.chunk = max(1, min(self.p, chunk_bytes // max(1, 4 * self.n)))
+        self.row_scale = (torch.ones(self.n, dtype=self.compute_dtype, device=self.device)
+                          if self.dtype in HALF else None)
+        self._file = None
+        self.data: torch.Tensor | None = None
+        self.plan: StoragePlan | None = None  # how it was chosen, when it was planned
+        if backend == "memory":
+            self.data = torch.empty((self.n, self.p), dtype=self.dtype, device=self.device)
+        elif backend == "disk":
+            fd, name = tempfile.mkstemp(prefix="falcon_X_", suffix=".bin",
+                                        dir=None if scratch_dir is None else str(scratch_dir))
+            self._file = os.fdopen(fd, "r+b", buffering=0)
+            self.path = name
+            try:  # the file disappears with the store (or the process)
+                os.unlink(name)
+            except OSError:
+                pass
+            self._file.truncate(self.n * self.p * itemsize(self.dtype))
+        else:
+            raise ValueError(f"backend must be 'memory' or 'disk', got {backend!r}")
+
+    @classmethod
+    def from_tensor(cls, X: torch.Tensor) -> GradientStore:
+        """Wrap an in-memory X (n, p) without copying it."""
+        if X.dim() != 2:
+            raise ValueError(f"X must be a matrix (n, p), got shape {tuple(X.shape)}")
+        store = cls.__new__(cls)
+        store.n, store.p = X.shape
+        store.dtype = _check_dtype(X.dtype)
+        store.compute_dtype = compute_dtype_of(X.dtype)
+        store.device = X.device
+        store.backend = "memory"
+        store.chunk = max(1, min(store.p, (64 * 2**20) // max(1, 4 * store.n)))
+        store.row_scale = (torch.ones(store.n, dtype=store.compute_dtype, device=X.device)
+                           if X.dtype in HALF else None)
+        store._file = None
+        store.data = X
+        store.plan = None
+        return store
+
+    @classmethod
+    def from_plan(cls, n: int, p: int, plan: StoragePlan,
+                  device: torch.device | str = "cpu") -> GradientStore:
+        chunk = disk_chunk_bytes(plan.limit) if plan.backend == "disk" else 64 * 2**20
+        return cls(n, p, plan.dtype, device, plan.backend, plan.scratch_dir, chunk)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.p
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self.p * itemsize(self.dtype)
+
+    @property
+    def _plain(self) -> bool:
+        """In memory and already in the compute dtype: reads are views, products direct."""
+        return self.backend == "memory" and self.dtype == self.compute_dtype
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- writing ----------------------------------------------------------------------------
+    def write_rows(self, start: int, rows: torch.Tensor) -> None:
+        """Store rows ``start .. start + len(rows) - 1`` from ``rows`` (r, p), any float dtype."""
+        r = rows.shape[0]
+        if rows.shape[1] != self.p or start < 0 or start + r > self.n:
+            raise ValueError(f"rows {start}..{start + r} of width {rows.shape[1]} do not fit "
+                             f"X of shape {self.shape}")
+        if self.row_scale is not None:
+            scale = rows.abs().amax(1).to(self.compute_dtype).clamp_min(1e-30)
+            self.row_scale[start : start + r] = scale.to(self.device)
+            rows = rows / scale.to(rows.device, rows.dtype)[:, None]
+        if self.backend == "memory":
+            self.data[start : start + r] = rows.to(self.device, self.dtype)
+            return
+        rows = rows.to("cpu", self.dtype)
+        size = itemsize(self.dtype)
+        for a, b in self.ranges():
+            block = rows[:, a:b].contiguous().view(torch.uint8).numpy()
+            # chunk (a, b) is stored as an (n, b - a) row-major block at offset n * a
+            self._file.seek((self.n * a + start * (b - a)) * size)
+            self._file.write(memoryview(block).cast("B"))
+
+    # -- reading ----------------------------------------------------------------------------
+    def ranges(self, chunk: int | None = None) -> Iterator[tuple[int, int]]:
+        """(a, b) column ranges of ``chunk`` columns (default: the store's own chunks)."""
+        step = self.chunk if chunk is None else chunk
+        for a in range(0, self.p, step):
+            yield a, min(self.p, a + step)
+
+    def _read_stored(self, a: int, b: int) -> torch.Tensor:
+        """Stored columns [a, b) as saved (storage dtype, scaled rows), on the CPU for disk."""
+        if self.backend == "memory":
+            return self.data[:, a:b]
+        size = itemsize(self.dtype)
+        parts = []
+        for ca in range((a // self.chunk) * self.chunk, b, self.chunk):
+            cb = min(self.p, ca + self.chunk)
+            buf = torch.empty(self.n * (cb - ca) * size, dtype=torch.uint8)
+            view = memoryview(buf.numpy()).cast("B")
+            self._file.seek(self.n * ca * size)
+            got = 0
+            while got < len(view):
+                k = self._file.readinto(view[got:])
+                if not k:
+                    raise OSError("the gradient matrix's scratch file is shorter than expected")
+                got += k
+            block = buf.view(self.dtype).view(self.n, cb - ca)
+            parts.append(block[:, max(a, ca) - ca : min(b, cb) - ca])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def _convert(self, Xs: torch.Tensor, scaled: bool = True) -> torch.Tensor:
+        X = Xs.to(self.device, self.compute_dtype)
+        if scaled and self.row_scale is not None:
+            X = X * self.row_scale[:, None]
+        return X
+
+    def columns(self, a: int, b: int) -> torch.Tensor:
+        """X[:, a:b] (n, b - a) in the compute dtype on the device (a view when plain)."""
+        if self._plain:
+            return self.data[:, a:b]
+        return self._convert(self._read_stored(a, b))
+
+    def _chunks(self, idx: torch.Tensor | None, scaled: bool):
+        """(positions, X[:, cols]) per chunk: all columns in order, or the sorted ``idx``."""
+        if idx is None:
+            for a, b in self.ranges():
+                yield slice(a, b), (self.data[:, a:b] if self._plain
+                                    else self._convert(self._read_stored(a, b), scaled))
+            return
+        if self.backend == "memory":
+            for a, b in self.ranges():
+                cols = idx[a:b].to(self.data.device)
+                if cols.numel():
+                    sel = self.data.index_select(1, cols)
+                    yield slice(a, b), (sel if self._plain else self._convert(sel, scaled))
+            return
+        idx_cpu = idx.to("cpu")
+        bounds = torch.searchsorted(idx_cpu, torch.arange(0, self.p + self.chunk, self.chunk))
+        for k, (a, _) in enumerate(self.ranges()):
+            lo, hi = int(bounds[k]), int(bounds[k + 1])
+            if hi > lo:
+                stored = self._read_stored(a, min(self.p, a + self.chunk))
+                sel = stored[:, idx_cpu[lo:hi] - a]
+                yield slice(lo, hi), self._convert(sel, scaled)
+
+    def matvec(self, d: torch.Tensor) -> torch.Tensor:
+        """X d: d (p,) -> (n,) in the compute dtype."""
+        if self._plain:
+            return self.data @ d
+        out = torch.zeros(self.n, dtype=self.compute_dtype, device=self.device)
+        for pos, Xc in self._chunks(None, scaled=False):
+            out += Xc @ d[pos]
+        return out if self.row_scale is None else out * self.row_scale
+
+    def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        """X^T y: y (n,) -> (p,) in the compute dtype."""
+        if self._plain:
+            return self.data.T @ y
+        ys = y if self.row_scale is None else y * self.row_scale
+        out = torch.empty(self.p, dtype=self.compute_dtype, device=self.device)
+        for pos, Xc in self._chunks(None, scaled=False):
+            out[pos] = Xc.T @ ys
+        return out
+
+    def gram(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """X[:, idx] X[:, idx]^T (n, n) float64; all columns when ``idx`` is None, else the
+        sorted int64 column indices ``idx``."""
+        K = torch.zeros((self.n, self.n), dtype=torch.float64, device=self.device)
+        if idx is not None and idx.numel() == 0:
+            return K
+        for _, Xc in self._chunks(idx, scaled=False):
+            K += (Xc @ Xc.T).double()
+        if self.row_scale is not None:
+            s = self.row_scale.double()
+            K *= s[:, None] * s[None, :]
+        return K
+
+    def column_mean(self) -> torch.Tensor:
+        """The mean row (p,) in the compute dtype."""
+        if self._plain:
+            return self.data.mean(0)
+        return self.rmatvec(torch.full((self.n,), 1.0 / self.n, dtype=self.compute_dtype,
+                                       device=self.device))
+
+    def to_tensor(self) -> torch.Tensor:
+        """X as one dense tensor (n, p) in the compute dtype (mind the memory)."""
+        if self._plain:
+            return self.data
+        return torch.cat([Xc for _, Xc in self._chunks(None, scaled=True)], 1)

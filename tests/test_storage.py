@@ -1,0 +1,145 @@
+"""Where the gradient matrix lives: memory or disk, float64/32/16/bfloat16, and the plan."""
+
+import pytest
+import torch
+from helpers import small_data, trained_cnn
+
+import falcon_prune as fp
+from falcon_prune.quadratic import QuadraticModel
+from falcon_prune.storage import (
+    GradientStore,
+    MemoryBudgetError,
+    estimate_bytes,
+    plan_storage,
+    working_bytes,
+)
+
+# relative accuracy of a stored entry, by storage dtype
+TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def filled(backend, dtype, n=9, p=130, seed=0, scratch=None):
+    """A store with rows of very different magnitudes (as per-sample gradients have)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, p, generator=g, dtype=torch.float64)
+    X *= torch.logspace(-6, 2, n, dtype=torch.float64)[:, None]
+    store = GradientStore(n, p, dtype, backend=backend, scratch_dir=scratch,
+                          chunk_bytes=4 * n * 17)  # 17 columns per chunk: many chunks
+    for a in range(0, n, 4):
+        store.write_rows(a, X[a : a + 4])
+    return X, store
+
+
+@pytest.mark.parametrize("backend", ["memory", "disk"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_products_match_dense_reference(backend, dtype, tmp_path):
+    X, store = filled(backend, dtype, scratch=tmp_path)
+    tol = TOL[dtype]
+    assert store.compute_dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    Xs = store.to_tensor().double()
+    # every row keeps its relative accuracy, whatever its magnitude (row scaling)
+    assert ((Xs - X).abs().amax(1) <= 4 * tol * X.abs().amax(1)).all()
+    d = torch.randn(130, dtype=torch.float64)
+    y = torch.randn(9, dtype=torch.float64)
+    cd = store.compute_dtype
+    assert torch.allclose(store.matvec(d.to(cd)).double(), Xs @ d, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(store.rmatvec(y.to(cd)).double(), Xs.T @ y, rtol=1e-5, atol=1e-7)
+    idx = torch.tensor([0, 3, 16, 17, 18, 60, 129])
+    assert torch.allclose(store.gram(idx), Xs[:, idx] @ Xs[:, idx].T, rtol=1e-5, atol=1e-12)
+    assert torch.allclose(store.gram(), Xs @ Xs.T, rtol=1e-5, atol=1e-12)
+    assert torch.allclose(store.columns(10, 40).double(), Xs[:, 10:40])
+    assert torch.allclose(store.column_mean().double(), Xs.mean(0), rtol=1e-5, atol=1e-9)
+    assert store.gram(idx[:0]).abs().sum() == 0
+
+
+def test_disk_store_leaves_no_file_behind(tmp_path):
+    _, store = filled("disk", torch.float32, scratch=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # unlinked at once; the open handle keeps the data
+    assert store.columns(0, 5).shape == (9, 5)
+    store.close()
+
+
+@pytest.mark.parametrize("block", [None, 20])
+def test_quadratic_model_is_the_same_on_disk(block, tmp_path):
+    X, mem = filled("memory", torch.float32)
+    _, disk = filled("disk", torch.float32, scratch=tmp_path)
+    w_bar = torch.randn(130)
+    mask = torch.rand(130, generator=torch.Generator().manual_seed(3)) < 0.4
+    a = QuadraticModel(mem, w_bar, 1e-2, 0.1, block_size=block, chunk=40)
+    b = QuadraticModel(disk, w_bar, 1e-2, 0.1, block_size=block, chunk=40)
+    assert torch.allclose(a.solve_on_support(mask), b.solve_on_support(mask), atol=1e-5)
+    v = torch.randn(130)
+    assert torch.allclose(a.grad(v), b.grad(v), atol=1e-4)
+
+
+def test_plan_picks_memory_then_smaller_dtype_then_disk(tmp_path):
+    n, p = 100, 10_000
+    f64 = estimate_bytes(n, p, torch.float64)
+    plan = plan_storage(n, p, torch.float64, "auto", f64)
+    assert (plan.backend, plan.dtype) == ("memory", torch.float64)
+    plan = plan_storage(n, p, torch.float64, "auto", f64 - 1)
+    assert (plan.backend, plan.dtype) == ("memory", torch.float32)
+    assert "float64 would need" in plan.describe()
+    plan = plan_storage(n, p, torch.float32, "auto", estimate_bytes(n, p, torch.float32) - 1)
+    assert (plan.backend, plan.dtype) == ("memory", torch.float16)
+    limit = estimate_bytes(n, p, torch.float16) - 1
+    plan = plan_storage(n, p, torch.float32, "auto", limit, tmp_path)
+    assert (plan.backend, plan.dtype) == ("disk", torch.float32)
+    assert plan.disk_bytes == n * p * 4 and plan.ram_bytes <= limit
+    assert "on disk" in plan.describe() and "even in float16" in plan.describe()
+    assert plan_storage(n, p, torch.float32, "disk", None, tmp_path).backend == "disk"
+
+
+def test_plan_refusals_say_what_to_change(tmp_path):
+    with pytest.raises(MemoryBudgetError, match="storage='disk'"):
+        plan_storage(100, 10_000, torch.float32, "memory", 10**6)
+    with pytest.raises(MemoryBudgetError, match="even with the gradient matrix on disk"):
+        plan_storage(100, 10_000, torch.float32, "auto", working_bytes(100, 10_000))
+    with pytest.raises(ValueError, match="storage must be one of"):
+        plan_storage(10, 10, torch.float32, "cloud")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        plan_storage(10, 10, torch.int32)
+    with pytest.raises(ValueError, match="not a directory"):
+        plan_storage(10, 10, torch.float32, "disk", None, tmp_path / "missing")
+
+
+def _disk_limit(n, p):
+    """A memory limit under which X (n, p) fits neither in RAM nor in float16, but the
+    disk path does."""
+    lo = int(working_bytes(n, p) / 0.85) + 1
+    hi = estimate_bytes(n, p, torch.float16) - 1
+    assert lo < hi
+    return (lo + hi) // 2
+
+
+@pytest.mark.parametrize("block", [None, 16])
+def test_small_limit_forces_disk_and_gives_the_in_memory_support(block, tmp_path):
+    model, data = trained_cnn(), small_data()
+    common = dict(flops=0.4, nnz=0.6, method="falcon", n_gradients=40, n_validation=60,
+                  block_size=block, progress=False, scratch_dir=str(tmp_path))
+    mem = fp.prune(model, data, **common)
+    p = mem.num_weights
+    disk = fp.prune(model, data, memory_limit=_disk_limit(40, p), **common)
+    assert "in memory" in mem.details["storage"]
+    assert "on disk" in disk.details["storage"]
+    m1, m2 = fp.masks_of(mem.model), fp.masks_of(disk.model)
+    assert all(torch.equal(m1[k], m2[k]) for k in m1)
+    assert disk.flops_fraction <= 0.4 and disk.nnz_fraction <= 0.6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_prune_with_each_storage_dtype_meets_budgets(dtype):
+    model, data = trained_cnn(), small_data()
+    r = fp.prune(model, data, flops=0.4, method="falcon", n_gradients=40, n_validation=60,
+                 dtype=dtype, storage="memory", progress=False)
+    assert r.flops_fraction <= 0.4
+    assert str(dtype).replace("torch.", "") in r.details["storage"]
+
+
+def test_prune_memory_storage_refuses_and_leaves_model(tmp_path):
+    model, data = trained_cnn(), small_data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MemoryBudgetError, match="over the memory limit"):
+        fp.prune(model, data, flops=0.4, method="falcon", n_gradients=40, storage="memory",
+                 memory_limit=10_000, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
