@@ -8,7 +8,7 @@ prefix in that order that meets both budgets.
 Scores are w^2 of ResNet50's (seeded) initial weights; budgets: 20 % of the FLOPs and 30 %
 of the weights kept.
 
-    python benchmarks/ilp_scale.py --repeats 5 --out benchmarks/results/ilp_scale.json
+    python benchmarks/ilp_scale.py --repeats 7 --reference-repeats 3
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -114,7 +117,12 @@ def main() -> None:
     print(json.dumps(row, indent=1))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"command": "python benchmarks/ilp_scale.py "
-                                 f"--repeats {a.repeats}", "result": row}, indent=1))
+                                 + " ".join(sys.argv[1:]), "machine": machine(),
+                                 "result": row}, indent=1))
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ images are never read. Each (setting, budget, seed) runs in its own process.
         --out benchmarks/results/tune_falcon_pp.json
 
 A setting is a JSON object of ``prune`` keyword arguments (``stages``, ``schedule``,
-``n_gradients``, ``n_validation``, ``ridge``, ``alpha``) plus ``ridges`` and ``max_iter``
-for :class:`falcon_prune.SolverOptions`; ``--settings`` takes a JSON file with a list of
-them (default: the grid below).
+``n_gradients``, ``n_validation``, ``ridge``, ``alpha``) plus ``ridges``, ``max_iter``,
+``cost_exponents``, ``step``, ``step_scale``, ``rounds`` and ``active_factor`` for
+:class:`falcon_prune.SolverOptions`; ``--settings`` takes a JSON file with a list of them
+(default: the grid below).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
     split = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
     tr, va = split[:prune_images], split[prune_images:]
     kw = dict(setting)
-    opts = {k: kw.pop(k) for k in ("ridges", "max_iter", "cost_exponents") if k in kw}
+    opts = {k: kw.pop(k) for k in ("ridges", "max_iter", "cost_exponents", "step",
+                                   "step_scale", "rounds", "active_factor") if k in kw}
     if "ridges" in opts:
         opts["ridges"] = tuple(opts["ridges"])
     if "cost_exponents" in opts:

@@ -125,3 +125,20 @@ def test_bad_input(kwargs, err):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=err):
         solve_ilp(**args)
+
+
+def test_value_sort_and_top_k_mask_with_ties():
+    from falcon_prune.ilp import _sort_values, _top_k_mask
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(50_000, generator=g, dtype=torch.float64) ** 2
+    x[:5000] = 0.0
+    x[5000:9000] = 0.25  # a tied block
+    asc = _sort_values(x)
+    assert torch.equal(asc, torch.sort(x).values)
+    above = int((x > 0.25).sum())
+    for k in (0, 1, above, above + 1, above + 1500, 50_000):
+        mask = _top_k_mask(x, asc, k)
+        assert int(mask.sum()) == k
+        if 0 < k < 50_000:  # every kept value >= every dropped value
+            assert x[mask].min() >= x[~mask].max()

@@ -394,7 +394,7 @@ def prune(
         raise TypeError(f"options must be a falcon_prune.SolverOptions, got {options!r}")
     else:
         options = dataclasses.replace(options, progress=options.progress and progress,
-                                      history=[])
+                                      history=[], timings={})
     torch.manual_seed(seed)
     needs_grad = method in NEEDS_GRADIENTS
     n_fit = n_gradients * samples_per_gradient if needs_grad else 1
@@ -558,6 +558,8 @@ def solve_step(
     else:
         res = falcon(qm, sub_groups, budget, opts, evaluate)
     times["solver"] = times.get("solver", 0.0) + time.perf_counter() - t
+    for phase, seconds in opts.timings.items():  # cumulative over the run's stages
+        times[f"solver:{phase}"] = seconds
     w = res.w.detach().to("cpu", torch.float32)
     mask = res.mask.to("cpu") & (w != 0)
     if idx is not None:

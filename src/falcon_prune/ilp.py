@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 _GRID_T = 32  # points per K-ary search round on the cost multiplier t
@@ -180,31 +179,51 @@ def solve_ilp(
     return _GroupedSolver(scores, groups).solve(S, F)
 
 
-def _sort_ascending(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) of x sorted ascending; numpy's argsort on the CPU (about 2.5x faster
-    than torch.sort there), torch.sort elsewhere."""
+def _sort_values(x: torch.Tensor) -> torch.Tensor:
+    """x (n,) float64 sorted ascending (values only): numpy's SIMD sort on the CPU, which is
+    several times faster than an argsort there; torch.sort elsewhere."""
     if x.device.type == "cpu":
-        order = torch.from_numpy(np.argsort(x.numpy()))
-        return x[order], order
-    return torch.sort(x)
+        out = x.clone()
+        out.numpy().sort()
+        return out
+    return torch.sort(x).values
+
+
+def _top_k_mask(vals: torch.Tensor, asc: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask (n,) of the k largest entries of ``vals`` (whose ascending sort is
+    ``asc``); of entries tied at the boundary, the first ones (by position) are taken."""
+    n = vals.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=vals.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=vals.device)
+    edge = asc[n - k]  # the smallest kept value
+    mask = vals > edge
+    short = k - int(mask.sum())
+    if short > 0:
+        tied = (vals == edge).nonzero().flatten()[:short]
+        mask[tied] = True
+    return mask
 
 
 class _GroupedSolver:
-    """One solve on grouped costs: per-group ascending sorts and prefix sums."""
+    """One solve on grouped costs: per-group ascending sorts of the scores and their prefix
+    sums. Only values are sorted; the final support is read off by thresholds."""
 
     def __init__(self, scores: torch.Tensor, groups: CostGroups):
         self.device = scores.device
         self.scores = scores
         self.c = groups.cost.to(self.device)  # (G,)
+        self.index = [idx.to(self.device) for idx in groups.index]
         self.asc: list[torch.Tensor] = []
         self.cum: list[torch.Tensor] = []  # (n_g + 1,) prefix sums of asc, leading 0
-        self.perm: list[torch.Tensor] = []
-        for idx in groups.index:
-            idx = idx.to(self.device)
-            vals, order = _sort_ascending(scores[idx])
+        for idx in self.index:
+            vals = _sort_values(scores[idx])
             self.asc.append(vals)
-            self.cum.append(torch.nn.functional.pad(torch.cumsum(vals, 0), (1, 0)))
-            self.perm.append(idx[order])
+            cum = torch.empty(len(vals) + 1, dtype=vals.dtype, device=self.device)
+            cum[0] = 0
+            torch.cumsum(vals, 0, out=cum[1:])
+            self.cum.append(cum)
         self.n = torch.tensor([len(a) for a in self.asc], dtype=torch.float64, device=self.device)
         self.top = torch.stack([a[-1] for a in self.asc])  # (G,) max score per group
         self.p = groups.p
@@ -277,33 +296,33 @@ class _GroupedSolver:
         """Items above the thresholds (t, u), then greedy fill of the leftover budgets."""
         theta = t * self.c + u
         k, _ = self._above(theta[None])
-        k = k[0].to(torch.int64)
-        count = int(k.sum())
-        cost = float((k.to(torch.float64) * self.c).sum())
-        chosen = [
-            perm[len(perm) - int(kg) :] for perm, kg in zip(self.perm, k.tolist(), strict=True)
-        ]
-        # greedy fill: within a group, items go in descending score order, so the candidates
-        # are the next few of each group's sorted list
-        cand_idx, cand_score, cand_cost = [], [], []
-        for g, (asc, perm) in enumerate(zip(self.asc, self.perm, strict=True)):
-            rest = len(asc) - int(k[g])
+        k = k[0].to(torch.int64).tolist()
+        count = sum(k)
+        cost = float(sum(kg * cg for kg, cg in zip(k, self.c.tolist(), strict=True)))
+        # greedy fill by reduced score I_i - t f_i: within a group the candidates are the
+        # next items of its sorted list, and as they share one cost, the group's taken items
+        # are a prefix of them; so only how many each group adds is needed
+        cand_group, cand_score, cand_cost = [], [], []
+        for g, asc in enumerate(self.asc):
+            rest = len(asc) - k[g]
             cg = float(self.c[g])
             cap = min(rest, S - count, (F - cost) / cg if cg > 0 else math.inf)
             m = int(max(0, math.floor(cap)))
             if m:
-                sl = slice(rest - m, rest)
-                cand_idx.append(perm[sl].flip(0))
-                cand_score.append(asc[sl].flip(0) - t * cg)
+                cand_group.append(torch.full((m,), g, dtype=torch.int64, device=self.device))
+                cand_score.append(asc[rest - m : rest].flip(0) - t * cg)
                 cand_cost.append(torch.full((m,), cg, dtype=torch.float64, device=self.device))
-        if cand_idx:
-            idx, red, cc = torch.cat(cand_idx), torch.cat(cand_score), torch.cat(cand_cost)
+        if cand_group:
+            grp, red, cc = torch.cat(cand_group), torch.cat(cand_score), torch.cat(cand_cost)
             order = torch.argsort(red, descending=True, stable=True)
-            idx, cc = idx[order], cc[order]
+            grp, cc = grp[order], cc[order]
             taken, count, cost = _greedy_fill(cc, S - count, F - cost, count, cost)
-            chosen.append(idx[taken])
+            added = torch.bincount(grp[taken], minlength=len(self.asc)).tolist()
+            k = [kg + a for kg, a in zip(k, added, strict=True)]
         mask = torch.zeros(self.p, dtype=torch.bool, device=self.device)
-        mask[torch.cat(chosen)] = True
+        for idx, asc, kg in zip(self.index, self.asc, k, strict=True):
+            if kg:
+                mask[idx] = _top_k_mask(self.scores[idx], asc, kg)
         objective = float(self.scores[mask].sum())
         return ILPResult(mask, objective, max(upper, objective), count, cost, t, u)
 

@@ -19,7 +19,9 @@ sparsity level whose support meets it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +61,10 @@ class SolverOptions:
     |w_bar| (None: all weights). falcon's projection weights v_i^2 by f_i^beta: with
     held-out data beta is chosen from ``cost_exponents`` and the ridge from ``ridges`` by
     held-out loss; otherwise beta = ``cost_exponent``.
+
+    A run appends its iterations to ``history`` and adds seconds per phase to ``timings``:
+    'lipschitz' (power iteration), 'products' (Q and its gradient), 'projection' (ILP or
+    top-S), 'backsolve' (exact minimisation on a support), 'held_out' (candidate losses).
     """
 
     max_iter: int = 30
@@ -72,6 +78,7 @@ class SolverOptions:
     cost_exponent: float = 0.5
     progress: bool = True
     history: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def integer(name: str, low: int) -> None:
@@ -102,6 +109,16 @@ class SolverOptions:
             raise ValueError(
                 f"SolverOptions.cost_exponent must lie in [0, 1], got {self.cost_exponent!r}"
             )
+
+
+@contextmanager
+def timed(opts: SolverOptions, phase: str) -> Iterator[None]:
+    """Add the seconds spent in the block to ``opts.timings[phase]``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        opts.timings[phase] = opts.timings.get(phase, 0.0) + time.perf_counter() - t
 
 
 @dataclass
@@ -211,10 +228,12 @@ def iht(
     With ``opts.step == 'linesearch'`` the step starts at ``step_scale`` / L, is halved
     until Q decreases, and when not even 1/L decreases Q the iteration stops at the current
     point: every accepted iterate has a lower Q than the one before."""
-    eta = 1.0 / qm.lipschitz()
+    with timed(opts, "lipschitz"):
+        eta = 1.0 / qm.lipschitz()
     w = w0.clone()
     mask = w0 != 0
-    q, g = qm.value_and_grad(w)
+    with timed(opts, "products"):
+        q, g = qm.value_and_grad(w)
     info = None
     it = 0
     step = eta * opts.step_scale if opts.step == "linesearch" else eta
@@ -224,9 +243,11 @@ def iht(
             step = min(step * 2, eta * opts.step_scale)
         while True:
             v = w - step * g
-            new_mask, new_info = project(v)
+            with timed(opts, "projection"):
+                new_mask, new_info = project(v)
             w_new = v * new_mask
-            q_new, g_new = qm.value_and_grad(w_new)
+            with timed(opts, "products"):
+                q_new, g_new = qm.value_and_grad(w_new)
             if opts.step != "linesearch" or q_new <= q or step <= eta:
                 break
             step = max(eta, step / 2)
@@ -255,8 +276,9 @@ def _refine(
     for r in range(max(1, opts.rounds)):
         w, mask, info, its = iht(qm, w, project, opts, f"{desc} round {r + 1}")
         total += its
-        w = qm.solve_on_support(mask)
-        obj = qm.value(w)
+        with timed(opts, "backsolve"):
+            w = qm.solve_on_support(mask)
+            obj = qm.value(w)
         if best is None or obj < best.objective:
             gap = getattr(info, "gap", None)
             ub = getattr(info, "upper_bound", None)
@@ -299,9 +321,11 @@ def falcon(
 
     def candidate(beta: float, lam: float, ilp) -> tuple[float, SolverResult]:
         q = qm.with_ridge(lam)
-        w = q.solve_on_support(ilp.mask)
-        obj = q.value(w)
-        s = evaluate(w) if evaluate is not None else obj
+        with timed(opts, "backsolve"):
+            w = q.solve_on_support(ilp.mask)
+            obj = q.value(w)
+        with timed(opts, "held_out"):
+            s = evaluate(w) if evaluate is not None else obj
         opts.history.append(
             {"phase": "warm start", "beta": beta, "ridge": lam, "objective": obj, "score": s}
         )
@@ -309,10 +333,11 @@ def falcon(
         res.beta = beta
         return s, res
 
-    starts = {
-        b: solve_ilp(weighted_scores(w_bar, groups, b), groups, budget.count, budget.cost)
-        for b in betas
-    }
+    with timed(opts, "projection"):
+        starts = {
+            b: solve_ilp(weighted_scores(w_bar, groups, b), groups, budget.count, budget.cost)
+            for b in betas
+        }
     best_s, best = min((candidate(b, qm.lam, starts[b]) for b in betas), key=lambda c: c[0])
     for lam in ridges:
         if lam != qm.lam:
@@ -336,7 +361,8 @@ def falcon(
         return r.mask & (active > 0), r
 
     refined = _refine(q, w_bar * best.mask, project, opts, "falcon")
-    s1 = evaluate(refined.w) if evaluate is not None else refined.objective
+    with timed(opts, "held_out"):
+        s1 = evaluate(refined.w) if evaluate is not None else refined.objective
     opts.history.append(
         {"phase": "iht", "beta": beta, "ridge": lam, "objective": refined.objective,
          "score": s1, "iterations": refined.iterations}
