@@ -205,12 +205,18 @@ def _check_numerics(ridge, alpha, block_size, dtype, device, storage, memory_lim
                                      not isinstance(memory_limit, (int, float))
                                      or not memory_limit > 0):
         raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit!r}")
+    check_device(device)
+
+
+def check_device(device: object) -> torch.device:
+    """The torch.device for ``device``, or a ValueError that says what is usable."""
     try:
-        dev = torch.device(device)
+        dev = torch.device(device)  # type: ignore[arg-type]
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda')") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA GPU here; use device='cpu'")
+        raise ValueError(f"device={device!r} but torch sees no CUDA GPU here; use device='cpu'")
+    return dev
 
 
 def _data_length(data: object) -> int | None:
@@ -344,6 +350,8 @@ def prune(
     float16, else on disk; the choice is in ``result.details['storage']`` (and printed
     when ``progress``). ``device='cuda'`` runs gradients and solvers on the GPU.
 
+    The pruned copy lives on ``device``.
+
     ``method="falcon++"`` reaches the budgets in ``stages`` stages (default 5) on ``schedule`` (a
     :class:`~falcon_prune.schedules.Schedule`, 'linear' / 'cubic' / 'exponential', or a list
     of kept fractions per stage); every stage recomputes the gradients at the current
@@ -418,12 +426,13 @@ def prune(
 
     pruned = clone_model(model)
     _unmask(pruned)
-    pruned.eval()
+    pruned.eval().to(device)
     times: dict[str, float] = {}
     t = time.perf_counter()
     example = example_input if example_input is not None else samples.x[:1]
-    cm = cost_model_of(pruned, example, samples.x.shape[1:])
-    groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes())
+    cm = cost_model_of(pruned, example.to(device), samples.x.shape[1:])
+    groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes(),
+                                    device=torch.device(device))
     p, dense = cm.num_weights, cm.dense_macs
     times["costs"] = time.perf_counter() - t
     problem = _Problem(
@@ -580,7 +589,7 @@ def stage_record(
     their loss and accuracy (a row of the falcon++ / gradual trajectory)."""
     w = flatten_weights(cm)
     f = cm.layer_costs().to(torch.float64)
-    kept = torch.stack([wl.count_nonzero() for wl in cm.split(w)]).to(torch.float64)
+    kept = torch.stack([wl.count_nonzero() for wl in cm.split(w)]).to("cpu", torch.float64)
     row = {
         "stage": k, "flops_budget": flops, "nnz_budget": nnz,
         "flops_fraction": float((kept * f).sum()) / cm.dense_macs,
@@ -615,14 +624,14 @@ def _held_out_loss(model: nn.Module, cm: CostModel, held: SampleSource, loss_fn,
     """Loss of ``model`` with flat prunable weights w on the held-out samples (eval mode)."""
     names = [lay.name + ".weight" for lay in cm.layers]
     loss_fn = loss_fn or F.cross_entropy
+    x, y = held.x.to(device), held.y.to(device)  # once, not at every evaluation
 
     def evaluate(w: torch.Tensor) -> float:
         params = {n: t.to(torch.float32) for n, t in zip(names, cm.split(w), strict=True)}
         total = 0.0
         with torch.no_grad():
             for a in range(0, len(held), 256):
-                xb = held.x[a : a + 256].to(device)
-                yb = held.y[a : a + 256].to(device)
+                xb, yb = x[a : a + 256], y[a : a + 256]
                 out = functional_call(model, params, (xb,))
                 total += float(loss_fn(out, yb)) * len(xb)
         return total / len(held)

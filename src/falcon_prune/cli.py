@@ -127,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="save the state after every step here (needed for --resume)")
     g.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu", help="where training and pruning run (cpu, cuda)")
     g.add_argument("--output", required=True, type=Path, help="where to save the pruned model")
     g.add_argument("--history", type=Path, help="write the history here (.csv or .json)")
     g.add_argument("--plot", type=Path, help="plot the trajectory to this PNG")
@@ -198,7 +199,7 @@ def cmd_gradual(a: argparse.Namespace) -> int:
         epochs_per_stage=a.epochs_per_stage, final_epochs=a.final_epochs,
         batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
         eval_data=test, n_gradients=a.n_gradients, n_validation=a.n_validation,
-        checkpoint_dir=a.checkpoint_dir, resume=a.resume, seed=a.seed,
+        checkpoint_dir=a.checkpoint_dir, resume=a.resume, seed=a.seed, device=a.device,
         progress=not a.no_progress,
     )
     last = r.history[-1]

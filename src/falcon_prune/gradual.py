@@ -48,6 +48,7 @@ from falcon_prune.api import (
     NEEDS_GRADIENTS,
     _Problem,
     budget_of,
+    check_device,
     check_fraction,
     clone_model,
     cost_model_of,
@@ -208,10 +209,16 @@ def _loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, **loader_k
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, **loader_kw)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (batches are moved there); CPU without any."""
+    return next((q.device for q in model.parameters()), torch.device("cpu"))
+
+
 def _check_training_batch(model: nn.Module, feed: _Feed, loss_fn: LossFn) -> torch.Tensor:
     """Run the model and loss on the first two samples; return the first input (1, ...)."""
     collate = feed.loader_kw.get("collate_fn")
     xb, yb = _batch_pair(next(iter(DataLoader(feed.dataset, batch_size=2, collate_fn=collate))))
+    xb, yb = xb.to(device_of(model)), yb.to(device_of(model))
     try:
         with torch.no_grad():
             model.eval()
@@ -246,7 +253,7 @@ def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batches: int, batc
         for i, batch in enumerate(_loader(dataset, batch_size, seed, -1, **loader_kw)):
             if i >= batches:
                 break
-            model(_batch_pair(batch)[0])
+            model(_batch_pair(batch)[0].to(device_of(model)))
     for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     model.train(was)
@@ -365,6 +372,7 @@ def gradual(
     resume: bool = False,
     callback: Callable[[dict], None] | None = None,
     seed: int = 0,
+    device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> GradualResult:
     """Gradually prune a copy of ``model`` to ``flops`` / ``nnz`` (kept fractions in (0, 1])
@@ -396,7 +404,8 @@ def gradual(
     schedule, epochs, batches, data size, optimizer and its hyperparameters, solver options,
     ridge, n_gradients, n_validation, bn_batches, seed; custom optimizer, LR schedule, loss
     and collate_fn only as 'custom') and refuses to resume under other ones. The user's
-    model is never modified.
+    model is never modified; the returned copy lives on ``device`` (training, pruning
+    steps and evaluation run there).
     """
     t_start = time.perf_counter()
     flops = check_fraction("flops", flops)
@@ -432,7 +441,8 @@ def gradual(
         raise ValueError("resume=True needs the checkpoint_dir of the interrupted run")
     feed = _as_feed(train_data, batch_size)
     dataset = feed.dataset
-    work = clone_model(model)
+    device = check_device(device)
+    work = clone_model(model).to(device)
     sample_x = _check_training_batch(work, feed, loss_fn or F.cross_entropy)
     need = (n_gradients + n_validation) if method in NEEDS_GRADIENTS else 1
     if method in NEEDS_GRADIENTS and len(dataset) < n_gradients:
@@ -475,9 +485,9 @@ def gradual(
 
     plain = make_permanent(clone_model(work))
     cm = cost_model_of(plain, sample_x, sample_x.shape[1:])
-    groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes())
+    groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes(), device=device)
     problem = _Problem(n_gradients, 1, ridge, 0.0, None, options, loss_fn, torch.float32,
-                       "cpu", None, False)
+                       device, None, False)
     times = {"prune": 0.0, "train": 0.0}
     bar = tqdm(total=len(events), initial=start, desc=f"gradual {method}", unit="step",
                disable=not progress)
@@ -499,7 +509,8 @@ def gradual(
                "epoch": e, **row}
         row["flops_fraction"], row["nnz_fraction"] = _kept_fractions(work, cm)
         if evaluation is not None:
-            row["eval_loss"], row["eval_accuracy"] = loss_and_accuracy(work, evaluation, loss_fn)
+            row["eval_loss"], row["eval_accuracy"] = loss_and_accuracy(work, evaluation, loss_fn,
+                                                                       device)
         row["seconds"] = time.perf_counter() - t
         history.append(row)
         if ckpt is not None:
@@ -543,8 +554,9 @@ def _train_epoch(model, opt, feed: _Feed, seed, epoch, loss_fn) -> float:
     """One epoch of SGD steps over ``feed``; the mean training loss per sample."""
     model.train()
     total, count = 0.0, 0
+    dev = device_of(model)
     for batch in feed.epoch(seed, epoch):
-        xb, yb = _batch_pair(batch)
+        xb, yb = (t.to(dev) for t in _batch_pair(batch))
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(xb), yb)
         if not torch.isfinite(loss):
