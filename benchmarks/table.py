@@ -1,26 +1,43 @@
-"""Markdown table (medians over seeds, accuracy range) from a one-shot benchmark JSON file.
+"""Markdown table (medians over seeds, accuracy range) from a benchmark JSON file, and
+optionally the accuracy-versus-FLOPs plot.
 
-    python benchmarks/table.py benchmarks/results/oneshot_resnet20.json
+    python benchmarks/table.py benchmarks/results/oneshot_resnet20.json \
+        --plot benchmarks/results/oneshot_resnet20.png
 """
 
+import argparse
 import json
-import sys
 from collections import defaultdict
+from pathlib import Path
 from statistics import median
 
-rows = json.load(open(sys.argv[1]))["rows"]
-groups = defaultdict(list)
-for r in rows:
-    groups[(r["flops_budget"], r["method"])].append(r)
-print("| FLOPs budget | method | accuracy | FLOPs kept (recount) | NNZ kept | seconds | peak MiB "
-      "| seeds |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-for (budget, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], 0)):
-    def m(key, rs=rs):
-        return median(r[key] for r in rs)
 
-    accs = [r["accuracy"] for r in rs]
-    spread = f" ({min(accs):.1%}-{max(accs):.1%})" if len(rs) > 1 else ""
-    print(f"| {budget:.0%} | {method} | {m('accuracy'):.1%}{spread} | {m('flops_fraction'):.4f} "
-          f"({m('flops_recount'):.4f}) | {m('nnz_fraction'):.4f} | {m('seconds'):.1f} "
-          f"| {m('peak_rss_mb'):.0f} | {len(rs)} |")
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("results", type=Path)
+    ap.add_argument("--plot", type=Path, help="also plot accuracy versus FLOPs kept (PNG)")
+    a = ap.parse_args()
+    rows = json.loads(a.results.read_text())["rows"]
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["flops_budget"], r["method"])].append(r)
+    print("| FLOPs budget | method | accuracy (min-max) | FLOPs kept (recount) | NNZ kept "
+          "| seconds | peak MiB | seeds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (budget, method), rs in sorted(groups.items(), key=lambda kv: -kv[0][0]):
+        def m(key, rs=rs):
+            return median(r[key] for r in rs)
+
+        accs = [r["accuracy"] for r in rs]
+        spread = f" ({min(accs):.1%}-{max(accs):.1%})" if len(rs) > 1 else ""
+        print(f"| {budget:.0%} | {method} | {m('accuracy'):.1%}{spread} "
+              f"| {m('flops_fraction'):.4f} ({m('flops_recount'):.4f}) | {m('nnz_fraction'):.4f} "
+              f"| {m('seconds'):.1f} | {m('peak_rss_mb'):.0f} | {len(rs)} |")
+    if a.plot:
+        from falcon_prune.reports import plot_accuracy_vs_flops
+
+        print(f"wrote {plot_accuracy_vs_flops(rows, a.plot, title=a.results.stem)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -55,12 +55,15 @@ def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
     tr, va = split[:prune_images], split[prune_images:]
     kw = dict(setting)
     opts = {k: kw.pop(k) for k in ("ridges", "max_iter", "cost_exponents", "step",
-                                   "step_scale", "rounds", "active_factor") if k in kw}
-    if "ridges" in opts:
-        opts["ridges"] = tuple(opts["ridges"])
-    if "cost_exponents" in opts:
-        opts["cost_exponents"] = tuple(opts["cost_exponents"])
-    options = fp.SolverOptions(progress=False, **opts) if opts else None
+                                   "step_scale", "rounds", "active_factor", "saliencies")
+            if k in kw}
+    for k in ("ridges", "cost_exponents", "saliencies"):
+        if k in opts:
+            opts[k] = tuple(opts[k])
+    # options not named keep falcon++'s defaults (round 2 and earlier used SolverOptions'
+    # own defaults for them, e.g. max_iter=30, whenever a setting named any option)
+    base = {k: fp.api.MULTISTAGE_DEFAULTS[k] for k in ("max_iter", "ridges", "saliencies")}
+    options = fp.SolverOptions(progress=False, **{**base, **opts}) if opts else None
     t = time.perf_counter()
     r = fp.prune(model.eval(), TensorDataset(x[tr], y[tr]), flops=flops, method="falcon++",
                  seed=seed, progress=False, options=options, **kw)

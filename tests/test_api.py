@@ -31,7 +31,11 @@ def test_prune_returns_masked_copy_within_budgets(model, data, method):
     kept, dense = fp.count_macs(fp.make_permanent(fp.api.clone_model(r.model)), data[0][:1])
     assert r.flops_fraction == pytest.approx(kept / dense) and r.flops_fraction <= 0.4
     assert r.nnz_fraction <= 0.6
-    assert sum(row.kept for row in r.layers) == round(r.nnz_fraction * r.num_weights)
+    plain = fp.make_permanent(fp.api.clone_model(r.model))
+    weights = [m.weight for m in (plain.c1, plain.c2, plain.fc)]
+    kept_weights = sum(int(w.count_nonzero()) for w in weights)
+    assert r.nnz_fraction == pytest.approx(kept_weights / sum(w.numel() for w in weights))
+    assert [row.kept for row in r.layers] == [int(w.count_nonzero()) for w in weights]
     assert {"costs", "solver", "total"} <= set(r.times)
     assert "c1" in r.table() and "FLOPs kept" in r.summary()
     assert r.to_dict()["method"] == method
@@ -80,6 +84,18 @@ def test_already_pruned_model_is_accepted_and_untouched(model, data):
     ({"flops": 0.3, "n_gradients": 10_000}, ValueError, "lower n_gradients"),
     ({"flops": 0.3, "n_gradients": 0}, ValueError, "positive integer"),
     ({"flops": 0.3, "memory_limit": 10_000}, MemoryBudgetError, "memory limit"),
+    ({"flops": 0.3, "alpha": -1.0}, ValueError, "alpha"),
+    ({"flops": 0.3, "ridge": 0.0}, ValueError, "ridge must be > 0"),
+    ({"flops": 0.3, "block_size": 0}, ValueError, "block_size"),
+    ({"flops": 0.3, "dtype": torch.int32}, ValueError, "dtype must be one of"),
+    ({"flops": 0.3, "storage": "cloud"}, ValueError, "storage must be one of"),
+    ({"flops": 0.3, "device": "tpu9"}, ValueError, "not a torch device"),
+    ({"flops": 0.3, "options": {"max_iter": 3}}, TypeError, "SolverOptions"),
+    ({"flops": 0.3, "schedule": "cubic"}, ValueError, "belong to method='falcon\\+\\+'"),
+    ({"flops": 0.3, "stages": 3}, ValueError, "single-stage"),
+    ({"flops": 0.3, "revive": True}, ValueError, "single-stage"),
+    ({"flops": 0.3, "method": "falcon++", "schedule": fp.Schedule(4), "stages": 3}, ValueError,
+     "disagrees"),
 ])
 def test_bad_input_is_refused_and_model_unchanged(model, data, kw, exc, msg):
     before = state(model)
@@ -118,3 +134,29 @@ def test_mlp_flops_equal_nnz(data):
                         nn.Linear(16, 4, bias=False))
     r = fp.prune(mlp, data, flops=0.5, method="mp", progress=False)
     assert r.flops_fraction == pytest.approx(r.nnz_fraction)
+
+
+def test_a_data_loader_counts_samples_not_batches(model, data):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(*data), batch_size=32)
+    r = fp.prune(model, loader, flops=0.4, method="falcon", n_gradients=100, n_validation=100,
+                 progress=False)
+    assert r.flops_fraction <= 0.4
+    with pytest.raises(ValueError, match="the data has 240"):
+        fp.prune(model, loader, flops=0.4, n_gradients=241, progress=False)
+
+
+def test_active_set_and_rounds_keep_the_support_inside_the_set(model, data):
+    opts = fp.SolverOptions(active_factor=1.5, rounds=2, max_iter=5, step="linesearch",
+                            progress=False)
+    r = fp.prune(model, data, flops=0.4, method="falcon", n_gradients=100, n_validation=0,
+                 options=opts, progress=False)
+    w = torch.cat([m.weight.detach().reshape(-1) for m in (model.c1, model.c2, model.fc)])
+    mask = torch.cat([fp.masks_of(r.model)[k].reshape(-1) for k in ("c1", "c2", "fc")])
+    base = fp.prune(model, data, flops=0.4, method="mp_flops", progress=False)
+    k = math.ceil(1.5 * round(base.nnz_fraction * base.num_weights))
+    active = torch.zeros_like(mask)
+    active[torch.topk(w.abs(), k).indices] = True
+    assert bool((mask <= active).all()) and r.flops_fraction <= 0.4
+    assert r.details["iterations"] >= 1

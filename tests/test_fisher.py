@@ -60,3 +60,23 @@ def test_model_mode_restored():
     model.train()
     gradient_matrix(model, cm, as_samples((x, y)), 5, progress=False)
     assert model.training
+
+
+def test_batchnorm_uses_running_statistics_and_mode_is_restored():
+    from helpers import BatchNormCNN
+
+    torch.manual_seed(0)
+    model = BatchNormCNN()
+    x, y = small_data(40)
+    model.train()
+    model(x)  # running statistics differ from any single sample's
+    model.train()
+    cm = CostModel.from_model(model, x[:1])
+    X = gradient_matrix(model, cm, as_samples((x, y)), 4, dtype=torch.float64, progress=False)
+    assert model.training
+    weights = [lay.module.weight for lay in cm.layers]
+    model.eval()
+    for j in range(4):
+        loss = F.cross_entropy(model(x[j : j + 1]), y[j : j + 1])
+        ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, weights)])
+        assert torch.allclose(X[j], ref.double(), atol=1e-6)

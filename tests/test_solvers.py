@@ -116,3 +116,32 @@ def test_prefix_support_is_longest_feasible_prefix(problem):
     longer = mask.clone()
     longer[order[k]] = True
     assert cm.macs_of_mask(longer) > budget.cost
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"step": "bogus"}, "step must be one of"),
+    ({"max_iter": -1}, "max_iter must be an integer"),
+    ({"rounds": 0}, "rounds must be an integer"),
+    ({"active_factor": 0.5}, "active_factor must be >= 1"),
+    ({"ridges": ()}, "ridges must be positive"),
+    ({"cost_exponents": (2.0,)}, "cost_exponents must lie in"),
+    ({"tol": -1.0}, "tol must be >= 0"),
+    ({"saliencies": ("magnitude", "hessian")}, "saliencies must be a non-empty subset"),
+    ({"saliencies": ()}, "saliencies must be a non-empty subset"),
+])
+def test_solver_options_are_validated(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        S.SolverOptions(**kw)
+
+
+def test_obs_saliency_warm_starts_are_tried_and_meet_the_budgets(problem):
+    cm, qm, groups = problem
+    budget = S.Budget(None, 0.4 * cm.dense_macs)
+    opts = S.SolverOptions(saliencies=("magnitude", "obs"), max_iter=0, progress=False)
+    res = S.falcon(qm, groups, budget, opts, evaluate=qm.value)
+    tried = {(h["saliency"], h["beta"]) for h in opts.history if h.get("phase") == "warm start"}
+    assert {("obs", b) for b in opts.cost_exponents} <= tried
+    assert cm.macs_of_mask(res.mask) <= budget.cost
+    # the chosen start is the best candidate by the score it was judged on
+    best = min(h["score"] for h in opts.history if h.get("phase") == "warm start")
+    assert qm.value(res.w) == pytest.approx(best)

@@ -47,6 +47,14 @@ from falcon_prune.solvers import (
 from falcon_prune.storage import DTYPES, STORAGES, compute_dtype_of
 
 DEFAULT_RIDGE = 1e-3
+#: falcon++ defaults for what the caller does not give: 10 cubic stages of 500 gradients and
+#: 500 held-out samples each, first-order scale 0.01, warm starts from the OBS saliency,
+#: ridge candidates {ridge, 1e-4, 1e-5} and no IHT refinement. Chosen on a validation split
+#: carved from the CIFAR-10 training images (benchmarks/tune_falcon_pp.py and
+#: benchmarks/results/tune_falcon_pp_round*.json; README, Results).
+MULTISTAGE_DEFAULTS: dict = {"stages": 10, "n_gradients": 500, "n_validation": 500,
+                             "alpha": 0.01, "ridges": (1e-4, 1e-5), "max_iter": 0,
+                             "saliencies": ("obs",)}
 METHODS = (*solvers.METHODS, "falcon++")
 NEEDS_GRADIENTS = {*solvers.NEEDS_GRADIENTS, "falcon++"}
 
@@ -312,11 +320,11 @@ def prune(
     flops: float | None = None,
     nnz: float | None = None,
     method: str = "falcon",
-    n_gradients: int = 1000,
+    n_gradients: int | None = None,
     samples_per_gradient: int = 1,
     n_validation: int | None = None,
     ridge: float = DEFAULT_RIDGE,
-    alpha: float = 0.0,
+    alpha: float | None = None,
     block_size: int | None = None,
     options: SolverOptions | None = None,
     schedule: Schedule | str | Sequence[float] | None = None,
@@ -352,16 +360,17 @@ def prune(
 
     The pruned copy lives on ``device``.
 
-    ``method="falcon++"`` reaches the budgets in ``stages`` stages (default 5) on ``schedule`` (a
+    ``method="falcon++"`` reaches the budgets in ``stages`` stages on ``schedule`` (a
     :class:`~falcon_prune.schedules.Schedule`, 'linear' / 'cubic' / 'exponential', or a list
-    of kept fractions per stage); every stage recomputes the gradients at the current
-    weights, takes them as the new centre and meets its own budgets; pruned weights stay
-    pruned unless ``revive=True``. The per-stage trajectory is in ``result.stages``.
-    Its stages choose the exponent and ridge like ``falcon`` but, unless ``options`` say
-    otherwise, skip the IHT refinement and try only the ridges {``ridge``, 1e-4}, and
-    ``n_validation`` defaults to 500 instead of 1000 (each stage evaluates its candidates):
-    on the ResNet20 validation split IHT never beat the back-solved warm start and 1e-4 was
-    the ridge every stage chose (see README, Results).
+    of kept fractions per stage; default: cubic); every stage recomputes the gradients at
+    the current weights, takes them as the new centre and meets its own budgets; pruned
+    weights stay pruned unless ``revive=True``. The per-stage trajectory is in
+    ``result.stages``. Its stages choose the exponent and ridge like ``falcon``; what is not
+    given comes from :data:`MULTISTAGE_DEFAULTS` (10 stages of 500 gradients, 500 held-out
+    samples, alpha 0.01, warm starts from the OBS saliency, ridges {``ridge``, 1e-4, 1e-5},
+    no IHT refinement), chosen on a
+    validation split of the CIFAR-10 training images (``benchmarks/tune_falcon_pp.py``,
+    README, Results). Single-stage defaults: 1000 gradients, 1000 held-out samples, alpha 0.
     Without ``revive``, weights that are already zero in ``model`` stay zero (any method).
 
     Raises ``ValueError``/``TypeError`` on bad input and ``falcon_prune.MemoryBudgetError``
@@ -374,6 +383,11 @@ def prune(
     nnz = check_fraction("nnz", nnz)
     if flops is None and nnz is None:
         raise ValueError("give at least one budget: flops=<fraction kept> and/or nnz=<fraction>")
+    multistage = method == "falcon++"
+    if n_gradients is None:
+        n_gradients = MULTISTAGE_DEFAULTS["n_gradients"] if multistage else 1000
+    if alpha is None:
+        alpha = MULTISTAGE_DEFAULTS["alpha"] if multistage else 0.0
     _check_args(method, n_gradients, samples_per_gradient)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -383,20 +397,21 @@ def prune(
             "nothing to prune."
         )
     _check_numerics(ridge, alpha, block_size, dtype, device, storage, memory_limit)
-    multistage = method == "falcon++"
     if not multistage and (schedule is not None or stages is not None or revive):
         raise ValueError(
             f"schedule, stages and revive belong to method='falcon++'; method={method!r} is "
             "single-stage: drop them or use method='falcon++'"
         )
-    plan = stage_budgets(as_schedule(schedule, stages), flops, nnz) if multistage \
-        else [(flops, nnz)]
+    plan = stage_budgets(as_schedule(schedule, stages, MULTISTAGE_DEFAULTS["stages"]), flops,
+                         nnz) if multistage else [(flops, nnz)]
     if n_validation is None:
-        n_validation = 500 if multistage else 1000
+        n_validation = MULTISTAGE_DEFAULTS["n_validation"] if multistage else 1000
     if isinstance(n_validation, bool) or not isinstance(n_validation, int) or n_validation < 0:
         raise ValueError(f"n_validation must be an integer >= 0, got {n_validation!r}")
     if options is None:
-        options = (SolverOptions(progress=progress, max_iter=0, ridges=(1e-4,)) if multistage
+        options = (SolverOptions(progress=progress, max_iter=MULTISTAGE_DEFAULTS["max_iter"],
+                                 ridges=MULTISTAGE_DEFAULTS["ridges"],
+                                 saliencies=MULTISTAGE_DEFAULTS["saliencies"]) if multistage
                    else SolverOptions(progress=progress))
     elif not isinstance(options, SolverOptions):
         raise TypeError(f"options must be a falcon_prune.SolverOptions, got {options!r}")
@@ -661,6 +676,7 @@ def _details(res: SolverResult, opts: SolverOptions, method: str, history: bool 
     d: dict = {"iterations": res.iterations, "objective": res.objective}
     if method == "falcon":
         d["ridge"], d["cost_exponent"], d["source"] = res.ridge, res.beta, res.source
+        d["saliency"] = res.saliency
         if history:
             d["candidates"] = [h for h in opts.history if "phase" in h]
     return d

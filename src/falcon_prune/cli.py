@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-from falcon_prune.api import METHODS, clone_model, make_permanent, masks_of, prune
+from falcon_prune.api import (
+    METHODS,
+    MULTISTAGE_DEFAULTS,
+    clone_model,
+    make_permanent,
+    masks_of,
+    prune,
+)
 from falcon_prune.costs import count_macs
 from falcon_prune.data import load_dataset
 from falcon_prune.evaluation import accuracy
@@ -30,17 +37,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="data directory or .npz file (see README: Data)")
 
 
-def _add_schedule_args(p: argparse.ArgumentParser, which: str) -> None:
+def _add_schedule_args(p: argparse.ArgumentParser, which: str, default_stages: int) -> None:
     p.add_argument("--stages", type=int, default=None,
-                   help=f"{which}number of pruning stages (default 5)")
+                   help=f"{which}number of pruning stages (default {default_stages})")
     p.add_argument("--schedule", default=None, choices=KINDS,
                    help=f"{which}shape of the budget schedule (default cubic)")
     p.add_argument("--start", type=float, default=None,
                    help=f"{which}kept fraction at the first stage (default: from dense)")
 
 
-def _schedule(a: argparse.Namespace) -> Schedule:
-    return Schedule(stages=5 if a.stages is None else a.stages,
+def _schedule(a: argparse.Namespace, default_stages: int = 5) -> Schedule:
+    return Schedule(stages=default_stages if a.stages is None else a.stages,
                     kind=a.schedule or "cubic", start=a.start)
 
 
@@ -74,14 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flops", type=float, help="fraction of the dense FLOPs to keep, in (0, 1]")
     p.add_argument("--nnz", type=float, help="fraction of the weights to keep, in (0, 1]")
     p.add_argument("--method", default="falcon", choices=METHODS)
-    p.add_argument("--n-gradients", type=int, default=1000)
+    p.add_argument("--n-gradients", type=int, default=None,
+                   help="gradients (per stage for falcon++; default 1000, falcon++: 500)")
     p.add_argument("--samples-per-gradient", type=int, default=1)
     p.add_argument("--n-validation", type=int, default=None,
                    help="held-out samples falcon uses to choose its ridge and exponent "
                         "(default 1000; falcon++: 500)")
     p.add_argument("--ridge", type=float, default=1e-3)
-    p.add_argument("--alpha", type=float, default=0.0,
-                   help="scale of the first-order term of the quadratic model")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="scale of the first-order term of the quadratic model (default 0, "
+                        "falcon++: 0.01)")
     p.add_argument("--block-size", type=int, default=None,
                    help="block-diagonal Hessian with blocks of this many weights")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES),
@@ -96,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
                         "the available RAM)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    _add_schedule_args(p, "falcon++ ")
+    _add_schedule_args(p, "falcon++ ", MULTISTAGE_DEFAULTS["stages"])
     p.add_argument("--revive", action="store_true",
                    help="falcon++: let later stages bring back weights pruned earlier")
     p.add_argument("--output", required=True, type=Path, help="where to save the pruned model")
@@ -112,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--flops", type=float, help="fraction of the dense FLOPs to keep, in (0, 1]")
     g.add_argument("--nnz", type=float, help="fraction of the weights to keep, in (0, 1]")
     g.add_argument("--method", default="falcon", choices=[m for m in METHODS if m != "falcon++"])
-    _add_schedule_args(g, "")
+    _add_schedule_args(g, "", 5)
     g.add_argument("--epochs-per-stage", type=int, default=1)
     g.add_argument("--final-epochs", type=int, default=2)
     g.add_argument("--batch-size", type=int, default=128)
@@ -154,8 +163,8 @@ def cmd_prune(a: argparse.Namespace) -> int:
     model = load_checkpoint(create_model(a.model), a.checkpoint).eval()
     train = load_dataset(a.dataset, a.data, "train")
     limit = None if a.memory_limit_gb is None else int(a.memory_limit_gb * 2**30)
-    multistage = {"schedule": _schedule(a), "revive": a.revive} if a.method == "falcon++" \
-        else {}
+    multistage = {"schedule": _schedule(a, MULTISTAGE_DEFAULTS["stages"]), "revive": a.revive} \
+        if a.method == "falcon++" else {}
     r = prune(
         model, train, flops=a.flops, nnz=a.nnz, method=a.method, n_gradients=a.n_gradients,
         samples_per_gradient=a.samples_per_gradient, n_validation=a.n_validation,

@@ -108,13 +108,15 @@ def stage_budgets(
 
 
 def as_schedule(
-    value: Schedule | str | Sequence[float] | None, stages: int | None = None
+    value: Schedule | str | Sequence[float] | None,
+    stages: int | None = None,
+    default_stages: int = 5,
 ) -> Schedule:
     """A Schedule from a Schedule, a kind name, or an explicit list of kept fractions;
-    ``stages`` (default 5) sets the number of stages of a named or default schedule and
-    must agree with a Schedule or list given in full."""
+    ``stages`` (default ``default_stages``) sets the number of stages of a named or default
+    schedule and must agree with a Schedule or list given in full."""
     if value is None or isinstance(value, str):
-        return Schedule(stages=5 if stages is None else stages,
+        return Schedule(stages=default_stages if stages is None else stages,
                         kind="cubic" if value is None else value)
     if isinstance(value, Schedule):
         if stages is not None and stages != value.num_stages:

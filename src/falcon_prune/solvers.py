@@ -32,6 +32,7 @@ from falcon_prune.quadratic import QuadraticModel
 
 METHODS = ("mp", "mp_flops", "woodfisher", "chita", "falcon")
 STEPS = ("lipschitz", "linesearch")
+SALIENCIES = ("magnitude", "obs")
 NEEDS_GRADIENTS = {"woodfisher", "chita", "falcon"}
 
 
@@ -60,7 +61,10 @@ class SolverOptions:
     support is stable; ``active_factor`` restricts IHT to the top (factor x kept) weights by
     |w_bar| (None: all weights). falcon's projection weights v_i^2 by f_i^beta: with
     held-out data beta is chosen from ``cost_exponents`` and the ridge from ``ridges`` by
-    held-out loss; otherwise beta = ``cost_exponent``.
+    held-out loss; otherwise beta = ``cost_exponent``. ``saliencies`` are the weight
+    importances the warm starts are built from: 'magnitude' (w^2) and/or 'obs' (the optimal
+    brain surgeon saliency w_i^2 / [H^-1]_ii of the quadratic model: the increase of Q when
+    w_i alone is removed and the others compensate); each is tried with every exponent.
 
     A run appends its iterations to ``history`` and adds seconds per phase to ``timings``:
     'lipschitz' (power iteration), 'products' (Q and its gradient), 'projection' (ILP or
@@ -76,6 +80,7 @@ class SolverOptions:
     ridges: tuple[float, ...] = (1e-2, 1e-3, 1e-4)
     cost_exponents: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     cost_exponent: float = 0.5
+    saliencies: tuple[str, ...] = ("magnitude",)
     progress: bool = True
     history: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -105,6 +110,11 @@ class SolverOptions:
             raise ValueError(
                 f"SolverOptions.cost_exponents must lie in [0, 1], got {self.cost_exponents!r}"
             )
+        if not self.saliencies or not set(self.saliencies) <= set(SALIENCIES):
+            raise ValueError(
+                f"SolverOptions.saliencies must be a non-empty subset of {SALIENCIES}, got "
+                f"{self.saliencies!r}"
+            )
         if not 0 <= self.cost_exponent <= 1:
             raise ValueError(
                 f"SolverOptions.cost_exponent must lie in [0, 1], got {self.cost_exponent!r}"
@@ -132,6 +142,7 @@ class SolverResult:
     ridge: float | None = None
     beta: float | None = None
     source: str | None = None
+    saliency: str | None = None
 
 
 def costs_of(mask: torch.Tensor, groups: CostGroups) -> float:
@@ -194,12 +205,15 @@ def inverse_hessian_diagonal(qm: QuadraticModel) -> torch.Tensor:
     X, n, lam = qm.X, qm.n, qm.lam
     out = torch.empty(qm.p, dtype=torch.float64, device=qm.device)
     if qm.block_size is None:
+        # [H^-1]_ii = (1 - x_i^T (K + n lam I)^-1 x_i) / lam with K = X X^T; the quadratic
+        # form is ||L^-1 x_i||^2 for the Cholesky factor L of K + n lam I (float64: the
+        # difference cancels where the curvature is far above lam)
         K = qm.support_gram(torch.ones(qm.p, dtype=torch.bool, device=qm.device)).clone()
         K.diagonal().add_(lam * n)
-        Kinv = torch.linalg.inv(K)
+        L = torch.linalg.cholesky(K)
         for a, b in X.ranges():
-            Xc = X.columns(a, b).double()
-            out[a:b] = (1 - (Xc * (Kinv @ Xc)).sum(0)) / lam
+            Z = torch.linalg.solve_triangular(L, X.columns(a, b).double(), upper=False)
+            out[a:b] = (1 - Z.square().sum(0)) / lam
         return out
     for a, b in qm._blocks():
         B = min(qm.block_size, b - a)
@@ -290,11 +304,14 @@ def _refine(
 Evaluate = Callable[[torch.Tensor], float]
 
 
-def weighted_scores(v: torch.Tensor, groups: CostGroups, beta: float) -> torch.Tensor:
-    """ILP scores v_i^2 f_i^beta (p,) float64: the projection in the norm weighted by
-    f^beta. beta = 0 is plain FLOP-aware magnitude; as beta grows towards 1 the ILP's
-    value-per-cost order v^2 f^(beta-1) approaches global magnitude order."""
-    scores = v.double() ** 2
+def weighted_scores(
+    v: torch.Tensor, groups: CostGroups, beta: float, saliency: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ILP scores s_i f_i^beta (p,) float64 with s = v^2 (or the given ``saliency`` (p,)):
+    the projection in the norm weighted by f^beta. beta = 0 is plain FLOP-aware magnitude;
+    as beta grows towards 1 the ILP's value-per-cost order s f^(beta-1) approaches global
+    magnitude order."""
+    scores = v.double() ** 2 if saliency is None else saliency.double()
     if beta != 0:
         scores = scores * _per_weight_costs(groups, v.device).clamp_min(1e-12) ** beta
     return scores
@@ -319,29 +336,36 @@ def falcon(
     betas = tuple(opts.cost_exponents) if evaluate is not None else (opts.cost_exponent,)
     ridges = tuple(opts.ridges) if evaluate is not None else ()
 
-    def candidate(beta: float, lam: float, ilp) -> tuple[float, SolverResult]:
+    def candidate(key: tuple[str, float], lam: float, ilp) -> tuple[float, SolverResult]:
         q = qm.with_ridge(lam)
         with timed(opts, "backsolve"):
             w = q.solve_on_support(ilp.mask)
             obj = q.value(w)
         with timed(opts, "held_out"):
             s = evaluate(w) if evaluate is not None else obj
-        opts.history.append(
-            {"phase": "warm start", "beta": beta, "ridge": lam, "objective": obj, "score": s}
-        )
+        opts.history.append({"phase": "warm start", "saliency": key[0], "beta": key[1],
+                             "ridge": lam, "objective": obj, "score": s})
         res = SolverResult(w, ilp.mask, ilp.gap, ilp.upper_bound, 0, obj, lam)
-        res.beta = beta
+        res.beta, res.saliency = key[1], key[0]
         return s, res
 
+    saliency = {"magnitude": None}
+    if "obs" in opts.saliencies:
+        with timed(opts, "saliency"):
+            saliency["obs"] = w_bar.double() ** 2 / inverse_hessian_diagonal(qm)
+    keys = [(k, b) for k in opts.saliencies for b in betas]
     with timed(opts, "projection"):
         starts = {
-            b: solve_ilp(weighted_scores(w_bar, groups, b), groups, budget.count, budget.cost)
-            for b in betas
+            (k, b): solve_ilp(weighted_scores(w_bar, groups, b, saliency[k]), groups,
+                              budget.count, budget.cost)
+            for k, b in keys
         }
-    best_s, best = min((candidate(b, qm.lam, starts[b]) for b in betas), key=lambda c: c[0])
+    best_s, best = min((candidate(key, qm.lam, starts[key]) for key in keys),
+                       key=lambda c: c[0])
+    best_key = (best.saliency, best.beta)
     for lam in ridges:
         if lam != qm.lam:
-            s, res = candidate(best.beta, lam, starts[best.beta])
+            s, res = candidate(best_key, lam, starts[best_key])
             if s < best_s:
                 best_s, best = s, res
     beta, lam = best.beta, best.ridge
@@ -369,6 +393,7 @@ def falcon(
     )
     chosen = refined if s1 < best_s else best
     chosen.iterations, chosen.ridge, chosen.beta = refined.iterations, lam, beta
+    chosen.saliency = best.saliency  # IHT started from that warm start
     chosen.source = "iht" if chosen is refined else "warm start"
     return chosen
 
