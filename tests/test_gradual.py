@@ -112,6 +112,7 @@ def test_loader_input_and_custom_optimizer(model, data):
     ({"n_validation": -1}, ValueError, "n_validation must be an integer >= 0"),
     ({"n_validation": 10.5}, ValueError, "n_validation must be an integer >= 0"),
     ({"n_validation": True}, ValueError, "n_validation must be an integer >= 0"),
+    ({"device": "tpu9"}, ValueError, "not a torch device"),
 ])
 def test_bad_arguments(model, data, kw, exc, match):
     before = state(model)
@@ -292,3 +293,11 @@ def test_progress_bar_shows_stage_budgets_and_loss(model, data, monkeypatch):
     assert last == {"stage": "2/2", "flops_budget": "0.300", "nnz_budget": "0.500",
                     "loss": f"{r.history[-1]['train_loss']:.3g}",
                     "eval_loss": f"{r.history[-1]['eval_loss']:.3g}"}
+
+
+def test_device_argument_places_the_copy(model, data):
+    r = fp.gradual(model, data, method="mp", device=torch.device("cpu"), **KW)
+    assert all(p.device.type == "cpu" for p in r.model.parameters())
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            fp.gradual(model, data, method="mp", device="cuda", **KW)
