@@ -308,10 +308,12 @@ class GradientStore:
         rows = rows.to("cpu", self.dtype)
         size = itemsize(self.dtype)
         for a, b in self.ranges():
-            block = rows[:, a:b].contiguous().view(torch.uint8).numpy()
+            block = memoryview(rows[:, a:b].contiguous().view(torch.uint8).numpy()).cast("B")
             # chunk (a, b) is stored as an (n, b - a) row-major block at offset n * a
             self._file.seek((self.n * a + start * (b - a)) * size)
-            self._file.write(memoryview(block).cast("B"))
+            done = 0
+            while done < len(block):  # a raw write may take fewer bytes than given
+                done += self._file.write(block[done:])
 
     # -- reading ----------------------------------------------------------------------------
     def ranges(self, chunk: int | None = None) -> Iterator[tuple[int, int]]:
