@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from isolated import run_isolated, save_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -80,18 +81,13 @@ def main() -> None:
     for flops in a.budgets:
         for seed in a.seeds:
             for method in a.methods:
-                out = subprocess.run(
-                    [sys.executable, __file__, *forward, "--single", method, str(flops),
-                     str(seed)], capture_output=True, text=True, check=True,
-                ).stdout
-                row = json.loads(out.split("RESULT ", 1)[1])
+                row = run_isolated(__file__, [*forward, "--single", method, str(flops),
+                                              str(seed)])
                 rows.append(row)
                 print(f"{flops:.2f} seed {seed} {method:<7} acc {row['accuracy']:.4f} FLOPs "
                       f"{row['flops_fraction']:.4f} (recount {row['flops_recount']:.4f}) NNZ "
                       f"{row['nnz_fraction']:.4f} {row['seconds']:.0f}s", flush=True)
-                a.out.parent.mkdir(parents=True, exist_ok=True)
-                a.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows},
-                                            indent=1))
+                save_rows(a.out, rows)
     print(f"wrote {a.out}")
 
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from isolated import run_isolated, save_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 METHODS = ["mp", "mp_flops", "woodfisher", "chita", "falcon", "falcon++"]
@@ -84,21 +85,14 @@ def main() -> None:
         for method in a.methods:
             for seed in a.seeds:
                 extra = [] if a.n_gradients is None else ["--n-gradients", str(a.n_gradients)]
-                out = subprocess.run(
-                    [sys.executable, __file__, *extra, "--sampling", a.sampling,
-                     "--single", method, str(flops), str(seed)],
-                    capture_output=True, text=True, check=True,
-                ).stdout
-                row = json.loads(out.split("RESULT ", 1)[1])
+                row = run_isolated(__file__, [*extra, "--sampling", a.sampling, "--single",
+                                              method, str(flops), str(seed)])
                 rows.append(row)
                 print(f"{flops:.2f} {method:<10} acc {row['accuracy']:.4f} FLOPs "
                       f"{row['flops_fraction']:.4f} (recount {row['flops_recount']:.4f}) NNZ "
                       f"{row['nnz_fraction']:.4f} {row['seconds']:.1f}s "
                       f"{row['peak_rss_mb']:.0f} MiB", flush=True)
-                # written after every row so that an interrupted run keeps what it measured
-                a.out.parent.mkdir(parents=True, exist_ok=True)
-                a.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows},
-                                            indent=1))
+                save_rows(a.out, rows)
     print(f"wrote {a.out}")
 
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from isolated import run_isolated, save_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -100,18 +101,14 @@ def main() -> None:
     for setting in grid:
         for flops in a.budgets:
             for seed in a.seeds:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--prune-images", str(a.prune_images),
-                     "--single", json.dumps(setting), str(flops), str(seed)],
-                    capture_output=True, text=True, check=True).stdout
-                row = json.loads(out.split("RESULT ", 1)[1])
+                row = run_isolated(__file__, ["--prune-images", str(a.prune_images),
+                                              "--single", json.dumps(setting), str(flops),
+                                              str(seed)])
                 rows.append(row)
                 print(f"{json.dumps(setting):<70} {flops:.2f} seed {seed} val acc "
                       f"{row['val_accuracy']:.4f} loss {row['val_loss']:.4f} "
                       f"{row['seconds']:.1f}s", flush=True)
-                a.out.parent.mkdir(parents=True, exist_ok=True)
-                a.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows},
-                                            indent=1))
+                save_rows(a.out, rows)
     print("\nmedian validation accuracy per setting and budget:")
     for setting in grid:
         cells = []

@@ -1,0 +1,25 @@
+"""What the benchmark scripts share: every measurement in a fresh process (so that its time
+and peak memory are its own), and results written as they come."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_isolated(script: str, args: list[str]) -> dict:
+    """Run ``python script *args`` in a new process and return the JSON row it printed after
+    ``RESULT ``; a failing run stops the benchmark with its error output."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if proc.returncode != 0 or "RESULT " not in proc.stdout:
+        sys.exit(f"{Path(script).name} {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.split("RESULT ", 1)[1])
+
+
+def save_rows(path: Path, rows: list[dict]) -> None:
+    """Write ``{"command": ..., "rows": rows}`` to ``path``; called after every row so that an
+    interrupted benchmark keeps what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
