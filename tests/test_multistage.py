@@ -91,3 +91,33 @@ def test_bad_schedule_is_refused_and_model_unchanged(model, data):
     with pytest.raises(ValueError, match="stages must be"):
         fp.prune(model, data, flops=0.3, method="falcon++", stages=0, progress=False)
     assert same_state(model, before)
+
+
+@pytest.mark.parametrize("resample", [False, True])
+def test_resample_gives_each_stage_new_gradient_samples(model, data, monkeypatch, resample):
+    fits, helds = [], []
+    real = api.solve_step
+
+    def spy(*args, **kw):
+        fits.append(args[5].x.clone())
+        helds.append(args[6].x.clone())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(api, "solve_step", spy)
+    fp.prune(model, data, flops=0.4, method="falcon++", schedule=fp.Schedule(3),
+             n_gradients=60, n_validation=60, resample=resample, progress=False)
+    assert len(fits) == 3 and all(len(f) == 60 for f in fits)
+    assert all(torch.equal(h, helds[0]) for h in helds)  # one held-out set for every stage
+    if not resample:
+        assert all(torch.equal(f, fits[0]) for f in fits)
+        return
+    # 240 samples: 60 held out, a pool of 180 = three disjoint blocks of 60
+    assert not any(torch.equal(fits[i], fits[j]) for i in range(3) for j in range(i))
+    pool = torch.cat(fits)
+    assert len(torch.unique(pool.reshape(len(pool), -1), dim=0)) == 180
+    assert not any(bool((h == pool).flatten(1).all(1).any()) for h in helds[0][:, None])
+
+
+def test_resample_belongs_to_falcon_plus_plus(model, data):
+    with pytest.raises(ValueError, match="single-stage"):
+        fp.prune(model, data, flops=0.4, method="falcon", resample=True, progress=False)

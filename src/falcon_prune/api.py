@@ -47,14 +47,14 @@ from falcon_prune.solvers import (
 from falcon_prune.storage import DTYPES, STORAGES, compute_dtype_of
 
 DEFAULT_RIDGE = 1e-3
-#: falcon++ defaults for what the caller does not give: 10 cubic stages of 500 gradients and
-#: 500 held-out samples each, first-order scale 0.01, warm starts from the OBS saliency,
-#: ridge candidates {ridge, 1e-4, 1e-5} and no IHT refinement. Chosen on a validation split
-#: carved from the CIFAR-10 training images (benchmarks/tune_falcon_pp.py and
-#: benchmarks/results/tune_falcon_pp_round*.json; README, Results).
+#: falcon++ defaults for what the caller does not give: 10 cubic stages of 500 gradients (new
+#: samples at every stage) and 500 held-out samples, first-order scale 0.01, warm starts from
+#: the OBS saliency, ridge candidates {ridge, 1e-4, 1e-5} and no IHT refinement. Chosen on a
+#: validation split carved from the CIFAR-10 training images (benchmarks/tune_falcon_pp.py
+#: and benchmarks/results/tune_falcon_pp_round*.json; README, Results).
 MULTISTAGE_DEFAULTS: dict = {"stages": 10, "n_gradients": 500, "n_validation": 500,
                              "alpha": 0.01, "ridges": (1e-4, 1e-5), "max_iter": 0,
-                             "saliencies": ("obs",)}
+                             "saliencies": ("obs",), "resample": True}
 METHODS = (*solvers.METHODS, "falcon++")
 NEEDS_GRADIENTS = {*solvers.NEEDS_GRADIENTS, "falcon++"}
 
@@ -330,6 +330,7 @@ def prune(
     schedule: Schedule | str | Sequence[float] | None = None,
     stages: int | None = None,
     revive: bool = False,
+    resample: bool | None = None,
     loss_fn: LossFn | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -364,11 +365,14 @@ def prune(
     :class:`~falcon_prune.schedules.Schedule`, 'linear' / 'cubic' / 'exponential', or a list
     of kept fractions per stage; default: cubic); every stage recomputes the gradients at
     the current weights, takes them as the new centre and meets its own budgets; pruned
-    weights stay pruned unless ``revive=True``. The per-stage trajectory is in
+    weights stay pruned unless ``revive=True``. With ``resample`` (default) each stage
+    computes its gradients on the next ``n_gradients`` samples of the data (cycling through
+    what is there) instead of the same ones; the held-out samples stay the same. The per-stage
+    trajectory is in
     ``result.stages``. Its stages choose the exponent and ridge like ``falcon``; what is not
-    given comes from :data:`MULTISTAGE_DEFAULTS` (10 stages of 500 gradients, 500 held-out
-    samples, alpha 0.01, warm starts from the OBS saliency, ridges {``ridge``, 1e-4, 1e-5},
-    no IHT refinement), chosen on a
+    given comes from :data:`MULTISTAGE_DEFAULTS` (10 stages of 500 gradients, resampled,
+    500 held-out samples, alpha 0.01, warm starts from the OBS saliency, ridges {``ridge``,
+    1e-4, 1e-5}, no IHT refinement), chosen on a
     validation split of the CIFAR-10 training images (``benchmarks/tune_falcon_pp.py``,
     README, Results). Single-stage defaults: 1000 gradients, 1000 held-out samples, alpha 0.
     Without ``revive``, weights that are already zero in ``model`` stay zero (any method).
@@ -397,11 +401,14 @@ def prune(
             "nothing to prune."
         )
     _check_numerics(ridge, alpha, block_size, dtype, device, storage, memory_limit)
-    if not multistage and (schedule is not None or stages is not None or revive):
+    if not multistage and (schedule is not None or stages is not None or revive
+                           or resample is not None):
         raise ValueError(
-            f"schedule, stages and revive belong to method='falcon++'; method={method!r} is "
-            "single-stage: drop them or use method='falcon++'"
+            f"schedule, stages, revive and resample belong to method='falcon++'; "
+            f"method={method!r} is single-stage: drop them or use method='falcon++'"
         )
+    if resample is None:
+        resample = multistage and MULTISTAGE_DEFAULTS["resample"]
     plan = stage_budgets(as_schedule(schedule, stages, MULTISTAGE_DEFAULTS["stages"]), flops,
                          nnz) if multistage else [(flops, nnz)]
     if n_validation is None:
@@ -422,7 +429,10 @@ def prune(
     needs_grad = method in NEEDS_GRADIENTS
     n_fit = n_gradients * samples_per_gradient if needs_grad else 1
     total = _data_length(data)
-    want = n_fit + (n_validation if method in ("falcon", "falcon++") else 0)
+    # falcon++ with resample: every stage takes the next n_fit samples of a pool (cycling)
+    pool = n_fit * (len(plan) if resample else 1)
+    n_held = n_validation if method in ("falcon", "falcon++") else 0
+    want = pool + n_held
     if total is not None:
         if total < n_fit:
             raise ValueError(
@@ -436,8 +446,9 @@ def prune(
             f"the data yielded {len(samples)} samples but {n_fit} are needed; lower "
             "n_gradients or pass more data"
         )
-    fit = SampleSource(samples.x[:n_fit], samples.y[:n_fit])
-    held = SampleSource(samples.x[n_fit:], samples.y[n_fit:])
+    n_held = min(n_held, len(samples) - n_fit)  # what the data has beyond one gradient block
+    pool = len(samples) - n_held
+    held = SampleSource(samples.x[pool:], samples.y[pool:])
 
     pruned = clone_model(model)
     _unmask(pruned)
@@ -465,6 +476,8 @@ def prune(
         t_stage = time.perf_counter()
         budget = budget_of(cm, f_k, s_k)
         allowed = None if (revive or mask is None) else mask
+        rows = (torch.arange(n_fit) + (k - 1) * n_fit) % pool
+        fit = SampleSource(samples.x[rows], samples.y[rows])
         res, w, mask = solve_step(pruned, cm, groups, budget, stage_method, fit, held, problem,
                                   allowed, times)
         write_weights(cm, w)
