@@ -52,6 +52,8 @@ def test_cli_errors_are_reported(tmp_path, capsys):
     # multi-stage options with a single-stage method are refused before any work
     assert main([*base, "--flops", "0.3", "--method", "falcon", "--stages", "3"]) == 2
     assert "only apply to --method falcon++" in capsys.readouterr().err
+    assert main([*base, "--flops", "0.3", "--method", "mp", "--no-resample"]) == 2
+    assert "--no-resample only apply" in capsys.readouterr().err
     assert not (tmp_path / "o.pt").exists()
 
 
@@ -83,6 +85,8 @@ def test_falcon_plus_plus_and_gradual_from_the_command_line(tmp_path, capsys):
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
     assert "| stage |" in (tmp_path / "t.md").read_text()
     assert torch.load(out, weights_only=False)["report"]["flops_fraction"] <= 0.3
+    assert main(["prune", *common, "--method", "falcon++", "--no-resample", "--output",
+                 str(tmp_path / "fpp2.pt")]) == 0
     g = ["gradual", *common, "--method", "mp", "--epochs-per-stage", "1", "--final-epochs",
          "1", "--batch-size", "500", "--checkpoint-dir", str(tmp_path / "ck"), "--output",
          str(tmp_path / "g.pt"), "--history", str(tmp_path / "h.json"), "--plot",

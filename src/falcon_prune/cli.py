@@ -55,7 +55,8 @@ def _check_prune_args(a: argparse.Namespace) -> None:
     """Refuse, before any work, options that the chosen method would not use."""
     if a.method != "falcon++":
         given = [f"--{k}" for k in ("stages", "schedule", "start", "trajectory", "plot")
-                 if getattr(a, k) is not None] + (["--revive"] if a.revive else [])
+                 if getattr(a, k) is not None] + (["--revive"] if a.revive else []) \
+            + (["--no-resample"] if a.no_resample else [])
         if given:
             raise ValueError(f"{', '.join(given)} only apply to --method falcon++")
 
@@ -108,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_schedule_args(p, "falcon++ ", MULTISTAGE_DEFAULTS["stages"])
     p.add_argument("--revive", action="store_true",
                    help="falcon++: let later stages bring back weights pruned earlier")
+    p.add_argument("--no-resample", action="store_true",
+                   help="falcon++: compute every stage's gradients on the same samples")
     p.add_argument("--output", required=True, type=Path, help="where to save the pruned model")
     p.add_argument("--report", type=Path, help="also write the report as JSON here")
     p.add_argument("--trajectory", type=Path,
@@ -163,8 +166,8 @@ def cmd_prune(a: argparse.Namespace) -> int:
     model = load_checkpoint(create_model(a.model), a.checkpoint).eval()
     train = load_dataset(a.dataset, a.data, "train")
     limit = None if a.memory_limit_gb is None else int(a.memory_limit_gb * 2**30)
-    multistage = {"schedule": _schedule(a, MULTISTAGE_DEFAULTS["stages"]), "revive": a.revive} \
-        if a.method == "falcon++" else {}
+    multistage = {"schedule": _schedule(a, MULTISTAGE_DEFAULTS["stages"]), "revive": a.revive,
+                  "resample": not a.no_resample} if a.method == "falcon++" else {}
     r = prune(
         model, train, flops=a.flops, nnz=a.nnz, method=a.method, n_gradients=a.n_gradients,
         samples_per_gradient=a.samples_per_gradient, n_validation=a.n_validation,
