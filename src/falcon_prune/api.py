@@ -44,7 +44,7 @@ from falcon_prune.solvers import (
     magnitude_flops,
     woodfisher,
 )
-from falcon_prune.storage import DTYPES, STORAGES, compute_dtype_of
+from falcon_prune.storage import check_dtype, check_storage, compute_dtype_of
 
 DEFAULT_RIDGE = 1e-3
 #: falcon++ defaults for what the caller does not give: 10 cubic stages of 500 gradients (new
@@ -202,13 +202,8 @@ def _check_numerics(ridge, alpha, block_size, dtype, device, storage, memory_lim
     if block_size is not None and (isinstance(block_size, bool) or
                                    not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
-    if dtype not in DTYPES:
-        raise ValueError(
-            f"dtype must be one of {', '.join(map(str, DTYPES))} (the gradient matrix's "
-            f"storage), got {dtype!r}"
-        )
-    if storage not in STORAGES:
-        raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    check_dtype(dtype)
+    check_storage(storage)
     if memory_limit is not None and (isinstance(memory_limit, bool) or
                                      not isinstance(memory_limit, (int, float))
                                      or not memory_limit > 0):
@@ -367,14 +362,13 @@ def prune(
     the current weights, takes them as the new centre and meets its own budgets; pruned
     weights stay pruned unless ``revive=True``. With ``resample`` (default) each stage
     computes its gradients on the next ``n_gradients`` samples of the data (cycling through
-    what is there) instead of the same ones; the held-out samples stay the same. The per-stage
-    trajectory is in
-    ``result.stages``. Its stages choose the exponent and ridge like ``falcon``; what is not
-    given comes from :data:`MULTISTAGE_DEFAULTS` (10 stages of 500 gradients, resampled,
-    500 held-out samples, alpha 0.01, warm starts from the OBS saliency, ridges {``ridge``,
-    1e-4, 1e-5}, no IHT refinement), chosen on a
-    validation split of the CIFAR-10 training images (``benchmarks/tune_falcon_pp.py``,
-    README, Results). Single-stage defaults: 1000 gradients, 1000 held-out samples, alpha 0.
+    what is there) instead of the same ones; the held-out samples stay the same. The
+    per-stage trajectory is in ``result.stages``. Its stages choose the exponent and ridge
+    like ``falcon``; what is not given comes from :data:`MULTISTAGE_DEFAULTS` (10 stages of
+    500 gradients, resampled, 500 held-out samples, alpha 0.01, warm starts from the OBS
+    saliency, ridges {``ridge``, 1e-4, 1e-5}, no IHT refinement), chosen on a validation
+    split of the CIFAR-10 training images (``benchmarks/tune_falcon_pp.py``, README,
+    Results). Single-stage defaults: 1000 gradients, 1000 held-out samples, alpha 0.
     Without ``revive``, weights that are already zero in ``model`` stay zero (any method).
 
     Raises ``ValueError``/``TypeError`` on bad input and ``falcon_prune.MemoryBudgetError``
@@ -430,9 +424,8 @@ def prune(
     n_fit = n_gradients * samples_per_gradient if needs_grad else 1
     total = _data_length(data)
     # falcon++ with resample: every stage takes the next n_fit samples of a pool (cycling)
-    pool = n_fit * (len(plan) if resample else 1)
     n_held = n_validation if method in ("falcon", "falcon++") else 0
-    want = pool + n_held
+    want = n_fit * (len(plan) if resample else 1) + n_held
     if total is not None:
         if total < n_fit:
             raise ValueError(

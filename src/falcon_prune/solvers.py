@@ -68,7 +68,8 @@ class SolverOptions:
 
     A run appends its iterations to ``history`` and adds seconds per phase to ``timings``:
     'lipschitz' (power iteration), 'products' (Q and its gradient), 'projection' (ILP or
-    top-S), 'backsolve' (exact minimisation on a support), 'held_out' (candidate losses).
+    top-S), 'saliency' (OBS saliencies), 'backsolve' (exact minimisation on a support),
+    'held_out' (candidate losses).
     """
 
     max_iter: int = 30
@@ -193,11 +194,16 @@ def magnitude_flops(w_bar: torch.Tensor, groups: CostGroups, budget: Budget) -> 
 
 
 def woodfisher(qm: QuadraticModel, groups: CostGroups, budget: Budget) -> SolverResult:
-    saliency = qm.w_bar.double() ** 2 / inverse_hessian_diagonal(qm)
-    order = torch.argsort(saliency, descending=True, stable=True)
+    order = torch.argsort(obs_saliency(qm), descending=True, stable=True)
     mask = prefix_support(order, groups, budget)
     w = qm.solve_on_support(mask)
     return SolverResult(w, mask, objective=qm.value(w))
+
+
+def obs_saliency(qm: QuadraticModel) -> torch.Tensor:
+    """Optimal brain surgeon saliency w_i^2 / [H^-1]_ii (p,) float64 at ``qm.w_bar``: the
+    increase of Q when w_i alone is removed and the other weights compensate."""
+    return qm.w_bar.double() ** 2 / inverse_hessian_diagonal(qm)
 
 
 def inverse_hessian_diagonal(qm: QuadraticModel) -> torch.Tensor:
@@ -352,7 +358,7 @@ def falcon(
     saliency = {"magnitude": None}
     if "obs" in opts.saliencies:
         with timed(opts, "saliency"):
-            saliency["obs"] = w_bar.double() ** 2 / inverse_hessian_diagonal(qm)
+            saliency["obs"] = obs_saliency(qm)
     keys = [(k, b) for k in opts.saliencies for b in betas]
     with timed(opts, "projection"):
         starts = {

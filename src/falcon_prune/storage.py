@@ -112,7 +112,15 @@ def _halvings(n: int) -> list[int]:
     return out or [1]
 
 
-def _check_dtype(dtype: object) -> torch.dtype:
+def check_storage(storage: object) -> str:
+    """``storage`` if it is one of STORAGES, else a ValueError."""
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    return storage  # type: ignore[return-value]
+
+
+def check_dtype(dtype: object) -> torch.dtype:
+    """``dtype`` if it is a storage dtype of the gradient matrix, else a ValueError."""
     if dtype not in DTYPES:
         raise ValueError(
             f"dtype must be one of {', '.join(str(d) for d in DTYPES)} for the gradient "
@@ -143,9 +151,8 @@ def plan_storage(
     the system's temporary directory). ``storage='auto'``: the first that fits of X in RAM
     in ``dtype``, in float32 (when float64 was asked), in float16 (row-scaled), then on disk
     in ``dtype``; a MemoryBudgetError when even the disk path does not fit."""
-    dtype = _check_dtype(dtype)
-    if storage not in STORAGES:
-        raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    dtype = check_dtype(dtype)
+    check_storage(storage)
     limit = default_memory_limit() if memory_limit is None else int(memory_limit)
     if limit <= 0:
         raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit}")
@@ -216,7 +223,7 @@ class GradientStore:
         chunk_bytes: int = 64 * 2**20,
     ):
         self.n, self.p = int(n), int(p)
-        self.dtype = _check_dtype(dtype)
+        self.dtype = check_dtype(dtype)
         self.compute_dtype = compute_dtype_of(self.dtype)
         self.device = torch.device(device)
         self.backend = backend
@@ -249,7 +256,7 @@ class GradientStore:
             raise ValueError(f"X must be a matrix (n, p), got shape {tuple(X.shape)}")
         store = cls.__new__(cls)
         store.n, store.p = X.shape
-        store.dtype = _check_dtype(X.dtype)
+        store.dtype = check_dtype(X.dtype)
         store.compute_dtype = compute_dtype_of(X.dtype)
         store.device = X.device
         store.backend = "memory"
