@@ -121,3 +121,26 @@ def test_resample_gives_each_stage_new_gradient_samples(model, data, monkeypatch
 def test_resample_belongs_to_falcon_plus_plus(model, data):
     with pytest.raises(ValueError, match="single-stage"):
         fp.prune(model, data, flops=0.4, method="falcon", resample=True, progress=False)
+
+
+def test_stage_rows_reuse_the_solvers_held_out_measurement(model, data, monkeypatch):
+    """The trajectory's held-out loss and accuracy come from the solver's evaluation of the
+    chosen candidate; they equal a fresh pass over the held-out samples."""
+    real = api.stage_record
+    checked = []
+
+    def spy(*args, known=None, **kw):
+        if known is None and len(args) > 8:
+            known, args = args[8], args[:8]
+        fresh = real(*args, **kw)
+        assert known is not None  # falcon's choice came with its held-out measurement
+        assert known[0] == pytest.approx(fresh["held_out_loss"], rel=1e-5)
+        assert known[1] == pytest.approx(fresh["held_out_accuracy"])
+        checked.append(known)
+        return real(*args, known=known, **kw)
+
+    monkeypatch.setattr(api, "stage_record", spy)
+    r = fp.prune(model, data, flops=0.4, method="falcon++", stages=2, n_gradients=60,
+                 n_validation=80, progress=False)
+    assert len(checked) == 2
+    assert [row["held_out_loss"] for row in r.stages] == [k[0] for k in checked]

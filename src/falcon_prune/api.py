@@ -475,7 +475,7 @@ def prune(
                                   allowed, times)
         write_weights(cm, w)
         if method == "falcon++":
-            row = stage_record(k, pruned, cm, f_k, s_k, held, loss_fn, device)
+            row = stage_record(k, pruned, cm, f_k, s_k, held, loss_fn, device, res.held_out)
             row["seconds"] = time.perf_counter() - t_stage
             row.update(_details(res, problem.options, stage_method, history=False))
             trajectory.append(row)
@@ -555,7 +555,7 @@ def solve_step(
     w_bar = w_all if idx is None else w_all[idx]
     sub_groups = groups if allowed is None else groups.subset(allowed)
     held_loss = (
-        _held_out_loss(model, cm, held, problem.loss_fn, problem.device) if len(held) else None
+        _HeldOutLoss(model, cm, held, problem.loss_fn, problem.device) if len(held) else None
     )
     evaluate = None
     if held_loss is not None:
@@ -590,6 +590,8 @@ def solve_step(
     times["solver"] = times.get("solver", 0.0) + time.perf_counter() - t
     for phase, seconds in opts.timings.items():  # cumulative over the run's stages
         times[f"solver:{phase}"] = seconds
+    if held_loss is not None and res.score in held_loss.accuracy:
+        res.held_out = (res.score, held_loss.accuracy[res.score])
     w = res.w.detach().to("cpu", torch.float32)
     mask = res.mask.to("cpu") & (w != 0)
     if idx is not None:
@@ -604,10 +606,12 @@ def _scatter(v: torch.Tensor, idx: torch.Tensor, cm: CostModel) -> torch.Tensor:
 
 
 def stage_record(
-    k: int, model: nn.Module, cm: CostModel, flops, nnz, held: SampleSource, loss_fn, device
+    k: int, model: nn.Module, cm: CostModel, flops, nnz, held: SampleSource, loss_fn, device,
+    known: tuple[float, float] | None = None,
 ) -> dict:
     """Kept fractions of the model's current weights and, when there are held-out samples,
-    their loss and accuracy (a row of the falcon++ / gradual trajectory)."""
+    their loss and accuracy (a row of the falcon++ / gradual trajectory); ``known`` is that
+    (loss, accuracy) when the solver already measured it for these weights."""
     w = flatten_weights(cm)
     f = cm.layer_costs().to(torch.float64)
     kept = torch.stack([wl.count_nonzero() for wl in cm.split(w)]).to("cpu", torch.float64)
@@ -616,7 +620,9 @@ def stage_record(
         "flops_fraction": float((kept * f).sum()) / cm.dense_macs,
         "nnz_fraction": float(kept.sum()) / cm.num_weights,
     }
-    if len(held):
+    if known is not None:
+        row["held_out_loss"], row["held_out_accuracy"] = known
+    elif len(held):
         row["held_out_loss"], row["held_out_accuracy"] = loss_and_accuracy(
             model, held, loss_fn, device)
     return row
@@ -641,23 +647,32 @@ def loss_and_accuracy(
     return loss / len(data), correct / len(data)
 
 
-def _held_out_loss(model: nn.Module, cm: CostModel, held: SampleSource, loss_fn, device):
-    """Loss of ``model`` with flat prunable weights w on the held-out samples (eval mode)."""
-    names = [lay.name + ".weight" for lay in cm.layers]
-    loss_fn = loss_fn or F.cross_entropy
-    x, y = held.x.to(device), held.y.to(device)  # once, not at every evaluation
+class _HeldOutLoss:
+    """Loss of ``model`` with flat prunable weights w (p,) on the held-out samples (eval
+    mode); remembers the accuracy that went with each loss it returned, so that the stage
+    record of the chosen candidate needs no second pass over the samples."""
 
-    def evaluate(w: torch.Tensor) -> float:
-        params = {n: t.to(torch.float32) for n, t in zip(names, cm.split(w), strict=True)}
-        total = 0.0
+    def __init__(self, model: nn.Module, cm: CostModel, held: SampleSource, loss_fn, device):
+        self.model, self.cm = model, cm
+        self.names = [lay.name + ".weight" for lay in cm.layers]
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.x, self.y = held.x.to(device), held.y.to(device)  # once, not at every call
+        self.accuracy: dict[float, float] = {}
+
+    def __call__(self, w: torch.Tensor) -> float:
+        params = {n: t.to(torch.float32)
+                  for n, t in zip(self.names, self.cm.split(w), strict=True)}
+        total, correct = 0.0, 0
         with torch.no_grad():
-            for a in range(0, len(held), 256):
-                xb, yb = x[a : a + 256], y[a : a + 256]
-                out = functional_call(model, params, (xb,))
-                total += float(loss_fn(out, yb)) * len(xb)
-        return total / len(held)
-
-    return evaluate
+            for a in range(0, len(self.x), 256):
+                xb, yb = self.x[a : a + 256], self.y[a : a + 256]
+                out = functional_call(self.model, params, (xb,))
+                total += float(self.loss_fn(out, yb)) * len(xb)
+                if out.dim() == 2 and yb.dim() == 1:
+                    correct += int((out.argmax(1) == yb).sum())
+        loss = total / len(self.x)
+        self.accuracy[loss] = correct / len(self.x)
+        return loss
 
 
 def _verify(cm: CostModel, budget: Budget, flops, nnz, method):

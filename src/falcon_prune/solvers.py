@@ -144,6 +144,8 @@ class SolverResult:
     beta: float | None = None
     source: str | None = None
     saliency: str | None = None
+    score: float | None = None  # held-out loss of w, when chosen by held-out data
+    held_out: tuple[float, float] | None = None  # (loss, accuracy) when known
 
 
 def costs_of(mask: torch.Tensor, groups: CostGroups) -> float:
@@ -353,6 +355,7 @@ def falcon(
                              "ridge": lam, "objective": obj, "score": s})
         res = SolverResult(w, ilp.mask, ilp.gap, ilp.upper_bound, 0, obj, lam)
         res.beta, res.saliency = key[1], key[0]
+        res.score = s if evaluate is not None else None
         return s, res
 
     saliency = {"magnitude": None}
@@ -400,6 +403,7 @@ def falcon(
     chosen = refined if s1 < best_s else best
     chosen.iterations, chosen.ridge, chosen.beta = refined.iterations, lam, beta
     chosen.saliency = best.saliency  # IHT started from that warm start
+    chosen.score = (s1 if chosen is refined else best_s) if evaluate is not None else None
     chosen.source = "iht" if chosen is refined else "warm start"
     return chosen
 
