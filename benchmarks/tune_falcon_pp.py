@@ -10,7 +10,8 @@ images are never read. Each (setting, budget, seed) runs in its own process.
         --out benchmarks/results/tune_falcon_pp.json
 
 A setting is a JSON object of ``prune`` keyword arguments (``stages``, ``schedule``,
-``n_gradients``, ``n_validation``, ``ridge``, ``alpha``) plus ``ridges``, ``max_iter``,
+``n_gradients``, ``samples_per_gradient``, ``n_validation``, ``ridge``, ``alpha``,
+``resample``), ``start`` (the schedule's first kept fraction), plus ``ridges``, ``max_iter``,
 ``cost_exponents``, ``step``, ``step_scale``, ``rounds`` and ``active_factor`` for
 :class:`falcon_prune.SolverOptions`; ``--settings`` takes a JSON file with a list of them
 (default: the grid below).
@@ -63,6 +64,9 @@ def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
             opts[k] = tuple(opts[k])
     # options not named keep falcon++'s defaults (round 2 and earlier used SolverOptions'
     # own defaults for them, e.g. max_iter=30, whenever a setting named any option)
+    if "start" in kw:  # a schedule starting at that kept fraction
+        kw["schedule"] = fp.Schedule(kw.pop("stages", fp.api.MULTISTAGE_DEFAULTS["stages"]),
+                                     kw.pop("schedule", "cubic"), kw.pop("start"))
     base = {k: fp.api.MULTISTAGE_DEFAULTS[k] for k in ("max_iter", "ridges", "saliencies")}
     options = fp.SolverOptions(progress=False, **{**base, **opts}) if opts else None
     t = time.perf_counter()

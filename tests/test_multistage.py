@@ -105,7 +105,8 @@ def test_resample_gives_each_stage_new_gradient_samples(model, data, monkeypatch
 
     monkeypatch.setattr(api, "solve_step", spy)
     fp.prune(model, data, flops=0.4, method="falcon++", schedule=fp.Schedule(3),
-             n_gradients=60, n_validation=60, resample=resample, progress=False)
+             n_gradients=60, samples_per_gradient=1, n_validation=60, resample=resample,
+             progress=False)
     assert len(fits) == 3 and all(len(f) == 60 for f in fits)
     assert all(torch.equal(h, helds[0]) for h in helds)  # one held-out set for every stage
     if not resample:
@@ -144,3 +145,35 @@ def test_stage_rows_reuse_the_solvers_held_out_measurement(model, data, monkeypa
                  n_validation=80, progress=False)
     assert len(checked) == 2
     assert [row["held_out_loss"] for row in r.stages] == [k[0] for k in checked]
+
+
+@pytest.mark.parametrize(("kw", "expected"), [
+    ({"n_gradients": 50}, 2),  # falcon++'s default: mini-batch gradients of 2 samples
+    ({"n_gradients": 150}, 1),  # 240 samples cannot give 150 x 2: the documented fallback
+    ({"n_gradients": 50, "samples_per_gradient": 3}, 3),  # what the caller asks
+])
+def test_falcon_pp_samples_per_gradient_default(model, data, monkeypatch, kw, expected):
+    seen = []
+    real = api.gradient_store
+
+    def spy(model, cm, fit, n_gradients, samples_per_gradient, *args, **kwargs):
+        seen.append((len(fit), n_gradients, samples_per_gradient))
+        return real(model, cm, fit, n_gradients, samples_per_gradient, *args, **kwargs)
+
+    monkeypatch.setattr(api, "gradient_store", spy)
+    fp.prune(model, data, flops=0.5, method="falcon++", stages=1, progress=False, **kw)
+    n = kw["n_gradients"]
+    assert seen == [(n * expected, n, expected)]
+
+
+def test_single_stage_default_is_one_sample_per_gradient(model, data, monkeypatch):
+    seen = []
+    real = api.gradient_store
+
+    def spy(model, cm, fit, n_gradients, samples_per_gradient, *args, **kwargs):
+        seen.append(samples_per_gradient)
+        return real(model, cm, fit, n_gradients, samples_per_gradient, *args, **kwargs)
+
+    monkeypatch.setattr(api, "gradient_store", spy)
+    fp.prune(model, data, flops=0.5, method="falcon", n_gradients=50, progress=False)
+    assert seen == [1]

@@ -106,6 +106,21 @@ def test_inverse_hessian_diagonal(problem):
                           rtol=1e-6)
 
 
+def test_inverse_hessian_diagonal_float32_stays_exact_enough(problem):
+    """float32 X (the default storage), with curvature up to ~1e5 times the ridge where
+    1 - ||L^-1 x||^2 cancels: close to the float64 answer and never below 1 / H_ii."""
+    _, qm, _ = problem
+    X = qm.X.columns(0, 300).double()
+    lam = 1e-6
+    H = X.T @ X / X.shape[0] + lam * torch.eye(300, dtype=torch.float64)
+    assert float(H.diagonal().max()) > 1e4 * lam
+    ref = torch.linalg.inv(H).diagonal()
+    got = S.inverse_hessian_diagonal(QuadraticModel(X.float(), qm.w_bar[:300], lam))
+    assert got.dtype == torch.float64
+    assert bool((got >= 1 / H.diagonal() * (1 - 1e-9)).all())
+    assert torch.allclose(got, ref, rtol=1e-3)
+
+
 def test_prefix_support_is_longest_feasible_prefix(problem):
     cm, qm, groups = problem
     budget = S.Budget(None, 0.5 * cm.dense_macs)

@@ -47,14 +47,15 @@ from falcon_prune.solvers import (
 from falcon_prune.storage import check_dtype, check_storage, compute_dtype_of
 
 DEFAULT_RIDGE = 1e-3
-#: falcon++ defaults for what the caller does not give: 10 cubic stages of 500 gradients (new
-#: samples at every stage) and 500 held-out samples, first-order scale 0.01, warm starts from
-#: the OBS saliency, ridge candidates {ridge, 1e-4, 1e-5} and no IHT refinement. Chosen on a
+#: falcon++ defaults for what the caller does not give: 12 cubic stages, each with 400
+#: gradients of 2 samples (mini-batch gradients; 1 when the data is too small for 2) taken from
+#: new samples at every stage, 500 held-out samples, first-order scale 0.01, warm starts from
+#: the OBS saliency, ridge candidates {ridge, 1e-4} and no IHT refinement. Chosen on a
 #: validation split carved from the CIFAR-10 training images (benchmarks/tune_falcon_pp.py
 #: and benchmarks/results/tune_falcon_pp_round*.json; README, Results).
-MULTISTAGE_DEFAULTS: dict = {"stages": 10, "n_gradients": 500, "n_validation": 500,
-                             "alpha": 0.01, "ridges": (1e-4, 1e-5), "max_iter": 0,
-                             "saliencies": ("obs",), "resample": True}
+MULTISTAGE_DEFAULTS: dict = {"stages": 12, "n_gradients": 400, "samples_per_gradient": 2,
+                             "n_validation": 500, "alpha": 0.01, "ridges": (1e-4,),
+                             "max_iter": 0, "saliencies": ("obs",), "resample": True}
 METHODS = (*solvers.METHODS, "falcon++")
 NEEDS_GRADIENTS = {*solvers.NEEDS_GRADIENTS, "falcon++"}
 
@@ -316,7 +317,7 @@ def prune(
     nnz: float | None = None,
     method: str = "falcon",
     n_gradients: int | None = None,
-    samples_per_gradient: int = 1,
+    samples_per_gradient: int | None = None,
     n_validation: int | None = None,
     ridge: float = DEFAULT_RIDGE,
     alpha: float | None = None,
@@ -342,7 +343,8 @@ def prune(
 
     ``data``: an (inputs, targets) tuple of tensors, a Dataset of (x, y) pairs or a loader of
     (x, y) batches. The first ``n_gradients * samples_per_gradient`` samples give the
-    gradient matrix (methods woodfisher, chita, falcon, falcon++); up to ``n_validation``
+    gradient matrix (methods woodfisher, chita, falcon, falcon++; each row the gradient of
+    the mean loss over ``samples_per_gradient`` samples, default 1); up to ``n_validation``
     further samples, when the data has them, let ``falcon`` choose its ridge and warm start
     by their loss (otherwise it uses Q with ``ridge``). ``ridge`` is lam and ``alpha`` the
     first-order scale of the quadratic model; ``block_size`` switches to the block-diagonal
@@ -364,11 +366,13 @@ def prune(
     computes its gradients on the next ``n_gradients`` samples of the data (cycling through
     what is there) instead of the same ones; the held-out samples stay the same. The
     per-stage trajectory is in ``result.stages``. Its stages choose the exponent and ridge
-    like ``falcon``; what is not given comes from :data:`MULTISTAGE_DEFAULTS` (10 stages of
-    500 gradients, resampled, 500 held-out samples, alpha 0.01, warm starts from the OBS
-    saliency, ridges {``ridge``, 1e-4, 1e-5}, no IHT refinement), chosen on a validation
-    split of the CIFAR-10 training images (``benchmarks/tune_falcon_pp.py``, README,
-    Results). Single-stage defaults: 1000 gradients, 1000 held-out samples, alpha 0.
+    like ``falcon``; what is not given comes from :data:`MULTISTAGE_DEFAULTS` (12 stages of
+    400 gradients of 2 samples each, resampled, 500 held-out samples, alpha 0.01, warm
+    starts from the OBS saliency, ridges {``ridge``, 1e-4}, no IHT refinement), chosen on a
+    validation split of the CIFAR-10 training images (``benchmarks/tune_falcon_pp.py``,
+    README, Results); when the data holds fewer than ``2 * n_gradients`` samples, the
+    default ``samples_per_gradient`` is 1. Single-stage defaults: 1000 gradients of 1
+    sample, 1000 held-out samples, alpha 0.
     Without ``revive``, weights that are already zero in ``model`` stay zero (any method).
 
     Raises ``ValueError``/``TypeError`` on bad input and ``falcon_prune.MemoryBudgetError``
@@ -386,6 +390,9 @@ def prune(
         n_gradients = MULTISTAGE_DEFAULTS["n_gradients"] if multistage else 1000
     if alpha is None:
         alpha = MULTISTAGE_DEFAULTS["alpha"] if multistage else 0.0
+    spg_default = samples_per_gradient is None
+    if spg_default:
+        samples_per_gradient = MULTISTAGE_DEFAULTS["samples_per_gradient"] if multistage else 1
     _check_args(method, n_gradients, samples_per_gradient)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -421,8 +428,10 @@ def prune(
                                       history=[], timings={})
     torch.manual_seed(seed)
     needs_grad = method in NEEDS_GRADIENTS
-    n_fit = n_gradients * samples_per_gradient if needs_grad else 1
     total = _data_length(data)
+    if spg_default and total is not None and total < n_gradients * samples_per_gradient:
+        samples_per_gradient = 1  # the documented fallback for small data
+    n_fit = n_gradients * samples_per_gradient if needs_grad else 1
     # falcon++ with resample: every stage takes the next n_fit samples of a pool (cycling)
     n_held = n_validation if method in ("falcon", "falcon++") else 0
     want = n_fit * (len(plan) if resample else 1) + n_held
@@ -434,6 +443,8 @@ def prune(
             )
         want = min(want, total)
     samples = as_samples(data, want, seed=seed)
+    if spg_default and n_gradients <= len(samples) < n_fit:
+        samples_per_gradient, n_fit = 1, n_gradients  # the same fallback, counted late
     if len(samples) < n_fit:
         raise ValueError(
             f"the data yielded {len(samples)} samples but {n_fit} are needed; lower "

@@ -83,8 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nnz", type=float, help="fraction of the weights to keep, in (0, 1]")
     p.add_argument("--method", default="falcon", choices=METHODS)
     p.add_argument("--n-gradients", type=int, default=None,
-                   help="gradients (per stage for falcon++; default 1000, falcon++: 500)")
-    p.add_argument("--samples-per-gradient", type=int, default=1)
+                   help="gradients (per stage for falcon++; default 1000, falcon++: 400)")
+    p.add_argument("--samples-per-gradient", type=int, default=None,
+                   help="samples averaged into each gradient (default 1; falcon++: 2)")
     p.add_argument("--n-validation", type=int, default=None,
                    help="held-out samples falcon uses to choose its ridge and exponent "
                         "(default 1000; falcon++: 500)")

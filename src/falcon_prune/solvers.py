@@ -213,15 +213,20 @@ def inverse_hessian_diagonal(qm: QuadraticModel) -> torch.Tensor:
     X, n, lam = qm.X, qm.n, qm.lam
     out = torch.empty(qm.p, dtype=torch.float64, device=qm.device)
     if qm.block_size is None:
-        # [H^-1]_ii = (1 - x_i^T (K + n lam I)^-1 x_i) / lam with K = X X^T; the quadratic
-        # form is ||L^-1 x_i||^2 for the Cholesky factor L of K + n lam I (float64: the
-        # difference cancels where the curvature is far above lam)
+        # [H^-1]_ii = (1 - ||L^-1 x_i||^2) / lam with L the Cholesky factor of X X^T + n lam I
+        # (float64). The product with L^-1 is one GEMM per chunk in X's compute dtype; where
+        # float32 rounding would cancel (curvature far above lam) the exact lower bound
+        # [H^-1]_ii >= 1 / H_ii keeps the value positive and of the right size.
         K = qm.support_gram(torch.ones(qm.p, dtype=torch.bool, device=qm.device)).clone()
         K.diagonal().add_(lam * n)
         L = torch.linalg.cholesky(K)
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        L_inv = torch.linalg.solve_triangular(L, eye, upper=False).to(qm.dtype)
         for a, b in X.ranges():
-            Z = torch.linalg.solve_triangular(L, X.columns(a, b).double(), upper=False)
-            out[a:b] = (1 - Z.square().sum(0)) / lam
+            Xc = X.columns(a, b)
+            q = (L_inv @ Xc).square().sum(0).double()
+            lower = 1 / (lam + Xc.square().sum(0).double() / n)
+            out[a:b] = torch.maximum((1 - q) / lam, lower)
         return out
     for a, b in qm._blocks():
         B = min(qm.block_size, b - a)
