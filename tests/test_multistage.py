@@ -161,9 +161,10 @@ def test_falcon_pp_samples_per_gradient_default(model, data, monkeypatch, kw, ex
         return real(model, cm, fit, n_gradients, samples_per_gradient, *args, **kwargs)
 
     monkeypatch.setattr(api, "gradient_store", spy)
-    fp.prune(model, data, flops=0.5, method="falcon++", stages=1, progress=False, **kw)
+    r = fp.prune(model, data, flops=0.5, method="falcon++", stages=1, progress=False, **kw)
     n = kw["n_gradients"]
     assert seen == [(n * expected, n, expected)]
+    assert r.details["samples_per_gradient"] == expected
 
 
 def test_single_stage_default_is_one_sample_per_gradient(model, data, monkeypatch):

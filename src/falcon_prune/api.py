@@ -431,6 +431,10 @@ def prune(
     total = _data_length(data)
     if spg_default and total is not None and total < n_gradients * samples_per_gradient:
         samples_per_gradient = 1  # the documented fallback for small data
+        if progress and needs_grad and multistage:
+            tqdm.write(f"falcon++: {total} samples are fewer than {n_gradients} x "
+                       f"{MULTISTAGE_DEFAULTS['samples_per_gradient']}; using 1 sample per "
+                       "gradient", file=sys.stderr)
     n_fit = n_gradients * samples_per_gradient if needs_grad else 1
     # falcon++ with resample: every stage takes the next n_fit samples of a pool (cycling)
     n_held = n_validation if method in ("falcon", "falcon++") else 0
@@ -499,6 +503,8 @@ def prune(
     report = _verify(cm, budget, flops, nnz, method)
     times["total"] = time.perf_counter() - t_start
     details = _details(res, problem.options, stage_method)
+    if needs_grad:
+        details["samples_per_gradient"] = samples_per_gradient
     if problem.storage_used is not None:
         details["storage"] = problem.storage_used
     if stage_method == "falcon":
