@@ -147,6 +147,19 @@ def test_a_data_loader_counts_samples_not_batches(model, data):
         fp.prune(model, loader, flops=0.4, n_gradients=241, progress=False)
 
 
+def test_a_list_of_batches_counts_its_samples_as_read(model, data):
+    """A list of (x, y) batches is not a data set of that many samples; held-out samples
+    are optional, so fewer than n_gradients + n_validation is fine."""
+    x, y = data
+    batches = [(x[i : i + 40], y[i : i + 40]) for i in range(0, len(x), 40)]
+    r = fp.prune(model, batches, flops=0.4, method="falcon", n_gradients=100,
+                 progress=False)  # n_validation 1000 by default: 140 are there
+    assert r.flops_fraction <= 0.4
+    assert r.details["selection"] == "held-out loss on 140 samples"
+    with pytest.raises(ValueError, match="asked for 241 samples but the data has only 240"):
+        fp.prune(model, iter(batches), flops=0.4, n_gradients=241, progress=False)
+
+
 def test_active_set_and_rounds_keep_the_support_inside_the_set(model, data):
     opts = fp.SolverOptions(active_factor=1.5, rounds=2, max_iter=5, step="linesearch",
                             progress=False)

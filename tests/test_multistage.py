@@ -178,3 +178,14 @@ def test_single_stage_default_is_one_sample_per_gradient(model, data, monkeypatc
     monkeypatch.setattr(api, "gradient_store", spy)
     fp.prune(model, data, flops=0.5, method="falcon", n_gradients=50, progress=False)
     assert seen == [1]
+
+
+def test_falcon_pp_small_batch_iterable_falls_back_to_one_sample_per_gradient(model, data):
+    """Data of unknown length (a generator of batches) too small for the default 2 samples
+    per gradient: the same fallback as for data whose length is known."""
+    x, y = data
+    batches = ((x[i : i + 40], y[i : i + 40]) for i in range(0, len(x), 40))
+    r = fp.prune(model, batches, flops=0.5, method="falcon++", stages=1, n_gradients=150,
+                 progress=False)
+    assert r.details["samples_per_gradient"] == 1
+    assert r.flops_fraction <= 0.5

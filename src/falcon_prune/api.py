@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import prune as torch_prune
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from falcon_prune import solvers
@@ -232,10 +232,12 @@ def _data_length(data: object) -> int | None:
             return len(data.dataset)  # type: ignore[arg-type]
         except TypeError:
             return None
-    try:
-        return len(data)  # type: ignore[arg-type]
-    except TypeError:
-        return None
+    if isinstance(data, Dataset):
+        try:
+            return len(data)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    return None  # an iterable of batches: counted as it is read
 
 
 # -- masks --------------------------------------------------------------------------------
@@ -429,31 +431,27 @@ def prune(
     torch.manual_seed(seed)
     needs_grad = method in NEEDS_GRADIENTS
     total = _data_length(data)
-    if spg_default and total is not None and total < n_gradients * samples_per_gradient:
-        samples_per_gradient = 1  # the documented fallback for small data
-        if progress and needs_grad and multistage:
-            tqdm.write(f"falcon++: {total} samples are fewer than {n_gradients} x "
-                       f"{MULTISTAGE_DEFAULTS['samples_per_gradient']}; using 1 sample per "
-                       "gradient", file=sys.stderr)
     n_fit = n_gradients * samples_per_gradient if needs_grad else 1
+    # a default samples_per_gradient falls back to 1 when the data is too small for it
+    per_row = 1 if spg_default else samples_per_gradient
+    least = n_gradients * per_row if needs_grad else 1
     # falcon++ with resample: every stage takes the next n_fit samples of a pool (cycling)
     n_held = n_validation if method in ("falcon", "falcon++") else 0
     want = n_fit * (len(plan) if resample else 1) + n_held
     if total is not None:
-        if total < n_fit:
+        if total < least:
             raise ValueError(
-                f"{n_gradients} gradients x {samples_per_gradient} samples need {n_fit} "
+                f"{n_gradients} gradients x {per_row} samples need {least} "
                 f"samples but the data has {total}; lower n_gradients or pass more data"
             )
         want = min(want, total)
-    samples = as_samples(data, want, seed=seed)
-    if spg_default and n_gradients <= len(samples) < n_fit:
-        samples_per_gradient, n_fit = 1, n_gradients  # the same fallback, counted late
-    if len(samples) < n_fit:
-        raise ValueError(
-            f"the data yielded {len(samples)} samples but {n_fit} are needed; lower "
-            "n_gradients or pass more data"
-        )
+    samples = as_samples(data, want, seed=seed, minimum=least)
+    if len(samples) < n_fit:  # only a default samples_per_gradient gets here
+        samples_per_gradient, n_fit = 1, n_gradients
+        if progress:
+            tqdm.write(f"falcon++: {len(samples)} samples are fewer than {n_gradients} x "
+                       f"{MULTISTAGE_DEFAULTS['samples_per_gradient']}; using 1 sample per "
+                       "gradient", file=sys.stderr)
     n_held = min(n_held, len(samples) - n_fit)  # what the data has beyond one gradient block
     pool = len(samples) - n_held
     held = SampleSource(samples.x[pool:], samples.y[pool:])

@@ -43,10 +43,14 @@ class SampleSource:
         return len(self.x)
 
 
-def as_samples(data: object, needed: int | None = None, seed: int = 0) -> SampleSource:
+def as_samples(
+    data: object, needed: int | None = None, seed: int = 0, minimum: int | None = None
+) -> SampleSource:
     """Collect (x, y) from a ``(x, y)`` tuple of tensors, a ``Dataset`` of (x, y) pairs (a
     seeded random subset when ``needed`` is given) or an iterable of (x, y) batches (taken
-    in order). Raises ``ValueError`` when the data has another form or too few samples."""
+    in order): up to ``needed`` samples, and at least ``minimum`` (default ``needed``).
+    Raises ``ValueError`` when the data has another form or fewer than ``minimum``."""
+    minimum = needed if minimum is None else minimum
     if (
         isinstance(data, (tuple, list))
         and len(data) == 2
@@ -57,9 +61,9 @@ def as_samples(data: object, needed: int | None = None, seed: int = 0) -> Sample
             raise ValueError(f"inputs and targets differ in length: {len(x)} vs {len(y)}")
     elif isinstance(data, Dataset) and hasattr(data, "__len__"):
         n = len(data)
-        if needed is not None and needed > n:
+        if minimum is not None and minimum > n:
             raise ValueError(
-                f"asked for {needed} samples but the data set has only {n}; lower n_gradients "
+                f"asked for {minimum} samples but the data set has only {n}; lower n_gradients "
                 "(or samples per gradient) or pass more data"
             )
         g = torch.Generator().manual_seed(seed)
@@ -83,12 +87,12 @@ def as_samples(data: object, needed: int | None = None, seed: int = 0) -> Sample
             "data must be an (inputs, targets) tuple of tensors, a Dataset of (x, y) pairs or "
             f"an iterable of (x, y) batches; got {type(data).__name__}"
         )
+    if minimum is not None and len(x) < minimum:
+        raise ValueError(
+            f"asked for {minimum} samples but the data has only {len(x)}; lower n_gradients "
+            "(or samples per gradient) or pass more data"
+        )
     if needed is not None:
-        if len(x) < needed:
-            raise ValueError(
-                f"asked for {needed} samples but the data has only {len(x)}; lower n_gradients "
-                "(or samples per gradient) or pass more data"
-            )
         x, y = x[:needed], y[:needed]
     if not torch.is_floating_point(x):
         raise ValueError(f"inputs must be floating point tensors, got {x.dtype}")
