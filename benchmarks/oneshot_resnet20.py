@@ -8,7 +8,9 @@ non-zero weights of the plain, mask-folded copy) and tested on the 846 shared te
         --out benchmarks/results/oneshot_resnet20.json
 
 With ``--sampling random`` each seed draws its own random gradient and validation samples
-from the training images (``first``: the first ones, whatever the seed).
+from the training images (``first``: the first ones, whatever the seed). With
+``--recalibrate-bn N`` every method re-estimates the BatchNorm statistics on N training
+samples after pruning (``prune(recalibrate_bn=N)``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ METHODS = ["mp", "mp_flops", "woodfisher", "chita", "falcon", "falcon++"]
 
 
 def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
-            sampling: str) -> dict:
+            sampling: str, recalibrate_bn: int = 0) -> dict:
     import torch
     from torch.utils.data import TensorDataset
 
@@ -43,7 +45,7 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
     extra = {} if n_gradients is None else {"n_gradients": n_gradients}
     t = time.perf_counter()
     r = fp.prune(model.eval(), data, flops=flops, method=method, seed=seed, progress=False,
-                 **extra)
+                 recalibrate_bn=recalibrate_bn, **extra)
     seconds = time.perf_counter() - t
     plain = fp.make_permanent(fp.api.clone_model(r.model))
     kept, dense = fp.count_macs(plain, train.tensors[0][:1])
@@ -51,7 +53,8 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
     weights = [lay.module.weight for lay in layers]
     nnz = sum(int(w.count_nonzero()) for w in weights) / sum(w.numel() for w in weights)
     return {
-        "method": method, "flops_budget": flops, "seed": seed,
+        "method": method + (" + BN recalibration" if recalibrate_bn else ""),
+        "flops_budget": flops, "seed": seed,
         "accuracy": accuracy(r.model, test.tensors),
         "flops_fraction": r.flops_fraction, "flops_recount": kept / dense,
         "nnz_fraction": r.nnz_fraction, "nnz_recount": nnz,
@@ -69,13 +72,16 @@ def main() -> None:
     ap.add_argument("--n-gradients", type=int, default=None,
                     help="default: the library's default for the method")
     ap.add_argument("--sampling", choices=["first", "random"], default="first")
+    ap.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+                    help="re-estimate BatchNorm statistics on N samples after pruning "
+                         "(rows labelled 'METHOD + BN recalibration')")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/oneshot_resnet20.json"))
     ap.add_argument("--single", nargs=3, metavar=("METHOD", "FLOPS", "SEED"),
                     help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.single:
         row = run_one(a.single[0], float(a.single[1]), int(a.single[2]), a.n_gradients,
-                      a.sampling)
+                      a.sampling, a.recalibrate_bn)
         print("RESULT " + json.dumps(row))
         return
     if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
@@ -85,6 +91,7 @@ def main() -> None:
         for method in a.methods:
             for seed in a.seeds:
                 extra = [] if a.n_gradients is None else ["--n-gradients", str(a.n_gradients)]
+                extra += ["--recalibrate-bn", str(a.recalibrate_bn)]
                 row = run_isolated(__file__, [*extra, "--sampling", a.sampling, "--single",
                                               method, str(flops), str(seed)])
                 rows.append(row)

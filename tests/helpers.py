@@ -65,3 +65,18 @@ class BatchNormCNN(nn.Module):
         x = F.relu(self.b1(self.c1(x)))
         x = F.relu(self.b2(self.c2(x)))
         return self.fc(x.mean((2, 3)))
+
+
+def trained_bn_cnn(seed=0, steps=150):
+    """BatchNormCNN trained on ``small_data`` (running statistics from training), in eval
+    mode."""
+    torch.manual_seed(seed)
+    model = BatchNormCNN()
+    x, y = small_data()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

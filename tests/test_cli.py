@@ -99,3 +99,19 @@ def test_falcon_plus_plus_and_gradual_from_the_command_line(tmp_path, capsys):
     assert "resume" in capsys.readouterr().err
     # resuming a finished run re-does nothing and reports the same result
     assert main([*g, "--resume"]) == 0
+
+
+def test_prune_resnet20_with_batchnorm_recalibration(tmp_path, capsys):
+    ckpt = shared_path("checkpoints", "resnet20_cifar10.pth.tar")
+    data = shared_path("data", "cifar10_subset.npz")
+    base = ["prune", "--model", "resnet20", "--checkpoint", str(ckpt), "--dataset", "cifar10",
+            "--data", str(data), "--flops", "0.4", "--method", "mp", "--no-progress"]
+    report = tmp_path / "r.json"
+    assert main([*base, "--recalibrate-bn", "300", "--output", str(tmp_path / "o.pt"),
+                 "--report", str(report)]) == 0
+    details = json.loads(report.read_text())["details"]
+    assert details["batchnorm"] == "running statistics re-estimated on 300 samples after pruning"
+    capsys.readouterr()
+    assert main([*base, "--recalibrate-bn", "-1", "--output", str(tmp_path / "bad.pt")]) == 2
+    assert "recalibrate_bn must be" in capsys.readouterr().err
+    assert not (tmp_path / "bad.pt").exists()

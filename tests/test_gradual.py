@@ -16,7 +16,7 @@ from torch.utils.data import (
 )
 
 import falcon_prune as fp
-from falcon_prune.gradual import CHECKPOINT_NAME, _as_feed, recalibrate_batchnorm
+from falcon_prune.gradual import CHECKPOINT_NAME, _as_feed, recalibrate_on
 
 KW = dict(flops=0.3, stages=2, epochs_per_stage=1, final_epochs=1, batch_size=32,
           n_gradients=60, n_validation=60, progress=False)
@@ -145,7 +145,7 @@ def test_batchnorm_statistics_are_re_estimated(data):
     net = BatchNormCNN().eval()
     x = data[0]
     ds = TensorDataset(*data)
-    recalibrate_batchnorm(net, ds, batches=100, batch_size=len(x), seed=0)
+    recalibrate_on(net, ds, batches=100, batch_size=len(x), seed=0)
     with torch.no_grad():
         expected = net.c1(x).mean((0, 2, 3))
     assert torch.allclose(net.b1.running_mean, expected, atol=1e-5)

@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="falcon++: let later stages bring back weights pruned earlier")
     p.add_argument("--no-resample", action="store_true",
                    help="falcon++: compute every stage's gradients on the same samples")
+    p.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+                   help="re-estimate BatchNorm statistics on N samples after pruning "
+                        "(default 0: keep them as trained)")
     p.add_argument("--output", required=True, type=Path, help="where to save the pruned model")
     p.add_argument("--report", type=Path, help="also write the report as JSON here")
     p.add_argument("--trajectory", type=Path,
@@ -174,7 +177,7 @@ def cmd_prune(a: argparse.Namespace) -> int:
         samples_per_gradient=a.samples_per_gradient, n_validation=a.n_validation,
         ridge=a.ridge, alpha=a.alpha, block_size=a.block_size, dtype=DTYPE_NAMES[a.dtype],
         storage=a.storage, scratch_dir=a.scratch_dir, memory_limit=limit, device=a.device,
-        seed=a.seed, progress=not a.no_progress, **multistage,
+        recalibrate_bn=a.recalibrate_bn, seed=a.seed, progress=not a.no_progress, **multistage,
     )
     print(r.table())
     print(r.summary())
@@ -194,7 +197,7 @@ def cmd_prune(a: argparse.Namespace) -> int:
 
         facts = {"model": a.model, "method": a.method, "FLOPs kept": f"{r.flops_fraction:.4f}",
                  "weights kept": f"{r.nnz_fraction:.4f}",
-                 "seconds": f"{r.times['total']:.1f}"}
+                 "BatchNorm": r.details["batchnorm"], "seconds": f"{r.times['total']:.1f}"}
         a.summary.write_text(markdown_summary(f"{a.model} pruned with {a.method}", facts,
                                               r.stages, TRAJECTORY_COLUMNS))
         print(f"wrote {a.summary}")

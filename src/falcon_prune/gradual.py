@@ -23,6 +23,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,7 @@ from falcon_prune.api import (
     solve_step,
     write_rows,
 )
+from falcon_prune.batchnorm import recalibrate_batchnorm
 from falcon_prune.costs import CostModel
 from falcon_prune.fisher import LossFn, SampleSource, as_samples
 from falcon_prune.ilp import CostGroups
@@ -235,28 +237,17 @@ def _check_training_batch(model: nn.Module, feed: _Feed, loss_fn: LossFn) -> tor
     return xb[:1]
 
 
-def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, batches: int, batch_size: int,
-                          seed: int, **loader_kw) -> None:
-    """Re-estimate BatchNorm running statistics (cumulative average over ``batches``
-    training batches of ``batch_size`` samples, no gradient step). ``loader_kw`` are more
-    DataLoader options (collate_fn, num_workers, ...). No-op for models without BatchNorm."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or batches <= 0:
+def recalibrate_on(model: nn.Module, dataset: Dataset, batches: int, batch_size: int,
+                   seed: int, **loader_kw) -> None:
+    """Re-estimate BatchNorm running statistics on ``batches`` seeded training batches of
+    ``batch_size`` samples (:func:`falcon_prune.batchnorm.recalibrate_batchnorm`; no
+    gradient step). ``loader_kw`` are more DataLoader options (collate_fn, num_workers, ...).
+    No-op for models without BatchNorm or with ``batches`` <= 0."""
+    if batches <= 0:
         return
-    saved = [m.momentum for m in bns]
-    was = model.training
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for i, batch in enumerate(_loader(dataset, batch_size, seed, -1, **loader_kw)):
-            if i >= batches:
-                break
-            model(_batch_pair(batch)[0].to(device_of(model)))
-    for m, mom in zip(bns, saved, strict=True):
-        m.momentum = mom
-    model.train(was)
+    loader = _loader(dataset, batch_size, seed, -1, **loader_kw)
+    recalibrate_batchnorm(model, (_batch_pair(b)[0] for b in islice(loader, batches)),
+                          device_of(model))
 
 
 def _attach_masks(model: nn.Module) -> None:
@@ -545,7 +536,7 @@ def _prune_step(work, feed, sample_x, cm, groups, f_k, s_k, method, problem, nee
     res, w, mask = solve_step(plain, cm_plain, groups, budget_of(cm, f_k, s_k), method, fit,
                               held, problem, allowed)
     _write_back(work, cm, w, mask)
-    recalibrate_batchnorm(work, feed.dataset, bn_batches, feed.batch_size, seed,
+    recalibrate_on(work, feed.dataset, bn_batches, feed.batch_size, seed,
                           **feed.loader_kw)
     return {"flops_budget": f_k, "nnz_budget": s_k}
 
