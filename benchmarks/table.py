@@ -16,8 +16,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("results", type=Path)
     ap.add_argument("--plot", type=Path, help="also plot accuracy versus FLOPs kept (PNG)")
+    ap.add_argument("--methods", nargs="+", help="only these methods (rows' exact labels)")
     a = ap.parse_args()
     rows = json.loads(a.results.read_text())["rows"]
+    if a.methods:
+        rows = [r for r in rows if r["method"] in a.methods]
+        if not rows:
+            raise SystemExit(f"no rows for methods {a.methods} in {a.results}")
     groups = defaultdict(list)
     for r in rows:
         groups[(r["flops_budget"], r["method"])].append(r)

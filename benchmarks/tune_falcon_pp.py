@@ -12,7 +12,8 @@ images are never read. Each (setting, budget, seed) runs in its own process.
 A setting is a JSON object of ``prune`` keyword arguments (``stages``, ``schedule``,
 ``n_gradients``, ``samples_per_gradient``, ``n_validation``, ``ridge``, ``alpha``,
 ``resample``), ``start`` (the schedule's first kept fraction), plus ``ridges``, ``max_iter``,
-``cost_exponents``, ``step``, ``step_scale``, ``rounds`` and ``active_factor`` for
+``cost_exponents``, ``step``, ``step_scale``, ``rounds``, ``active_factor``, ``saliencies``
+and ``obs_steps`` for
 :class:`falcon_prune.SolverOptions`; ``--settings`` takes a JSON file with a list of them
 (default: the grid below).
 """
@@ -57,7 +58,8 @@ def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
     tr, va = split[:prune_images], split[prune_images:]
     kw = dict(setting)
     opts = {k: kw.pop(k) for k in ("ridges", "max_iter", "cost_exponents", "step",
-                                   "step_scale", "rounds", "active_factor", "saliencies")
+                                   "step_scale", "rounds", "active_factor", "saliencies",
+                                   "obs_steps")
             if k in kw}
     for k in ("ridges", "cost_exponents", "saliencies"):
         if k in opts:
@@ -80,6 +82,9 @@ def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
         "val_accuracy": float((out.argmax(1) == y[va]).float().mean()),
         "val_loss": float(F.cross_entropy(out, y[va])),
         "flops_fraction": r.flops_fraction, "seconds": seconds,
+        "stages": [{k: v for k, v in row.items()
+                    if k in ("stage", "held_out_loss", "saliency", "cost_exponent", "ridge",
+                             "seconds")} for row in r.stages],
     }
 
 

@@ -106,6 +106,54 @@ def test_inverse_hessian_diagonal(problem):
                           rtol=1e-6)
 
 
+def test_inverse_hessian_diagonal_on_a_support(problem):
+    _, qm, _ = problem
+    X = qm.X.columns(0, 200).double()
+    T = torch.rand(200, generator=torch.Generator().manual_seed(0)) < 0.4
+    H = X.T @ X / X.shape[0]
+    ref = torch.linalg.inv(H[T][:, T] + 1e-2 * torch.eye(int(T.sum()), dtype=torch.float64))
+    small = QuadraticModel(X, qm.w_bar[:200].double(), 1e-2, chunk=64)
+    assert torch.allclose(S.inverse_hessian_diagonal(small, T)[T], ref.diagonal(), rtol=1e-6)
+    blocked = QuadraticModel(X, small.w_bar, 1e-2, block_size=50)
+    Hb = torch.block_diag(*[H[a : a + 50, a : a + 50] for a in range(0, 200, 50)])
+    ref_b = torch.linalg.inv(Hb[T][:, T] + 1e-2 * torch.eye(int(T.sum()), dtype=torch.float64))
+    assert torch.allclose(S.inverse_hessian_diagonal(blocked, T)[T], ref_b.diagonal(),
+                          rtol=1e-6)
+
+
+@pytest.mark.parametrize("fractions", [(None, 0.3), (0.4, None), (0.3, 0.4)])
+def test_obs_steps_meet_the_budgets_and_one_step_is_the_obs_warm_start(problem, fractions):
+    cm, qm, groups = problem
+    nnz, flops = fractions
+    budget = S.Budget(None if nnz is None else int(nnz * cm.num_weights),
+                      None if flops is None else flops * cm.dense_macs)
+    one = S.obs_steps(qm, groups, budget, 0.5, 1)
+    ilp = S.solve_ilp(S.weighted_scores(qm.w_bar, groups, 0.5, S.obs_saliency(qm)), groups,
+                      budget.count, budget.cost)
+    assert torch.equal(one.mask, ilp.mask)
+    for steps in (1, 3):
+        r = S.obs_steps(qm, groups, budget, 0.5, steps)
+        assert budget.fits(int(r.mask.sum()), cm.macs_of_mask(r.mask))
+        # w minimises Q on its support: the gradient vanishes there
+        g = qm.grad(r.w)
+        assert float(g[r.mask].abs().max()) < 1e-4 * float(qm.grad(qm.w_bar * r.mask).abs().max())
+        assert bool((r.w[~r.mask] == 0).all())
+
+
+def test_falcon_obs_steps_candidate_is_scored_and_kept_when_better(problem):
+    cm, qm, groups = problem
+    budget = S.Budget(None, 0.3 * cm.dense_macs)
+    opts = S.SolverOptions(saliencies=("obs",), max_iter=0, obs_steps=3, progress=False)
+    res = S.falcon(qm, groups, budget, opts, evaluate=qm.value)
+    stepped = [h for h in opts.history if h["phase"] == "obs steps"]
+    assert len(stepped) == 1
+    best = min(h["score"] for h in opts.history)
+    assert qm.value(res.w) == pytest.approx(best)
+    assert cm.macs_of_mask(res.mask) <= budget.cost
+    if stepped[0]["score"] == best:
+        assert res.saliency == "obs x3"
+
+
 def test_inverse_hessian_diagonal_float32_stays_exact_enough(problem):
     """float32 X (the default storage), with curvature up to ~1e5 times the ridge where
     1 - ||L^-1 x||^2 cancels: close to the float64 answer and never below 1 / H_ii."""
@@ -143,6 +191,7 @@ def test_prefix_support_is_longest_feasible_prefix(problem):
     ({"tol": -1.0}, "tol must be >= 0"),
     ({"saliencies": ("magnitude", "hessian")}, "saliencies must be a non-empty subset"),
     ({"saliencies": ()}, "saliencies must be a non-empty subset"),
+    ({"obs_steps": 0}, "obs_steps must be an integer"),
 ])
 def test_solver_options_are_validated(kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -65,6 +65,9 @@ class SolverOptions:
     importances the warm starts are built from: 'magnitude' (w^2) and/or 'obs' (the optimal
     brain surgeon saliency w_i^2 / [H^-1]_ii of the quadratic model: the increase of Q when
     w_i alone is removed and the others compensate); each is tried with every exponent.
+    ``obs_steps`` > 1 adds one more candidate: the OBS warm start of the chosen exponent and
+    ridge reached in that many steps, the saliencies recomputed on the shrinking support
+    (:func:`obs_steps`); it replaces the one-step start when its held-out loss is lower.
 
     A run appends its iterations to ``history`` and adds seconds per phase to ``timings``:
     'lipschitz' (power iteration), 'products' (Q and its gradient), 'projection' (ILP or
@@ -82,6 +85,7 @@ class SolverOptions:
     cost_exponents: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     cost_exponent: float = 0.5
     saliencies: tuple[str, ...] = ("magnitude",)
+    obs_steps: int = 1
     progress: bool = True
     history: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -94,6 +98,7 @@ class SolverOptions:
 
         integer("max_iter", 0)
         integer("rounds", 1)
+        integer("obs_steps", 1)
         if self.step not in STEPS:
             raise ValueError(f"SolverOptions.step must be one of {STEPS}, got {self.step!r}")
         if not self.step_scale >= 1:
@@ -208,16 +213,21 @@ def obs_saliency(qm: QuadraticModel) -> torch.Tensor:
     return qm.w_bar.double() ** 2 / inverse_hessian_diagonal(qm)
 
 
-def inverse_hessian_diagonal(qm: QuadraticModel) -> torch.Tensor:
-    """diag((X^T X / n + lam I)^-1) (p,) float64 via Woodbury (or per block)."""
+def inverse_hessian_diagonal(qm: QuadraticModel, mask: torch.Tensor | None = None
+                             ) -> torch.Tensor:
+    """diag((X^T X / n + lam I)^-1) (p,) float64 via Woodbury (or per block). With ``mask``
+    (p,) bool, the Hessian restricted to that support T: the entries i in T are those of
+    (X_T^T X_T / n + lam I)^-1, the others are meaningless."""
     X, n, lam = qm.X, qm.n, qm.lam
+    if mask is None:
+        mask = torch.ones(qm.p, dtype=torch.bool, device=qm.device)
     out = torch.empty(qm.p, dtype=torch.float64, device=qm.device)
     if qm.block_size is None:
-        # [H^-1]_ii = (1 - ||L^-1 x_i||^2) / lam with L the Cholesky factor of X X^T + n lam I
-        # (float64). The product with L^-1 is one GEMM per chunk in X's compute dtype; where
-        # float32 rounding would cancel (curvature far above lam) the exact lower bound
+        # [H^-1]_ii = (1 - ||L^-1 x_i||^2) / lam with L the Cholesky factor of X_T X_T^T +
+        # n lam I (float64). The product with L^-1 is one GEMM per chunk in X's compute dtype;
+        # where float32 rounding would cancel (curvature far above lam) the exact lower bound
         # [H^-1]_ii >= 1 / H_ii keeps the value positive and of the right size.
-        K = qm.support_gram(torch.ones(qm.p, dtype=torch.bool, device=qm.device)).clone()
+        K = qm.support_gram(mask.to(qm.device)).clone()
         K.diagonal().add_(lam * n)
         L = torch.linalg.cholesky(K)
         eye = torch.eye(n, dtype=L.dtype, device=L.device)
@@ -231,12 +241,40 @@ def inverse_hessian_diagonal(qm: QuadraticModel) -> torch.Tensor:
     for a, b in qm._blocks():
         B = min(qm.block_size, b - a)
         Xb = X.columns(a, b).reshape(n, -1, B).permute(1, 0, 2).double()
-        H = Xb.transpose(1, 2) @ Xb / n
+        mb = mask[a:b].to(qm.device).view(-1, B).double()
+        H = Xb.transpose(1, 2) @ Xb / n * mb[:, :, None] * mb[:, None, :]
         H.diagonal(dim1=1, dim2=2).add_(lam)
         out[a:b] = (
             torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal(dim1=1, dim2=2).reshape(-1)
         )
     return out
+
+
+def obs_steps(qm: QuadraticModel, groups: CostGroups, budget: Budget, beta: float,
+              steps: int, saliency: torch.Tensor | None = None) -> SolverResult:
+    """Reach ``budget`` from the support of ``qm.w_bar`` in ``steps`` removals, each to the
+    next of equally spaced budgets: keep the ILP support of the OBS saliencies
+    w_i^2 / [H_T^-1]_ii (weighted by f_i^beta) of the current support T, then minimise Q
+    on what is kept. Since w minimises Q on T, the saliency is the exact increase of Q when
+    w_i alone leaves T, so later steps account for the weights already removed (one OBS
+    step is the warm start ``falcon`` builds from ``saliencies=('obs',)``). ``saliency``:
+    :func:`obs_saliency` of ``qm`` when already computed (the first step's)."""
+    mask = qm.w_bar != 0
+    w = qm.w_bar
+    count0, cost0 = int(mask.sum()), costs_of(mask, groups)
+    for j in range(1, steps + 1):
+        u = j / steps
+        count = None if budget.count is None else (
+            budget.count if j == steps else max(budget.count,
+                                                math.floor(count0 + (budget.count - count0) * u)))
+        cost = None if budget.cost is None else (
+            budget.cost if j == steps else max(budget.cost, cost0 + (budget.cost - cost0) * u))
+        if j > 1 or saliency is None:
+            saliency = (w.double() ** 2 / inverse_hessian_diagonal(qm, mask)) * mask
+        r = solve_ilp(weighted_scores(w, groups, beta, saliency), groups, count, cost)
+        mask = r.mask & mask  # the ILP's greedy fill may add zero-score weights
+        w = qm.solve_on_support(mask)
+    return SolverResult(w, mask, r.gap, r.upper_bound, 0, qm.value(w), qm.lam)
 
 
 Projection = Callable[[torch.Tensor], tuple[torch.Tensor, object]]
@@ -383,6 +421,17 @@ def falcon(
             if s < best_s:
                 best_s, best = s, res
     beta, lam = best.beta, best.ridge
+    if opts.obs_steps > 1 and evaluate is not None:
+        with timed(opts, "obs_steps"):
+            stepped = obs_steps(qm.with_ridge(lam), groups, budget, beta, opts.obs_steps,
+                                saliency.get("obs") if lam == qm.lam else None)
+        with timed(opts, "held_out"):
+            s = evaluate(stepped.w)
+        opts.history.append({"phase": "obs steps", "saliency": "obs", "beta": beta,
+                             "ridge": lam, "objective": stepped.objective, "score": s})
+        if s < best_s:
+            stepped.beta, stepped.saliency, stepped.score = beta, f"obs x{opts.obs_steps}", s
+            best_s, best = s, stepped
     if opts.max_iter == 0:  # warm start only (no IHT)
         best.source = "warm start"
         return best
