@@ -54,6 +54,8 @@ def test_cli_errors_are_reported(tmp_path, capsys):
     assert "only apply to --method falcon++" in capsys.readouterr().err
     assert main([*base, "--flops", "0.3", "--method", "mp", "--no-resample"]) == 2
     assert "--no-resample only apply" in capsys.readouterr().err
+    assert main([*base, "--flops", "0.3", "--method", "falcon", "--min-step", "0.1"]) == 2
+    assert "--min-step only apply" in capsys.readouterr().err
     assert not (tmp_path / "o.pt").exists()
 
 
@@ -87,6 +89,13 @@ def test_falcon_plus_plus_and_gradual_from_the_command_line(tmp_path, capsys):
     assert torch.load(out, weights_only=False)["report"]["flops_fraction"] <= 0.3
     assert main(["prune", *common, "--method", "falcon++", "--no-resample", "--output",
                  str(tmp_path / "fpp2.pt")]) == 0
+    # 4 linear stages to 30 %: steps of 17.5 %; --min-step 0.2 merges every other one
+    merged = [*common[:-3], "--stages", "4", "--schedule", "linear", "--min-step", "0.2",
+              "--no-progress"]
+    assert main(["prune", *merged, "--method", "falcon++", "--output", str(tmp_path / "m.pt"),
+                 "--trajectory", str(tmp_path / "m.json")]) == 0
+    levels = [row["flops_budget"] for row in json.loads((tmp_path / "m.json").read_text())]
+    assert levels == [0.65, 0.3]
     g = ["gradual", *common, "--method", "mp", "--epochs-per-stage", "1", "--final-epochs",
          "1", "--batch-size", "500", "--checkpoint-dir", str(tmp_path / "ck"), "--output",
          str(tmp_path / "g.pt"), "--history", str(tmp_path / "h.json"), "--plot",

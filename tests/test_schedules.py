@@ -42,8 +42,34 @@ def test_explicit_levels_and_both_budgets():
         (lambda: Schedule(kind="quadratic"), "unknown schedule"),
         (lambda: Schedule(start=0.2).fractions(0.3), "below the target"),
         (lambda: as_schedule(3.0), "schedule must be"),
+        (lambda: Schedule(min_step=1.0), "min_step"),
+        (lambda: Schedule(min_step=-0.1), "min_step"),
     ],
 )
 def test_bad_schedules(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+@pytest.mark.parametrize("target", [0.6, 0.4, 0.2])
+def test_min_step_merges_the_tiny_stages(target):
+    full = stage_budgets(Schedule(12, "cubic"), target, None)
+    merged = stage_budgets(Schedule(12, "cubic", min_step=0.01), target, None)
+    assert len(full) == 12 and 8 <= len(merged) < 12
+    levels = [f for f, _ in merged]
+    assert levels[-1] == target and set(levels) <= {f for f, _ in full}
+    prev = 1.0
+    for v in levels[:-1]:  # every stage but the last prunes >= 1 % and leaves >= 1 %
+        assert prev - v >= 0.01 and v - target >= 0.01
+        prev = v
+    assert stage_budgets(Schedule(12, "cubic", min_step=0.0), target, None) == full
+    # the cubic's last steps are what goes: at 20 % its last 2 of 12 stages prune < 0.4 %
+    assert len(stage_budgets(Schedule(12, "cubic", min_step=0.01), 0.2, None)) == 10
+
+
+def test_min_step_keeps_a_stage_that_moves_either_budget():
+    plan = stage_budgets(Schedule(4, "linear", min_step=0.05), 0.96, 0.5)
+    assert len(plan) == 4  # the FLOP steps are 1 %, but the NNZ steps are 12.5 %
+    assert stage_budgets(Schedule(4, "linear", min_step=0.05), 0.96, None) == [(0.96, None)]
+    assert as_schedule(None, 6, min_step=0.02).min_step == 0.02
+    assert as_schedule(Schedule(3), min_step=0.02).min_step == 0.0  # a given Schedule's own

@@ -437,7 +437,8 @@ def prune(
         )
     if resample is None:
         resample = multistage and MULTISTAGE_DEFAULTS["resample"]
-    plan = stage_budgets(as_schedule(schedule, stages, MULTISTAGE_DEFAULTS["stages"]), flops,
+    plan = stage_budgets(as_schedule(schedule, stages, MULTISTAGE_DEFAULTS["stages"],
+                                     MULTISTAGE_DEFAULTS.get("min_step", 0.0)), flops,
                          nnz) if multistage else [(flops, nnz)]
     if n_validation is None:
         n_validation = MULTISTAGE_DEFAULTS["n_validation"] if multistage else 1000

@@ -46,15 +46,19 @@ def _add_schedule_args(p: argparse.ArgumentParser, which: str, default_stages: i
                    help=f"{which}kept fraction at the first stage (default: from dense)")
 
 
-def _schedule(a: argparse.Namespace, default_stages: int = 5) -> Schedule:
+def _schedule(a: argparse.Namespace, default_stages: int = 5, min_step: float = 0.0
+              ) -> Schedule:
+    given = getattr(a, "min_step", None)
     return Schedule(stages=default_stages if a.stages is None else a.stages,
-                    kind=a.schedule or "cubic", start=a.start)
+                    kind=a.schedule or "cubic", start=a.start,
+                    min_step=min_step if given is None else given)
 
 
 def _check_prune_args(a: argparse.Namespace) -> None:
     """Refuse, before any work, options that the chosen method would not use."""
     if a.method != "falcon++":
-        given = [f"--{k}" for k in ("stages", "schedule", "start", "trajectory", "plot")
+        given = [f"--{k.replace('_', '-')}" for k in ("stages", "schedule", "start",
+                                                       "min_step", "trajectory", "plot")
                  if getattr(a, k) is not None] + (["--revive"] if a.revive else []) \
             + (["--no-resample"] if a.no_resample else [])
         if given:
@@ -108,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     _add_schedule_args(p, "falcon++ ", MULTISTAGE_DEFAULTS["stages"])
+    p.add_argument("--min-step", type=float, default=None,
+                   help="falcon++: merge stages that would prune less than this fraction of "
+                        "the dense model into the next (default "
+                        f"{MULTISTAGE_DEFAULTS.get('min_step', 0.0)})")
     p.add_argument("--revive", action="store_true",
                    help="falcon++: let later stages bring back weights pruned earlier")
     p.add_argument("--no-resample", action="store_true",
@@ -170,7 +178,9 @@ def cmd_prune(a: argparse.Namespace) -> int:
     model = load_checkpoint(create_model(a.model), a.checkpoint).eval()
     train = load_dataset(a.dataset, a.data, "train")
     limit = None if a.memory_limit_gb is None else int(a.memory_limit_gb * 2**30)
-    multistage = {"schedule": _schedule(a, MULTISTAGE_DEFAULTS["stages"]), "revive": a.revive,
+    multistage = {"schedule": _schedule(a, MULTISTAGE_DEFAULTS["stages"],
+                                        MULTISTAGE_DEFAULTS.get("min_step", 0.0)),
+                  "revive": a.revive,
                   "resample": not a.no_resample} if a.method == "falcon++" else {}
     r = prune(
         model, train, flops=a.flops, nnz=a.nnz, method=a.method, n_gradients=a.n_gradients,

@@ -12,6 +12,10 @@ of T stages, non-increasing and ending exactly at F. With u running over the sta
 ``start`` is k0, the first stage's kept fraction; by default the first stage is where the
 shape puts it on the way from the dense model, i.e. u runs over 1/T, 2/T, ..., 1 from a
 virtual stage 0 at k0 = 1. An explicit list of kept fractions is also accepted.
+
+``min_step`` (a fraction of the dense model) merges stages that would prune less than that
+into the next one: the cubic shape's last steps are tiny (the last of 12 stages towards 20 %
+removes 0.05 % of the FLOPs), and every stage costs a full solve.
 """
 
 from __future__ import annotations
@@ -27,14 +31,22 @@ KINDS = ("linear", "cubic", "exponential")
 class Schedule:
     """``stages`` >= 1 stages of shape ``kind`` (see the module doc) starting at the kept
     fraction ``start`` (None: from the dense model), or explicit ``levels`` (kept fractions
-    per stage, non-increasing, the last one equal to or below the target)."""
+    per stage, non-increasing, the last one equal to or below the target). Stages that
+    would prune less than ``min_step`` (of the dense model) are merged into the next
+    (:func:`stage_budgets`), so a plan may have fewer stages than ``stages``."""
 
     stages: int = 5
     kind: str = "cubic"
     start: float | None = None
     levels: tuple[float, ...] | None = None
+    min_step: float = 0.0
 
     def __post_init__(self) -> None:
+        if (isinstance(self.min_step, bool) or not isinstance(self.min_step, (int, float))
+                or math.isnan(self.min_step) or not 0 <= self.min_step < 1):
+            raise ValueError(
+                f"min_step={self.min_step!r} must be a fraction in [0, 1) of the dense model"
+            )
         if self.levels is not None:
             levels = tuple(float(v) for v in self.levels)
             if not levels:
@@ -100,24 +112,38 @@ def _shape(kind: str, k0: float, target: float, u: float) -> float:
 def stage_budgets(
     schedule: Schedule, flops: float | None, nnz: float | None
 ) -> list[tuple[float | None, float | None]]:
-    """(flops, nnz) kept fractions per stage; a budget that is None stays None."""
+    """(flops, nnz) kept fractions per stage; a budget that is None stays None. A stage
+    other than the last is dropped (the next stage takes its share) when, for every budget
+    given, it would prune less than ``schedule.min_step`` beyond the previous kept stage
+    or leave less than that for the stages after it."""
     T = schedule.num_stages
     f = schedule.fractions(flops) if flops is not None else [None] * T
     s = schedule.fractions(nnz) if nnz is not None else [None] * T
-    return list(zip(f, s, strict=True))
+    targets = (flops, nnz)
+    plan, prev = [], (1.0, 1.0)
+    for k, pair in enumerate(zip(f, s, strict=True)):
+        small = [p - v < schedule.min_step or v - t < schedule.min_step
+                 for p, v, t in zip(prev, pair, targets, strict=True) if v is not None]
+        if k < T - 1 and all(small):
+            continue
+        plan.append(pair)
+        prev = tuple(1.0 if v is None else v for v in pair)
+    return plan
 
 
 def as_schedule(
     value: Schedule | str | Sequence[float] | None,
     stages: int | None = None,
     default_stages: int = 5,
+    min_step: float = 0.0,
 ) -> Schedule:
     """A Schedule from a Schedule, a kind name, or an explicit list of kept fractions;
     ``stages`` (default ``default_stages``) sets the number of stages of a named or default
-    schedule and must agree with a Schedule or list given in full."""
+    schedule and must agree with a Schedule or list given in full; ``min_step`` is that of
+    a named or default schedule."""
     if value is None or isinstance(value, str):
         return Schedule(stages=default_stages if stages is None else stages,
-                        kind="cubic" if value is None else value)
+                        kind="cubic" if value is None else value, min_step=min_step)
     if isinstance(value, Schedule):
         if stages is not None and stages != value.num_stages:
             raise ValueError(
