@@ -18,8 +18,19 @@ def run_isolated(script: str, args: list[str]) -> dict:
     return json.loads(proc.stdout.split("RESULT ", 1)[1])
 
 
-def save_rows(path: Path, rows: list[dict]) -> None:
+def save_rows(path: Path, rows: list[dict], earlier: list[str] | None = None) -> None:
     """Write ``{"command": ..., "rows": rows}`` to ``path``; called after every row so that an
-    interrupted benchmark keeps what it measured."""
+    interrupted benchmark keeps what it measured. ``earlier``: the commands that made rows
+    already in the file (then ``"commands"`` lists them all, this one last)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
+    command = " ".join(["python", *sys.argv])
+    out = {"command": command, "rows": rows}
+    if earlier:
+        out = {"commands": [*earlier, command], "rows": rows}
+    path.write_text(json.dumps(out, indent=1))
+
+
+def commands_of(path: Path) -> list[str]:
+    """The command(s) recorded in a results file (``command`` or ``commands``)."""
+    saved = json.loads(path.read_text())
+    return saved.get("commands") or [saved["command"]]

@@ -10,7 +10,9 @@ non-zero weights of the plain, mask-folded copy) and tested on the 846 shared te
 With ``--sampling random`` each seed draws its own random gradient and validation samples
 from the training images (``first``: the first ones, whatever the seed). With
 ``--recalibrate-bn N`` every method re-estimates the BatchNorm statistics on N training
-samples after pruning (``prune(recalibrate_bn=N)``).
+samples after pruning (``prune(recalibrate_bn=N)``). ``--kwargs JSON`` passes further
+``prune`` keyword arguments (e.g. an earlier default's settings) and ``--label TEXT`` tags
+those rows' method as ``METHOD (TEXT)``; ``--append`` adds the rows to an existing file.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-from isolated import run_isolated, save_rows
+from isolated import commands_of, run_isolated, save_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 METHODS = ["mp", "mp_flops", "woodfisher", "chita", "falcon", "falcon++"]
 
 
 def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
-            sampling: str, recalibrate_bn: int = 0) -> dict:
+            sampling: str, recalibrate_bn: int = 0, kwargs: dict | None = None,
+            label: str | None = None) -> dict:
     import torch
     from torch.utils.data import TensorDataset
 
@@ -43,6 +46,7 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
     train, test = load_cifar10(npz, "train"), load_cifar10(npz, "test")
     data = TensorDataset(*train.tensors) if sampling == "random" else train.tensors
     extra = {} if n_gradients is None else {"n_gradients": n_gradients}
+    extra.update(kwargs or {})
     t = time.perf_counter()
     r = fp.prune(model.eval(), data, flops=flops, method=method, seed=seed, progress=False,
                  recalibrate_bn=recalibrate_bn, **extra)
@@ -53,7 +57,9 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
     weights = [lay.module.weight for lay in layers]
     nnz = sum(int(w.count_nonzero()) for w in weights) / sum(w.numel() for w in weights)
     return {
-        "method": method + (" + BN recalibration" if recalibrate_bn else ""),
+        "method": method + (f" ({label})" if label else "")
+        + (" + BN recalibration" if recalibrate_bn else ""),
+        "kwargs": kwargs or {},
         "flops_budget": flops, "seed": seed,
         "accuracy": accuracy(r.model, test.tensors),
         "flops_fraction": r.flops_fraction, "flops_recount": kept / dense,
@@ -75,23 +81,33 @@ def main() -> None:
     ap.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
                     help="re-estimate BatchNorm statistics on N samples after pruning "
                          "(rows labelled 'METHOD + BN recalibration')")
+    ap.add_argument("--kwargs", type=json.loads, default=None,
+                    help="further prune() keyword arguments as JSON")
+    ap.add_argument("--label", default=None, help="tag for these rows' method")
+    ap.add_argument("--append", action="store_true", help="add to the rows already in --out")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/oneshot_resnet20.json"))
     ap.add_argument("--single", nargs=3, metavar=("METHOD", "FLOPS", "SEED"),
                     help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.single:
         row = run_one(a.single[0], float(a.single[1]), int(a.single[2]), a.n_gradients,
-                      a.sampling, a.recalibrate_bn)
+                      a.sampling, a.recalibrate_bn, a.kwargs, a.label)
         print("RESULT " + json.dumps(row))
         return
     if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
         sys.exit(f"{SHARED} is absent: this benchmark needs the project's shared data")
-    rows = []
+    appending = a.append and a.out.exists()
+    rows = json.loads(a.out.read_text())["rows"] if appending else []
+    earlier = commands_of(a.out) if appending else None
     for flops in a.budgets:
         for method in a.methods:
             for seed in a.seeds:
                 extra = [] if a.n_gradients is None else ["--n-gradients", str(a.n_gradients)]
                 extra += ["--recalibrate-bn", str(a.recalibrate_bn)]
+                if a.kwargs:
+                    extra += ["--kwargs", json.dumps(a.kwargs)]
+                if a.label:
+                    extra += ["--label", a.label]
                 row = run_isolated(__file__, [*extra, "--sampling", a.sampling, "--single",
                                               method, str(flops), str(seed)])
                 rows.append(row)
@@ -99,7 +115,7 @@ def main() -> None:
                       f"{row['flops_fraction']:.4f} (recount {row['flops_recount']:.4f}) NNZ "
                       f"{row['nnz_fraction']:.4f} {row['seconds']:.1f}s "
                       f"{row['peak_rss_mb']:.0f} MiB", flush=True)
-                save_rows(a.out, rows)
+                save_rows(a.out, rows, earlier)
     print(f"wrote {a.out}")
 
 

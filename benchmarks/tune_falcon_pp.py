@@ -66,9 +66,10 @@ def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
             opts[k] = tuple(opts[k])
     # options not named keep falcon++'s defaults (round 2 and earlier used SolverOptions'
     # own defaults for them, e.g. max_iter=30, whenever a setting named any option)
-    if "start" in kw:  # a schedule starting at that kept fraction
+    if "start" in kw or "min_step" in kw:  # a schedule from that kept fraction / min step
         kw["schedule"] = fp.Schedule(kw.pop("stages", fp.api.MULTISTAGE_DEFAULTS["stages"]),
-                                     kw.pop("schedule", "cubic"), kw.pop("start"))
+                                     kw.pop("schedule", "cubic"), kw.pop("start", None),
+                                     min_step=kw.pop("min_step", 0.0))
     base = {k: fp.api.MULTISTAGE_DEFAULTS[k] for k in ("max_iter", "ridges", "saliencies")}
     options = fp.SolverOptions(progress=False, **{**base, **opts}) if opts else None
     t = time.perf_counter()
