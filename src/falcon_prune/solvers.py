@@ -224,17 +224,16 @@ def inverse_hessian_diagonal(qm: QuadraticModel, mask: torch.Tensor | None = Non
     out = torch.empty(qm.p, dtype=torch.float64, device=qm.device)
     if qm.block_size is None:
         # [H^-1]_ii = (1 - ||L^-1 x_i||^2) / lam with L the Cholesky factor of X_T X_T^T +
-        # n lam I (float64). The product with L^-1 is one GEMM per chunk in X's compute dtype;
-        # where float32 rounding would cancel (curvature far above lam) the exact lower bound
-        # [H^-1]_ii >= 1 / H_ii keeps the value positive and of the right size.
+        # n lam I (float64). L^-1 x_i comes from one triangular solve per chunk in X's
+        # compute dtype; where float32 rounding would cancel (curvature far above lam) the
+        # exact lower bound [H^-1]_ii >= 1 / H_ii keeps the value positive and of the right
+        # size.
         K = qm.support_gram(mask.to(qm.device)).clone()
         K.diagonal().add_(lam * n)
-        L = torch.linalg.cholesky(K)
-        eye = torch.eye(n, dtype=L.dtype, device=L.device)
-        L_inv = torch.linalg.solve_triangular(L, eye, upper=False).to(qm.dtype)
+        L = torch.linalg.cholesky(K).to(qm.dtype)
         for a, b in X.ranges():
             Xc = X.columns(a, b)
-            q = (L_inv @ Xc).square().sum(0).double()
+            q = torch.linalg.solve_triangular(L, Xc, upper=False).square().sum(0).double()
             lower = 1 / (lam + Xc.square().sum(0).double() / n)
             out[a:b] = torch.maximum((1 - q) / lam, lower)
         return out
