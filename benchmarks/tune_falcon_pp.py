@@ -69,8 +69,10 @@ def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
     if "start" in kw or "min_step" in kw:  # a schedule from that kept fraction / min step
         kw["schedule"] = fp.Schedule(kw.pop("stages", fp.api.MULTISTAGE_DEFAULTS["stages"]),
                                      kw.pop("schedule", "cubic"), kw.pop("start", None),
-                                     min_step=kw.pop("min_step", 0.0))
-    base = {k: fp.api.MULTISTAGE_DEFAULTS[k] for k in ("max_iter", "ridges", "saliencies")}
+                                     min_step=kw.pop("min_step",
+                                                     fp.api.MULTISTAGE_DEFAULTS["min_step"]))
+    base = {k: fp.api.MULTISTAGE_DEFAULTS[k]
+            for k in ("max_iter", "ridges", "saliencies", "cost_exponents")}
     options = fp.SolverOptions(progress=False, **{**base, **opts}) if opts else None
     t = time.perf_counter()
     r = fp.prune(model.eval(), TensorDataset(x[tr], y[tr]), flops=flops, method="falcon++",

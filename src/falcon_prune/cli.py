@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-step", type=float, default=None,
                    help="falcon++: merge stages that would prune less than this fraction of "
                         "the dense model into the next (default "
-                        f"{MULTISTAGE_DEFAULTS.get('min_step', 0.0)})")
+                        f"{MULTISTAGE_DEFAULTS['min_step']})")
     p.add_argument("--revive", action="store_true",
                    help="falcon++: let later stages bring back weights pruned earlier")
     p.add_argument("--no-resample", action="store_true",
@@ -179,7 +179,7 @@ def cmd_prune(a: argparse.Namespace) -> int:
     train = load_dataset(a.dataset, a.data, "train")
     limit = None if a.memory_limit_gb is None else int(a.memory_limit_gb * 2**30)
     multistage = {"schedule": _schedule(a, MULTISTAGE_DEFAULTS["stages"],
-                                        MULTISTAGE_DEFAULTS.get("min_step", 0.0)),
+                                        MULTISTAGE_DEFAULTS["min_step"]),
                   "revive": a.revive,
                   "resample": not a.no_resample} if a.method == "falcon++" else {}
     r = prune(
