@@ -47,6 +47,18 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
     data = TensorDataset(*train.tensors) if sampling == "random" else train.tensors
     extra = {} if n_gradients is None else {"n_gradients": n_gradients}
     extra.update(kwargs or {})
+    # SolverOptions fields and the schedule's min_step, on top of falcon++'s defaults
+    fields = set(fp.SolverOptions.__dataclass_fields__) - {"progress", "history", "timings"}
+    opts = {k: extra.pop(k) for k in list(extra) if k in fields}
+    if opts:
+        base = {k: fp.api.MULTISTAGE_DEFAULTS[k]
+                for k in ("max_iter", "ridges", "saliencies", "cost_exponents")}
+        opts = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
+        extra["options"] = fp.SolverOptions(progress=False, **{**base, **opts})
+    if "min_step" in extra:
+        extra["schedule"] = fp.Schedule(extra.pop("stages", fp.api.MULTISTAGE_DEFAULTS["stages"]),
+                                        extra.pop("schedule", "cubic"),
+                                        min_step=extra.pop("min_step"))
     t = time.perf_counter()
     r = fp.prune(model.eval(), data, flops=flops, method=method, seed=seed, progress=False,
                  recalibrate_bn=recalibrate_bn, **extra)
