@@ -34,7 +34,7 @@ def main() -> None:
             return median(r[key] for r in rs)
 
         accs = [r["accuracy"] for r in rs]
-        spread = f" ({min(accs):.1%}-{max(accs):.1%})" if len(rs) > 1 else ""
+        spread = f" ({min(accs):.1%}-{max(accs):.1%})" if min(accs) != max(accs) else ""
         print(f"| {budget:.0%} | {method} | {m('accuracy'):.1%}{spread} "
               f"| {m('flops_fraction'):.4f} ({m('flops_recount'):.4f}) | {m('nnz_fraction'):.4f} "
               f"| {m('seconds'):.1f} | {m('peak_rss_mb'):.0f} | {len(rs)} |")
