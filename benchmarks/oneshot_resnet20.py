@@ -51,10 +51,8 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
     fields = set(fp.SolverOptions.__dataclass_fields__) - {"progress", "history", "timings"}
     opts = {k: extra.pop(k) for k in list(extra) if k in fields}
     if opts:
-        base = {k: fp.api.MULTISTAGE_DEFAULTS[k]
-                for k in ("max_iter", "ridges", "saliencies", "cost_exponents")}
         opts = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
-        extra["options"] = fp.SolverOptions(progress=False, **{**base, **opts})
+        extra["options"] = fp.multistage_options(progress=False, **opts)
     if "min_step" in extra:
         extra["schedule"] = fp.Schedule(extra.pop("stages", fp.api.MULTISTAGE_DEFAULTS["stages"]),
                                         extra.pop("schedule", "cubic"),

@@ -71,9 +71,7 @@ def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
                                      kw.pop("schedule", "cubic"), kw.pop("start", None),
                                      min_step=kw.pop("min_step",
                                                      fp.api.MULTISTAGE_DEFAULTS["min_step"]))
-    base = {k: fp.api.MULTISTAGE_DEFAULTS[k]
-            for k in ("max_iter", "ridges", "saliencies", "cost_exponents")}
-    options = fp.SolverOptions(progress=False, **{**base, **opts}) if opts else None
+    options = fp.multistage_options(progress=False, **opts) if opts else None
     t = time.perf_counter()
     r = fp.prune(model.eval(), TensorDataset(x[tr], y[tr]), flops=flops, method="falcon++",
                  seed=seed, progress=False, options=options, **kw)

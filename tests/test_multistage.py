@@ -189,3 +189,25 @@ def test_falcon_pp_small_batch_iterable_falls_back_to_one_sample_per_gradient(mo
                  progress=False)
     assert r.details["samples_per_gradient"] == 1
     assert r.flops_fraction <= 0.5
+
+
+def test_multistage_options_change_one_choice_and_keep_the_others(model, data, monkeypatch):
+    opts = fp.multistage_options(ridges=(1e-2,), progress=False)
+    for k in api.MULTISTAGE_OPTIONS:
+        if k != "ridges":
+            assert getattr(opts, k) == api.MULTISTAGE_DEFAULTS[k]
+    assert opts.ridges == (1e-2,) and fp.SolverOptions().max_iter != opts.max_iter
+    with pytest.raises(TypeError):
+        fp.multistage_options(ridge=1e-2)  # not a SolverOptions field
+    used = []
+    real = api.solve_step
+
+    def spy(*args, **kw):
+        used.append(args[7].options)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(api, "solve_step", spy)
+    fp.prune(model, data, flops=0.5, method="falcon++", stages=2, n_gradients=60,
+             progress=False)
+    default = used[-1]
+    assert all(getattr(default, k) == api.MULTISTAGE_DEFAULTS[k] for k in api.MULTISTAGE_OPTIONS)

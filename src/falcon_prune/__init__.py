@@ -8,6 +8,7 @@ from falcon_prune.api import (
     apply_weights,
     make_permanent,
     masks_of,
+    multistage_options,
     prune,
 )
 from falcon_prune.costs import CostModel, count_macs
@@ -40,6 +41,7 @@ __all__ = [
     "gradual",
     "make_permanent",
     "masks_of",
+    "multistage_options",
     "plan_storage",
     "prune",
     "solve_ilp",

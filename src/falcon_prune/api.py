@@ -62,6 +62,8 @@ MULTISTAGE_DEFAULTS: dict = {"stages": 12, "min_step": 0.01, "n_gradients": 1000
                              "samples_per_gradient": 2, "n_validation": 500, "alpha": 0.01,
                              "ridges": (1e-4,), "cost_exponents": (0.25, 0.5, 0.75),
                              "max_iter": 0, "saliencies": ("obs",), "resample": True}
+#: the SolverOptions fields whose falcon++ default differs from SolverOptions' own
+MULTISTAGE_OPTIONS = ("max_iter", "ridges", "cost_exponents", "saliencies")
 METHODS = (*solvers.METHODS, "falcon++")
 NEEDS_GRADIENTS = {*solvers.NEEDS_GRADIENTS, "falcon++"}
 
@@ -451,10 +453,7 @@ def prune(
     if isinstance(n_validation, bool) or not isinstance(n_validation, int) or n_validation < 0:
         raise ValueError(f"n_validation must be an integer >= 0, got {n_validation!r}")
     if options is None:
-        options = (SolverOptions(progress=progress, max_iter=MULTISTAGE_DEFAULTS["max_iter"],
-                                 ridges=MULTISTAGE_DEFAULTS["ridges"],
-                                 cost_exponents=MULTISTAGE_DEFAULTS["cost_exponents"],
-                                 saliencies=MULTISTAGE_DEFAULTS["saliencies"]) if multistage
+        options = (multistage_options(progress=progress) if multistage
                    else SolverOptions(progress=progress))
     elif not isinstance(options, SolverOptions):
         raise TypeError(f"options must be a falcon_prune.SolverOptions, got {options!r}")
@@ -556,6 +555,17 @@ def prune(
         ilp_upper_bound=res.ilp_upper_bound, times=times, peak_rss_mb=peak_rss_mb(),
         details=details, stages=trajectory,
     )
+
+
+def multistage_options(**changes: object) -> SolverOptions:
+    """falcon++'s default :class:`SolverOptions` (its fields in :data:`MULTISTAGE_DEFAULTS`)
+    with ``changes`` applied, e.g. ``multistage_options(ridges=(1e-3,))`` to change one
+    choice and keep the others; a plain ``SolverOptions(...)`` starts from the single-stage
+    defaults instead (30 IHT iterations, magnitude warm starts, five exponents, three
+    ridges). Raises ``TypeError``
+    for a field that SolverOptions does not have."""
+    return SolverOptions(**{**{k: MULTISTAGE_DEFAULTS[k] for k in MULTISTAGE_OPTIONS},
+                            **changes})
 
 
 def cost_model_of(model: nn.Module, example: torch.Tensor, sample_shape) -> CostModel:
