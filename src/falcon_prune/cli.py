@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nnz", type=float, help="fraction of the weights to keep, in (0, 1]")
     p.add_argument("--method", default="falcon", choices=METHODS)
     p.add_argument("--n-gradients", type=int, default=None,
-                   help="gradients (per stage for falcon++; default 1000, falcon++: 400)")
+                   help="gradients (default 1000; falcon++: "
+                        f"{MULTISTAGE_DEFAULTS['n_gradients']} per stage)")
     p.add_argument("--samples-per-gradient", type=int, default=None,
                    help="samples averaged into each gradient (default 1; falcon++: 2)")
     p.add_argument("--n-validation", type=int, default=None,
