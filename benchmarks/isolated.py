@@ -34,3 +34,25 @@ def commands_of(path: Path) -> list[str]:
     """The command(s) recorded in a results file (``command`` or ``commands``)."""
     saved = json.loads(path.read_text())
     return saved.get("commands") or [saved["command"]]
+
+
+def prune_kwargs(setting: dict) -> dict:
+    """``prune`` keyword arguments from a JSON setting (a tuning grid row, ``--kwargs``):
+    SolverOptions fields become ``options`` on top of falcon++'s defaults
+    (``falcon_prune.multistage_options``; JSON lists become tuples), and ``start`` or
+    ``min_step`` makes ``stages``, ``schedule`` (default cubic), ``start`` and ``min_step``
+    (default falcon++'s) one Schedule. Everything else is passed on as it is."""
+    import falcon_prune as fp
+
+    kw = dict(setting)
+    fields = set(fp.SolverOptions.__dataclass_fields__) - {"progress", "history", "timings"}
+    opts = {k: kw.pop(k) for k in list(kw) if k in fields}
+    if opts:
+        opts = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
+        kw["options"] = fp.multistage_options(progress=False, **opts)
+    if "start" in kw or "min_step" in kw:
+        defaults = fp.api.MULTISTAGE_DEFAULTS
+        kw["schedule"] = fp.Schedule(kw.pop("stages", defaults["stages"]),
+                                     kw.pop("schedule", "cubic"), kw.pop("start", None),
+                                     min_step=kw.pop("min_step", defaults["min_step"]))
+    return kw

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from isolated import commands_of, run_isolated, save_rows
+from isolated import commands_of, prune_kwargs, run_isolated, save_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 METHODS = ["mp", "mp_flops", "woodfisher", "chita", "falcon", "falcon++"]
@@ -45,18 +45,8 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
     model = load_checkpoint(resnet20(), SHARED / "checkpoints" / "resnet20_cifar10.pth.tar")
     train, test = load_cifar10(npz, "train"), load_cifar10(npz, "test")
     data = TensorDataset(*train.tensors) if sampling == "random" else train.tensors
-    extra = {} if n_gradients is None else {"n_gradients": n_gradients}
-    extra.update(kwargs or {})
-    # SolverOptions fields and the schedule's min_step, on top of falcon++'s defaults
-    fields = set(fp.SolverOptions.__dataclass_fields__) - {"progress", "history", "timings"}
-    opts = {k: extra.pop(k) for k in list(extra) if k in fields}
-    if opts:
-        opts = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
-        extra["options"] = fp.multistage_options(progress=False, **opts)
-    if "min_step" in extra:
-        extra["schedule"] = fp.Schedule(extra.pop("stages", fp.api.MULTISTAGE_DEFAULTS["stages"]),
-                                        extra.pop("schedule", "cubic"),
-                                        min_step=extra.pop("min_step"))
+    extra = prune_kwargs({**({} if n_gradients is None else {"n_gradients": n_gradients}),
+                          **(kwargs or {})})
     t = time.perf_counter()
     r = fp.prune(model.eval(), data, flops=flops, method=method, seed=seed, progress=False,
                  recalibrate_bn=recalibrate_bn, **extra)

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from isolated import run_isolated, save_rows
+from isolated import prune_kwargs, run_isolated, save_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -56,25 +56,12 @@ def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
     x, y = load_cifar10(npz, "train").tensors
     split = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
     tr, va = split[:prune_images], split[prune_images:]
-    kw = dict(setting)
-    opts = {k: kw.pop(k) for k in ("ridges", "max_iter", "cost_exponents", "step",
-                                   "step_scale", "rounds", "active_factor", "saliencies",
-                                   "obs_steps")
-            if k in kw}
-    for k in ("ridges", "cost_exponents", "saliencies"):
-        if k in opts:
-            opts[k] = tuple(opts[k])
     # options not named keep falcon++'s defaults (round 2 and earlier used SolverOptions'
     # own defaults for them, e.g. max_iter=30, whenever a setting named any option)
-    if "start" in kw or "min_step" in kw:  # a schedule from that kept fraction / min step
-        kw["schedule"] = fp.Schedule(kw.pop("stages", fp.api.MULTISTAGE_DEFAULTS["stages"]),
-                                     kw.pop("schedule", "cubic"), kw.pop("start", None),
-                                     min_step=kw.pop("min_step",
-                                                     fp.api.MULTISTAGE_DEFAULTS["min_step"]))
-    options = fp.multistage_options(progress=False, **opts) if opts else None
+    kw = prune_kwargs(setting)
     t = time.perf_counter()
     r = fp.prune(model.eval(), TensorDataset(x[tr], y[tr]), flops=flops, method="falcon++",
-                 seed=seed, progress=False, options=options, **kw)
+                 seed=seed, progress=False, **kw)
     seconds = time.perf_counter() - t
     with torch.no_grad():
         out = r.model.eval()(x[va])

@@ -562,8 +562,7 @@ def multistage_options(**changes: object) -> SolverOptions:
     with ``changes`` applied, e.g. ``multistage_options(ridges=(1e-3,))`` to change one
     choice and keep the others; a plain ``SolverOptions(...)`` starts from the single-stage
     defaults instead (30 IHT iterations, magnitude warm starts, five exponents, three
-    ridges). Raises ``TypeError``
-    for a field that SolverOptions does not have."""
+    ridges). Raises ``TypeError`` for a field that SolverOptions does not have."""
     return SolverOptions(**{**{k: MULTISTAGE_DEFAULTS[k] for k in MULTISTAGE_OPTIONS},
                             **changes})
 
