@@ -1,9 +1,15 @@
+"""Fixtures shared by the test modules: small trained models and their data, and the
+project's ../shared data (skipped with the reason when it is absent)."""
+
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import small_data, trained_bn_cnn, trained_cnn
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# the models here are tiny: one thread is faster than two, and immune to a busy core
+torch.set_num_threads(1)
 
 
 def shared_path(*parts: str) -> Path:
@@ -17,3 +23,21 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def cnn():
+    """SmallCNN trained on ``small_data()``, eval mode. Tests must not modify it."""
+    return trained_cnn()
+
+
+@pytest.fixture(scope="session")
+def bn_cnn():
+    """BatchNormCNN trained on ``small_data()``, eval mode. Tests must not modify it."""
+    return trained_bn_cnn()
+
+
+@pytest.fixture(scope="session")
+def data():
+    """(x (240, 1, 8, 8), y (240,)) with 4 classes."""
+    return small_data()

@@ -96,12 +96,12 @@ def test_falcon_plus_plus_and_gradual_from_the_command_line(tmp_path, capsys):
                  "--trajectory", str(tmp_path / "m.json")]) == 0
     levels = [row["flops_budget"] for row in json.loads((tmp_path / "m.json").read_text())]
     assert levels == [0.65, 0.3]
-    g = ["gradual", *common, "--method", "mp", "--epochs-per-stage", "1", "--final-epochs",
+    g = ["gradual", *common, "--method", "falcon", "--epochs-per-stage", "1", "--final-epochs",
          "1", "--batch-size", "500", "--checkpoint-dir", str(tmp_path / "ck"), "--output",
          str(tmp_path / "g.pt"), "--history", str(tmp_path / "h.json"), "--plot",
          str(tmp_path / "h.png"), "--summary", str(tmp_path / "h.md"), "--eval-split", "none"]
     assert main(g) == 0
-    assert "gradual mp: FLOPs kept" in capsys.readouterr().out
+    assert "gradual falcon: FLOPs kept" in capsys.readouterr().out
     assert (tmp_path / "h.png").exists() and "| event |" in (tmp_path / "h.md").read_text()
     # the finished run's checkpoint is not overwritten by accident
     assert main(g) == 2

@@ -18,6 +18,7 @@ from falcon_prune.data import (
     load_imagenet,
     load_mnist,
 )
+from falcon_prune.errors import ConfigError, DataError, DependencyError, MissingFileError
 
 WHITE_MNIST = (1.0 - MNIST_MEAN) / MNIST_STD  # a 255 pixel, normalised
 BLACK_MNIST = (0.0 - MNIST_MEAN) / MNIST_STD
@@ -68,19 +69,35 @@ def test_mnist_idx_files_under_torchvision_layout(tmp_path):
 
 
 def test_mnist_missing_files_and_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither an .npz file nor a directory"):
+    with pytest.raises(MissingFileError, match="neither an .npz file nor a directory"):
         load_mnist(tmp_path / "absent")
-    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
+    with pytest.raises(MissingFileError, match="t10k-images-idx3-ubyte"):
         load_mnist(tmp_path, "test")
-    with pytest.raises(FileNotFoundError, match="no MNIST file at"):
+    with pytest.raises(MissingFileError, match="no MNIST file at"):
         load_mnist(tmp_path / "absent.npz")
 
 
 def test_corrupt_idx_file_is_named(tmp_path):
     root = write_mnist_dir(tmp_path, compress=False)
     (root / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x0d\x03")
-    with pytest.raises(ValueError, match="bad magic number"):
+    with pytest.raises(DataError, match="bad magic number"):
         load_mnist(root)
+    x, _ = fake_digits(5)
+    write_idx(root / "train-images-idx3-ubyte", x, compress=False)
+    with open(root / "train-images-idx3-ubyte", "ab") as f:
+        f.write(b"\x00")  # one byte more than the header says
+    with pytest.raises(DataError, match="truncated or padded"):
+        load_mnist(root)
+    write_idx(root / "train-images-idx3-ubyte", x[:4], compress=False)
+    with pytest.raises(DataError, match="4 images but .* 5 labels"):
+        load_mnist(root)
+
+
+def test_unreadable_npz_is_named(tmp_path):
+    path = tmp_path / "broken.npz"
+    path.write_bytes(b"not a zip file")
+    with pytest.raises(DataError, match="not a readable .npz file"):
+        load_mnist(path)
 
 
 def test_mnist_npz_with_splits(tmp_path):
@@ -102,9 +119,9 @@ def test_unsplit_npz_has_no_test_split(tmp_path):
     np.savez(path, images=x, labels=y)
     assert load_mnist(path, "train").tensors[1].tolist() == y.tolist()
     assert len(load_mnist(path, "all")) == 6
-    with pytest.raises(ValueError, match="no test split.*split='all'"):
+    with pytest.raises(DataError, match="no test split.*split='all'"):
         load_mnist(path, "test")
-    with pytest.raises(ValueError, match="no test split"):
+    with pytest.raises(DataError, match="no test split"):
         load_dataset("mnist", path, "test")
 
 
@@ -112,12 +129,14 @@ def test_bad_split_and_missing_arrays(tmp_path):
     x, y = fake_digits(2)
     path = tmp_path / "only_train.npz"
     np.savez(path, x_train=x, y_train=y)
-    with pytest.raises(ValueError, match="split must be 'train', 'test' or 'all'"):
+    with pytest.raises(ConfigError, match="split must be 'train', 'test' or 'all'"):
         load_mnist(path, "val")
-    with pytest.raises(ValueError, match=r"no MNIST test arrays.*\['x_train', 'y_train'\]"):
+    with pytest.raises(ConfigError, match="split must be"):
+        load_cifar10(path, "validation")
+    with pytest.raises(DataError, match=r"no MNIST test arrays.*\['x_train', 'y_train'\]"):
         load_mnist(path, "test")
     np.savez(path, x_train=x, y_train=y[:1])
-    with pytest.raises(ValueError, match="2 images but 1 labels"):
+    with pytest.raises(DataError, match="2 images but 1 labels"):
         load_mnist(path)
 
 
@@ -160,11 +179,19 @@ def test_cifar_pickle_batches(tmp_path):
 def test_cifar_missing_batches(tmp_path):
     root = write_cifar_dir(tmp_path)
     (root / "cifar-10-batches-py" / "data_batch_3").unlink()
-    with pytest.raises(FileNotFoundError, match="missing data_batch_3"):
+    with pytest.raises(MissingFileError, match="missing data_batch_3"):
         load_cifar10(root, "train")
     assert len(load_cifar10(root, "test")) == 2
-    with pytest.raises(FileNotFoundError, match="neither an .npz file nor a directory"):
+    with pytest.raises(MissingFileError, match="neither an .npz file nor a directory"):
         load_cifar10(tmp_path / "absent")
+
+
+def test_corrupt_cifar_batch_is_named(tmp_path):
+    root = write_cifar_dir(tmp_path)
+    (root / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(DataError, match="test_batch is not a readable CIFAR-10 batch"):
+        load_cifar10(root, "test")
+    assert len(load_cifar10(root, "train")) == 10
 
 
 def test_cifar_npz_chw_and_keras_nhwc(tmp_path):
@@ -183,15 +210,15 @@ def test_cifar_npz_chw_and_keras_nhwc(tmp_path):
 
 
 def test_unknown_dataset_name(tmp_path):
-    with pytest.raises(ValueError, match="choose mnist, cifar10 or imagenet"):
+    with pytest.raises(ConfigError, match="choose mnist, cifar10 or imagenet"):
         load_dataset("svhn", tmp_path)
 
 
 def test_imagenet_without_torchvision_names_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # `import torchvision` now fails
-    with pytest.raises(ImportError, match=r"needs torchvision.*pip install torchvision"):
+    with pytest.raises(DependencyError, match=r"needs torchvision.*pip install torchvision"):
         load_imagenet(tmp_path)
-    with pytest.raises(ImportError, match="torchvision"):
+    with pytest.raises(DependencyError, match="torchvision"):
         load_dataset("imagenet", tmp_path, "test")
 
 
@@ -206,5 +233,5 @@ def test_imagenet_image_folder(tmp_path):
     x, label = ds[1]
     assert x.shape == (3, 224, 224) and label == 1
     assert x[0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229, abs=1e-4)
-    with pytest.raises(FileNotFoundError, match="no ImageFolder directory"):
+    with pytest.raises(MissingFileError, match="no ImageFolder directory"):
         load_imagenet(tmp_path, "train")

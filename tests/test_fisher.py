@@ -1,12 +1,18 @@
+"""The gradient matrix: rows equal autograd's gradients; storage, memory and data errors."""
+
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SmallCNN, small_data
+from helpers import BatchNormCNN, SmallCNN, small_data
 
+import falcon_prune as fp
+from falcon_prune.batches import Samples
 from falcon_prune.costs import CostModel
-from falcon_prune.fisher import MemoryBudgetError, as_samples, estimate_bytes, gradient_matrix
+from falcon_prune.errors import ConfigError, DataError, MemoryBudgetError
+from falcon_prune.fisher import VMAP, gradient_matrix, gradient_store
+from falcon_prune.storage import estimate_bytes
 
 
 def setup():
@@ -15,17 +21,85 @@ def setup():
     return model, CostModel.from_model(model, x[:1]), x, y
 
 
+def reference_rows(model, cm, x, y, rows, m=1, loss=F.cross_entropy):
+    """Row j by a plain backward pass: the gradient of the mean loss of its m samples."""
+    weights = [lay.module.weight for lay in cm.layers]
+    out = []
+    for j in rows:
+        value = loss(model(x[j * m : (j + 1) * m]), y[j * m : (j + 1) * m])
+        out.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, weights)]))
+    return torch.stack(out).double()
+
+
 @pytest.mark.parametrize("m", [1, 4])
 def test_rows_equal_autograd_gradients(m):
     model, cm, x, y = setup()
-    X = gradient_matrix(model, cm, as_samples((x, y)), 10, m, dtype=torch.float64,
+    X = gradient_matrix(model, cm, Samples((x, y)), 10, m, dtype=torch.float64,
                         progress=False)
     assert X.shape == (10, cm.num_weights) and X.dtype == torch.float64
-    weights = [lay.module.weight for lay in cm.layers]
-    for j in (0, 9):
-        loss = F.cross_entropy(model(x[j * m : (j + 1) * m]), y[j * m : (j + 1) * m])
-        ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, weights)])
-        assert torch.allclose(X[j], ref.double(), atol=1e-6)
+    assert torch.allclose(X[[0, 9]], reference_rows(model, cm, x, y, (0, 9), m), atol=1e-6)
+
+
+def test_chunks_columns_and_the_mode_reported():
+    model, cm, x, y = setup()
+    modes = []
+    full = gradient_matrix(model, cm, Samples((x, y)), 12, dtype=torch.float64, chunk=5,
+                           progress=False, on_mode=modes.append)
+    assert modes == [VMAP]
+    assert torch.allclose(full, reference_rows(model, cm, x, y, range(12)), atol=1e-6)
+    cols = torch.tensor([0, 7, 53, 54, 300, cm.num_weights - 1])
+    part = gradient_matrix(model, cm, Samples((x, y)), 12, dtype=torch.float64,
+                           columns=cols, progress=False)
+    assert part.shape == (12, 6) and torch.allclose(part, full[:, cols])
+
+
+def test_store_on_disk_and_in_half_precision_hold_the_same_rows(tmp_path):
+    model, cm, x, y = setup()
+    ref = gradient_matrix(model, cm, Samples((x, y)), 8, progress=False)
+    disk = gradient_store(model, cm, Samples((x, y)), 8, storage="disk",
+                          scratch_dir=str(tmp_path), progress=False)
+    assert disk.backend == "disk" and disk.plan.backend == "disk"
+    assert torch.allclose(disk.to_tensor(), ref)
+    half = gradient_store(model, cm, Samples((x, y)), 8, dtype=torch.float16, progress=False)
+    assert half.dtype == torch.float16 and half.row_scale is not None
+    err = (half.to_tensor() - ref).abs().amax(1) / ref.abs().amax(1)
+    assert float(err.max()) < 2e-3  # float16's precision relative to each row
+
+
+def test_dict_batches_and_a_custom_task():
+    class KeywordCNN(SmallCNN):
+        def forward(self, image):
+            return super().forward(image)
+
+    model = KeywordCNN().eval()
+    x, y = small_data(20)
+    cm = CostModel.from_model(model, {"image": x[:1]})
+    target = torch.randn(20, 4)
+    task = fp.Task(loss=lambda p, t: ((p - t) ** 2).sum(1))
+    X = gradient_matrix(model, cm, Samples({"image": x, "labels": target}), 6, task=task,
+                        dtype=torch.float64, progress=False)
+
+    def loss(out, t):
+        return ((out - t) ** 2).sum(1).mean()
+
+    assert torch.allclose(X, reference_rows(model, cm, x, target, range(6), loss=loss),
+                          atol=1e-6)
+
+
+def test_a_model_that_does_not_vmap_falls_back_to_backward_passes():
+    class DataDependent(SmallCNN):
+        def forward(self, x):
+            out = super().forward(x)
+            return out * 2 if float(x.sum()) > -1e9 else out  # .item() under vmap fails
+
+    model = DataDependent().eval()
+    x, y = small_data(12)
+    cm = CostModel.from_model(model, x[:1])
+    modes = []
+    X = gradient_matrix(model, cm, Samples((x, y)), 6, 2, dtype=torch.float64,
+                        progress=False, on_mode=modes.append)
+    assert len(modes) == 1 and modes[0].startswith("a backward pass per row")
+    assert torch.allclose(X, reference_rows(model, cm, x, y, range(6), 2), atol=1e-6)
 
 
 def test_memory_refusal_names_numbers_and_fix():
@@ -33,50 +107,55 @@ def test_memory_refusal_names_numbers_and_fix():
     p = cm.num_weights
     limit = estimate_bytes(12, p, torch.float32) + 1
     with pytest.raises(MemoryBudgetError, match=r"KiB.*n_gradients=(\d+) would fit") as e:
-        gradient_matrix(model, cm, as_samples((x, y)), 20, memory_limit=limit, progress=False)
+        gradient_matrix(model, cm, Samples((x, y)), 20, memory_limit=limit, progress=False)
     fit = int(re.search(r"n_gradients=(\d+)", str(e.value)).group(1))
     assert 1 <= fit <= 12 and estimate_bytes(fit, p, torch.float32) <= limit
-    X = gradient_matrix(model, cm, as_samples((x, y)), fit, memory_limit=limit, progress=False)
+    X = gradient_matrix(model, cm, Samples((x, y)), fit, memory_limit=limit, progress=False)
     assert X.shape == (fit, p)
     with pytest.raises(MemoryBudgetError, match="even one gradient would not fit"):
-        gradient_matrix(model, cm, as_samples((x, y)), 20, memory_limit=1000, progress=False)
+        gradient_matrix(model, cm, Samples((x, y)), 20, memory_limit=1000, progress=False)
 
 
 def test_nan_and_shape_and_count_errors():
     model, cm, x, y = setup()
     bad = x.clone()
     bad[3] = float("nan")
-    with pytest.raises(ValueError, match="NaN or inf"):
-        gradient_matrix(model, cm, as_samples((bad, y)), 10, progress=False)
-    with pytest.raises(ValueError, match="shape"):
-        gradient_matrix(model, cm, as_samples((x[:, :, :2, :2].reshape(40, 4), y)), 10,
+    with pytest.raises(DataError, match="NaN or inf"):
+        gradient_matrix(model, cm, Samples((bad, y)), 10, progress=False)
+    with pytest.raises(DataError, match="shape"):
+        gradient_matrix(model, cm, Samples((x[:, :, :2, :2].reshape(40, 4), y)), 10,
                         progress=False)
-    with pytest.raises(ValueError, match="lower n_gradients"):
-        gradient_matrix(model, cm, as_samples((x, y)), 41, progress=False)
+    with pytest.raises(DataError, match="lower n_gradients"):
+        gradient_matrix(model, cm, Samples((x, y)), 41, progress=False)
+    with pytest.raises(DataError, match="lower n_gradients"):
+        gradient_matrix(model, cm, Samples((x, y)), 11, 4, progress=False)
+
+
+def test_bad_counts_and_constant_loss_are_refused():
+    model, cm, x, y = setup()
+    with pytest.raises(ConfigError, match="n_gradients must be a positive integer"):
+        gradient_matrix(model, cm, Samples((x, y)), 0, progress=False)
+    with pytest.raises(ConfigError, match="samples_per_gradient"):
+        gradient_matrix(model, cm, Samples((x, y)), 4, 0, progress=False)
+    constant = fp.Task(loss=lambda p, t: p.sum(1) * 0)
+    with pytest.raises(DataError, match="every gradient is zero"):
+        gradient_matrix(model, cm, Samples((x, y)), 4, task=constant, progress=False)
 
 
 def test_model_mode_restored():
     model, cm, x, y = setup()
     model.train()
-    gradient_matrix(model, cm, as_samples((x, y)), 5, progress=False)
+    gradient_matrix(model, cm, Samples((x, y)), 5, progress=False)
     assert model.training
 
 
 def test_batchnorm_uses_running_statistics_and_mode_is_restored():
-    from helpers import BatchNormCNN
-
-    torch.manual_seed(0)
     model = BatchNormCNN()
     x, y = small_data(40)
     model.train()
     model(x)  # running statistics differ from any single sample's
-    model.train()
     cm = CostModel.from_model(model, x[:1])
-    X = gradient_matrix(model, cm, as_samples((x, y)), 4, dtype=torch.float64, progress=False)
+    X = gradient_matrix(model, cm, Samples((x, y)), 4, dtype=torch.float64, progress=False)
     assert model.training
-    weights = [lay.module.weight for lay in cm.layers]
     model.eval()
-    for j in range(4):
-        loss = F.cross_entropy(model(x[j : j + 1]), y[j : j + 1])
-        ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, weights)])
-        assert torch.allclose(X[j], ref.double(), atol=1e-6)
+    assert torch.allclose(X, reference_rows(model, cm, x, y, range(4)), atol=1e-6)

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import BatchNormCNN, same_state, small_data, state, trained_cnn
+from helpers import BatchNormCNN, same_state, small_data, state
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -16,26 +16,32 @@ from torch.utils.data import (
 )
 
 import falcon_prune as fp
-from falcon_prune.gradual import CHECKPOINT_NAME, _as_feed, recalibrate_on
+from falcon_prune.errors import (
+    CheckpointError,
+    ConfigError,
+    ConfigTypeError,
+    DataError,
+    DataTypeError,
+    MissingFileError,
+    OutputExistsError,
+)
+from falcon_prune.gradual import CHECKPOINT_NAME, as_feed, recalibrate_on
 
 KW = dict(flops=0.3, stages=2, epochs_per_stage=1, final_epochs=1, batch_size=32,
-          n_gradients=60, n_validation=60, progress=False)
+          progress=False)
+STEP = dict(n_gradients=60, n_validation=60)  # what falcon's steps use (mp uses neither)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return trained_cnn()
-
-
-@pytest.fixture(scope="module")
-def data():
-    return small_data()
+@pytest.fixture
+def model(cnn):
+    return cnn
 
 
 @pytest.mark.parametrize("method", ["mp", "falcon"])
 def test_gradual_meets_budgets_keeps_masks_and_leaves_model(model, data, method):
     before = state(model)
-    r = fp.gradual(model, data, method=method, eval_data=small_data(64, seed=1), **KW)
+    step = STEP if method == "falcon" else {}
+    r = fp.gradual(model, data, method=method, eval_data=small_data(64, seed=1), **KW, **step)
     assert same_state(model, before)
     assert r.flops_fraction <= 0.3
     phases = [row["phase"] for row in r.history]
@@ -45,14 +51,14 @@ def test_gradual_meets_budgets_keeps_masks_and_leaves_model(model, data, method)
     masks = fp.masks_of(r.model)
     for name, m in (("c1", r.model.c1), ("c2", r.model.c2), ("fc", r.model.fc)):
         assert not m.weight[~masks[name]].any()  # fine-tuning kept pruned weights at zero
-    kept, dense = fp.count_macs(fp.make_permanent(fp.api.clone_model(r.model)), data[0][:1])
+    kept, dense = fp.count_macs(r.model, data[0][:1])
     assert kept / dense <= 0.3 + 1e-12
     # fine-tuning repaired part of the damage of the last pruning step
     assert r.history[-1]["eval_loss"] < r.history[2]["eval_loss"]
 
 
 def test_resume_after_interruption_gives_the_same_masks(model, data, tmp_path):
-    full = fp.gradual(model, data, method="falcon", checkpoint_dir=tmp_path / "a", **KW)
+    full = fp.gradual(model, data, method="falcon", checkpoint_dir=tmp_path / "a", **KW, **STEP)
 
     class Stop(Exception):
         pass
@@ -63,9 +69,10 @@ def test_resume_after_interruption_gives_the_same_masks(model, data, tmp_path):
 
     with pytest.raises(Stop):
         fp.gradual(model, data, method="falcon", checkpoint_dir=tmp_path / "b",
-                   callback=interrupt, **KW)
+                   callback=interrupt, **KW, **STEP)
+    torch.manual_seed(999)  # the caller's RNG state must not matter to a resumed run
     resumed = fp.gradual(model, data, method="falcon", checkpoint_dir=tmp_path / "b",
-                         resume=True, **KW)
+                         resume=True, **KW, **STEP)
     a, b = fp.masks_of(full.model), fp.masks_of(resumed.model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = full.model.state_dict(), resumed.model.state_dict()
@@ -75,14 +82,28 @@ def test_resume_after_interruption_gives_the_same_masks(model, data, tmp_path):
 
 def test_checkpoint_guards(model, data, tmp_path):
     fp.gradual(model, data, method="mp", checkpoint_dir=tmp_path, **KW)
-    with pytest.raises(FileExistsError, match="resume=True"):
+    with pytest.raises(OutputExistsError, match="resume=True"):
         fp.gradual(model, data, method="mp", checkpoint_dir=tmp_path, **KW)
-    with pytest.raises(ValueError, match="other settings"):
-        fp.gradual(model, data, method="falcon", checkpoint_dir=tmp_path, resume=True, **KW)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="other settings"):
+        fp.gradual(model, data, method="falcon", checkpoint_dir=tmp_path, resume=True, **KW,
+                   **STEP)
+    with pytest.raises(MissingFileError, match="no checkpoint"):
         fp.gradual(model, data, method="mp", checkpoint_dir=tmp_path / "x", resume=True, **KW)
-    with pytest.raises(ValueError, match="checkpoint_dir"):
+    with pytest.raises(ConfigError, match="checkpoint_dir"):
         fp.gradual(model, data, method="mp", resume=True, **KW)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "not a run"])
+def test_a_damaged_checkpoint_is_refused_on_resume(model, data, tmp_path, damage):
+    fp.gradual(model, data, method="mp", checkpoint_dir=tmp_path, **KW)
+    path = tmp_path / CHECKPOINT_NAME
+    raw = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": raw[: len(raw) // 2],
+                      "garbage": b"not a checkpoint at all"}.get(damage, b""))
+    if damage == "not a run":
+        torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match="gradual" if damage == "not a run" else "corrupt"):
+        fp.gradual(model, data, method="mp", checkpoint_dir=tmp_path, resume=True, **KW)
 
 
 def test_loader_input_and_custom_optimizer(model, data):
@@ -102,17 +123,19 @@ def test_loader_input_and_custom_optimizer(model, data):
 
 
 @pytest.mark.parametrize("kw, exc, match", [
-    ({"schedule": [0.8, 0.5]}, ValueError, "above the target"),
-    ({"schedule": [0.6, 0.3], "stages": 3}, ValueError, "disagrees"),
-    ({"epochs_per_stage": 0, "final_epochs": 0}, ValueError, "no fine-tuning"),
-    ({"epochs_per_stage": -1}, ValueError, "epochs_per_stage must be"),
-    ({"flops": 1.2}, ValueError, "not a fraction"),
-    ({"method": "falcon++"}, ValueError, "gradual step"),
-    ({"lr": 0.0}, ValueError, "lr must be"),
-    ({"n_validation": -1}, ValueError, "n_validation must be an integer >= 0"),
-    ({"n_validation": 10.5}, ValueError, "n_validation must be an integer >= 0"),
-    ({"n_validation": True}, ValueError, "n_validation must be an integer >= 0"),
-    ({"device": "tpu9"}, ValueError, "not a torch device"),
+    ({"schedule": [0.8, 0.5]}, ConfigError, "above the target"),
+    ({"schedule": [0.6, 0.3], "stages": 3}, ConfigError, "disagrees"),
+    ({"epochs_per_stage": 0, "final_epochs": 0}, ConfigError, "no fine-tuning"),
+    ({"epochs_per_stage": -1}, ConfigError, "epochs_per_stage must be"),
+    ({"flops": 1.2}, ConfigError, "not a fraction"),
+    ({"method": "falcon++"}, ConfigError, "single-stage method"),
+    ({"lr": 0.0}, ConfigError, "lr has a bad value"),
+    ({"method": "falcon", "n_validation": -1}, ConfigError, "n_validation must be an integer"),
+    ({"method": "falcon", "n_validation": 10.5}, ConfigError, "n_validation must be an int"),
+    ({"method": "falcon", "n_validation": True}, ConfigError, "n_validation must be an int"),
+    ({"n_gradients": 60}, ConfigError, "does not use n_gradients"),
+    ({"recalibrate_bn": 10}, ConfigError, "bn_batches"),
+    ({"device": "tpu9"}, ConfigError, "not a torch device"),
 ])
 def test_bad_arguments(model, data, kw, exc, match):
     before = state(model)
@@ -131,11 +154,11 @@ def test_explicit_schedule_sets_the_number_of_stages(model, data):
 def test_training_data_of_the_wrong_shape(model, data):
     before = state(model)
     x, y = data
-    with pytest.raises(ValueError, match="cannot be trained"):
+    with pytest.raises(DataError, match="could not run on the data"):
         fp.gradual(model, (x.reshape(len(x), -1), y), method="mp", **KW)
-    with pytest.raises(ValueError, match="cannot be trained"):
+    with pytest.raises(DataError, match="labels must be class indices in \\[0, 3\\]"):
         fp.gradual(model, (x, y + 10), method="mp", **KW)
-    with pytest.raises(TypeError, match="train_data must be"):
+    with pytest.raises(DataTypeError, match="train_data must be"):
         fp.gradual(model, "data", method="mp", **KW)
     assert same_state(model, before)
 
@@ -144,8 +167,8 @@ def test_batchnorm_statistics_are_re_estimated(data):
     torch.manual_seed(0)
     net = BatchNormCNN().eval()
     x = data[0]
-    ds = TensorDataset(*data)
-    recalibrate_on(net, ds, batches=100, batch_size=len(x), seed=0)
+    feed = as_feed(TensorDataset(*data), len(x))
+    recalibrate_on(net, feed, batches=100, seed=0, task=fp.tasks.classification())
     with torch.no_grad():
         expected = net.c1(x).mean((0, 2, 3))
     assert torch.allclose(net.b1.running_mean, expected, atol=1e-5)
@@ -155,7 +178,7 @@ def test_batchnorm_statistics_are_re_estimated(data):
 def test_gradual_with_batchnorm_model(data):
     torch.manual_seed(0)
     net = BatchNormCNN().eval()
-    r = fp.gradual(net, data, method="falcon", **KW)
+    r = fp.gradual(net, data, method="falcon", **KW, **STEP)
     assert r.flops_fraction <= 0.3
     assert torch.isfinite(r.model.b2.running_var).all()
 
@@ -183,10 +206,10 @@ def test_loader_collate_fn_is_used_and_its_sampler_replaced(model, data):
 
     loader = DataLoader(FlatDataset(*data), batch_size=32, shuffle=False, collate_fn=unflatten)
     kw = {**KW, "batch_size": 7}  # the loader's batch size wins
-    r = fp.gradual(model, loader, method="falcon", **kw)
+    r = fp.gradual(model, loader, method="falcon", **kw, **STEP)
     assert 32 in calls and 120 in calls  # training batches; the 120 pruning-step samples
     # same seeded order as for the tensors themselves: identical masks and weights
-    ref = fp.gradual(model, data, method="falcon", **KW)
+    ref = fp.gradual(model, data, method="falcon", **KW, **STEP)
     a, b = fp.masks_of(r.model), fp.masks_of(ref.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = r.model.state_dict(), ref.model.state_dict()
@@ -198,24 +221,24 @@ def test_loader_options_are_kept_and_custom_samplers_warned(data):
     loader = DataLoader(ds, batch_size=50, shuffle=True, num_workers=2, drop_last=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a plain RandomSampler is replaced silently
-        feed = _as_feed(loader, 128)
+        feed = as_feed(loader, 128)
     epoch = feed.epoch(seed=0, epoch=1)
     assert (feed.batch_size, epoch.num_workers, epoch.drop_last) == (50, 2, True)
     assert [len(b[0]) for b in feed.epoch(0, 1)] == [50] * 4  # drop_last: 240 = 4 x 50 + 40
     subset = DataLoader(ds, batch_size=50, sampler=SubsetRandomSampler(range(10)))
     with pytest.warns(UserWarning, match="custom sampler \\(SubsetRandomSampler\\).*seeded"):
-        assert len(_as_feed(subset, 128).dataset) == 240
+        assert len(as_feed(subset, 128).dataset) == 240
     custom = DataLoader(ds, batch_sampler=[[0, 1], [2, 3]])
     with pytest.warns(UserWarning, match="custom batch_sampler.*batches of 64"):
-        assert _as_feed(custom, 64).batch_size == 64
+        assert as_feed(custom, 64).batch_size == 64
     plain = DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 16, False))
-    assert _as_feed(plain, 64).batch_size == 16
-    with pytest.raises(ValueError, match="batch_size=None"):
-        _as_feed(DataLoader(ds, batch_size=None), 64)
+    assert as_feed(plain, 64).batch_size == 16
+    with pytest.raises(ConfigError, match="batch_size=None"):
+        as_feed(DataLoader(ds, batch_size=None), 64)
 
 
 def test_seeded_order_depends_only_on_seed_and_epoch(data):
-    feed = _as_feed(DataLoader(TensorDataset(*data), batch_size=60, shuffle=True), 128)
+    feed = as_feed(DataLoader(TensorDataset(*data), batch_size=60, shuffle=True), 128)
     first = [y for _, y in feed.epoch(3, 2)]
     assert all(torch.equal(a, b) for a, b in zip(first, [y for _, y in feed.epoch(3, 2)],
                                                    strict=True))
@@ -226,17 +249,17 @@ def test_seeded_order_depends_only_on_seed_and_epoch(data):
 def test_checkpoint_config_records_every_setting(model, data, tmp_path):
     fp.gradual(model, data, method="mp", checkpoint_dir=tmp_path, **KW)
     config = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["config"]
-    assert {"lr", "momentum", "weight_decay", "ridge", "n_validation", "bn_batches",
-            "schedule", "levels", "solver_options", "n_train", "optimizer",
-            "lr_scheduler", "loss_fn", "drop_last", "collate_fn"} <= config.keys()
+    assert {"lr", "momentum", "weight_decay", "step", "bn_batches", "schedule", "levels",
+            "n_train", "optimizer", "lr_scheduler", "drop_last", "collate_fn"} <= config.keys()
+    assert {"task", "seed", "min_density", "solver", "n_validation"} <= config["step"].keys()
     assert config["schedule"]["kind"] == "cubic" and config["lr_scheduler"] == "cosine"
-    with pytest.raises(ValueError, match=r"other settings \{'lr': \(0\.01, 0\.02\)\}"):
+    with pytest.raises(CheckpointError, match=r"other settings \{'lr': \(0\.01, 0\.02\)\}"):
         fp.gradual(model, data, method="mp", checkpoint_dir=tmp_path, resume=True,
                    **{**KW, "lr": 0.02})
-    with pytest.raises(ValueError, match="'n_validation': \\(60, 30\\)"):
+    with pytest.raises(CheckpointError, match="'step'"):
         fp.gradual(model, data, method="mp", checkpoint_dir=tmp_path, resume=True,
-                   **{**KW, "n_validation": 30})
-    with pytest.raises(ValueError, match="'optimizer': \\('sgd', 'custom'\\)"):
+                   **{**KW, "min_density": 0.1})
+    with pytest.raises(CheckpointError, match="'optimizer': \\('sgd', 'custom'\\)"):
         fp.gradual(model, data, method="mp", checkpoint_dir=tmp_path, resume=True,
                    optimizer=lambda p: torch.optim.SGD(p, lr=0.01), **KW)
     # the same settings resume (nothing left to do)
@@ -256,13 +279,13 @@ class Halving:
 
 
 def test_scheduler_without_state_cannot_be_checkpointed(model, data, tmp_path):
-    with pytest.raises(TypeError, match="must provide state_dict and load_state_dict"):
+    with pytest.raises(ConfigTypeError, match="must provide state_dict and load_state_dict"):
         fp.gradual(model, data, method="mp", lr_scheduler=lambda o, n: Halving(o),
                    checkpoint_dir=tmp_path, **KW)
     assert not (tmp_path / CHECKPOINT_NAME).exists()  # refused before any work
     r = fp.gradual(model, data, method="mp", lr_scheduler=lambda o, n: Halving(o), **KW)
     assert [row["lr"] for row in r.history if "lr" in row] == pytest.approx([0.01, 5e-3, 2.5e-3])
-    with pytest.raises(TypeError, match="without step"):
+    with pytest.raises(ConfigTypeError, match="without step"):
         fp.gradual(model, data, method="mp", lr_scheduler=lambda o, n: object(), **KW)
 
 
@@ -299,5 +322,20 @@ def test_device_argument_places_the_copy(model, data):
     r = fp.gradual(model, data, method="mp", device=torch.device("cpu"), **KW)
     assert all(p.device.type == "cpu" for p in r.model.parameters())
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA GPU"):
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
             fp.gradual(model, data, method="mp", device="cuda", **KW)
+
+
+def test_the_callers_rng_state_is_left_untouched(model, data):
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    fp.gradual(model, data, method="falcon", **KW, **STEP)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_result_config_and_recount(model, data):
+    r = fp.gradual(model, data, method="falcon", **KW, **STEP)
+    assert r.config.step.n_gradients == 60 and r.config.schedule.stages == 2
+    assert r.config.to_dict()["step"]["task"] == "classification"
+    kept, dense = fp.count_macs(r.model, data[0][:1])
+    assert r.flops_fraction == pytest.approx(kept / dense)

@@ -3,16 +3,25 @@ import pytest
 import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from falcon_prune.errors import ConfigError, ConfigTypeError
 from falcon_prune.ilp import CostGroups, solve_ilp
+from falcon_prune.selection import Budget, select_ilp, select_prefix, select_top
 
 
-def exact(I, f, S, F, integral=True):
+def exact(I, f, S, F, integral=True, floors=None, bounds=None):
+    """The optimum by scipy's MILP (or LP), with per-layer floors when given."""
     p = len(I)
     A = np.vstack([np.ones(p), f])
     ub = [np.inf if S is None else S, np.inf if F is None else F]
+    constraints = [LinearConstraint(A, -np.inf, ub)]
+    if floors is not None:
+        L = np.zeros((len(floors), p))
+        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            L[k, a:b] = 1
+        constraints.append(LinearConstraint(L, np.array(floors), np.inf))
     res = milp(
         -I,
-        constraints=[LinearConstraint(A, -np.inf, ub)],
+        constraints=constraints,
         integrality=np.ones(p) if integral else None,
         bounds=Bounds(0, 1),
         options={"mip_rel_gap": 0},
@@ -109,22 +118,90 @@ def test_zero_budget():
 
 
 @pytest.mark.parametrize(
-    "kwargs,err",
+    "kwargs,err,match",
     [
-        (dict(scores=torch.tensor([1.0, float("nan")])), "NaN"),
-        (dict(scores=torch.tensor([1.0, -1.0])), ">= 0"),
-        (dict(scores=torch.tensor([1.0, 1.0, 1.0])), "entries"),
-        (dict(max_count=-1), ">= 0"),
-        (dict(max_cost=float("nan")), "number"),
+        (dict(scores=torch.tensor([1.0, float("nan")])), ConfigError, "NaN"),
+        (dict(scores=torch.tensor([1.0, -1.0])), ConfigError, ">= 0"),
+        (dict(scores=torch.tensor([1.0, 1.0, 1.0])), ConfigError, "entries"),
+        (dict(max_count=-1), ConfigError, ">= 0"),
+        (dict(max_cost=float("nan")), ConfigTypeError, "number"),
+        (dict(max_cost="1"), ConfigTypeError, "number"),
+        (dict(costs=torch.tensor([1.0, -1.0])), ConfigError, "finite and >= 0"),
+        (dict(costs=torch.tensor([])), ConfigError, "empty"),
     ],
 )
-def test_bad_input(kwargs, err):
+def test_bad_input(kwargs, err, match):
     args = dict(
         scores=torch.tensor([1.0, 2.0]), costs=torch.tensor([1.0, 1.0]), max_count=1, max_cost=1.0
     )
     args.update(kwargs)
-    with pytest.raises((ValueError, TypeError), match=err):
+    with pytest.raises(err, match=match):
         solve_ilp(**args)
+
+
+def layered(seed, sizes=(30, 50, 20, 40), costs=(16.0, 4.0, 9.0, 1.0)):
+    """Scores (p,), per-weight costs (p,), groups and layer bounds of a small network."""
+    rng = np.random.default_rng(seed)
+    sizes_t, costs_t = torch.tensor(sizes), torch.tensor(costs)
+    f = torch.repeat_interleave(costs_t, sizes_t).numpy().astype(float)
+    bounds = tuple([0, *np.cumsum(sizes).tolist()])
+    return rng.random(len(f)) ** 2, f, CostGroups.from_layers(costs_t, sizes_t), bounds
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("S_frac,F_frac", [(0.1, 0.2), (None, 0.15), (0.12, None)])
+def test_select_ilp_with_floors_is_near_the_constrained_optimum(seed, S_frac, F_frac):
+    I, f, groups, bounds = layered(seed)
+    floors = (3, 0, 5, 2)
+    S = None if S_frac is None else int(S_frac * len(I))
+    F = None if F_frac is None else F_frac * f.sum()
+    r = select_ilp(torch.tensor(I), groups, Budget(S, F, floors, bounds))
+    mask = r.mask.numpy()
+    per_layer = [int(mask[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    assert all(k >= fl for k, fl in zip(per_layer, floors, strict=True)), per_layer
+    assert S is None or mask.sum() <= S
+    assert F is None or f[mask].sum() <= F * (1 + 1e-12)
+    assert r.objective == pytest.approx(I[mask].sum())
+    opt = exact(I, f, S, F, floors=floors, bounds=bounds)
+    assert opt - np.sort(I)[-2:].sum() - 1e-9 <= r.objective <= opt + 1e-9
+    assert r.upper_bound >= opt - 1e-9
+    # without floors the cheap last layer would take most of the budget and some layer none
+    free = select_ilp(torch.tensor(I), groups, Budget(S, F))
+    assert free.objective >= r.objective - 1e-9
+
+
+def test_select_prefix_and_top_keep_the_floors_first():
+    I, f, groups, bounds = layered(0)
+    floors = (2, 1, 1, 3)
+    order = torch.argsort(torch.tensor(I), descending=True)
+    budget = Budget(None, 0.15 * f.sum(), floors, bounds)
+    mask = select_prefix(order, groups, budget)
+    per_layer = [int(mask[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    assert all(k >= fl for k, fl in zip(per_layer, floors, strict=True))
+    assert f[mask.numpy()].sum() <= budget.cost * (1 + 1e-12)
+    # the forced weights are each layer's best by the order; the rest is a prefix of it
+    forced = torch.zeros_like(mask)
+    for k, a, b in zip(floors, bounds[:-1], bounds[1:], strict=True):
+        layer = order[(order >= a) & (order < b)]
+        forced[layer[:k]] = True
+    rest = order[~forced[order]]
+    n_rest = int((mask & ~forced).sum())
+    assert bool(mask[forced].all()) and bool(mask[rest[:n_rest]].all())
+    values = torch.tensor(I)
+    top = select_top(values, 10, budget)
+    assert int(top.sum()) == 10
+    assert bool(top[forced].all())  # here |values| orders as I does
+
+
+def test_budget_fits_and_restricted():
+    b = Budget(10, 100.0, (2, 3), (0, 5, 12))
+    assert b.fits(10, 100.0) and not b.fits(11, 1.0) and not b.fits(1, 100.1)
+    assert Budget(None, None).fits(10**9, 1e30)
+    allowed = torch.zeros(12, dtype=torch.bool)
+    allowed[[0, 6, 7, 8, 9, 10]] = True  # 1 weight left in layer 0, 5 in layer 1
+    r = b.restricted(allowed)
+    assert r.bounds == (0, 1, 6) and r.floors == (1, 3)
+    assert (r.count, r.cost) == (10, 100.0)
 
 
 def test_value_sort_and_top_k_mask_with_ties():

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
+from falcon_prune.errors import ConfigError
 from falcon_prune.quadratic import QuadraticModel
+from falcon_prune.storage import GradientStore
 
 
 def problem(n=12, p=40, seed=0, dtype=torch.float64):
@@ -78,11 +80,34 @@ def test_value_and_grad_match_autograd_and_lipschitz_bounds_hessian():
     assert top <= qm.lipschitz(iters=100) <= 1.1 * top
 
 
+def test_with_ridge_shares_x_and_keeps_alpha():
+    X, w_bar, mask = problem()
+    qm = QuadraticModel(X, w_bar, 1e-2, 0.3)
+    other = qm.with_ridge(1e-1)
+    assert other.X is qm.X and other.lam == 1e-1 and other.alpha == 0.3
+    ref = dense_solution(X, w_bar, mask, 1e-1, 0.3)
+    assert torch.allclose(other.solve_on_support(mask), ref, atol=1e-8)
+    assert qm.lam == 1e-2  # the original is unchanged
+
+
+def test_gradient_store_and_tensor_give_the_same_model():
+    X, w_bar, mask = problem()
+    a = QuadraticModel(X, w_bar, 1e-2, 0.3)
+    b = QuadraticModel(GradientStore.from_tensor(X), w_bar, 1e-2, 0.3)
+    assert torch.allclose(a.solve_on_support(mask), b.solve_on_support(mask), atol=1e-12)
+    assert a.dtype == torch.float64  # float64 X: float64 compute
+    assert QuadraticModel(X.float(), w_bar, 1e-2).dtype == torch.float32
+
+
 def test_bad_arguments():
     X, w, _ = problem()
-    with pytest.raises(ValueError, match="lam"):
+    with pytest.raises(ConfigError, match="lam"):
         QuadraticModel(X, w, 0.0)
-    with pytest.raises(ValueError, match="X must be"):
+    with pytest.raises(ConfigError, match="X must be"):
         QuadraticModel(X, w[:-1], 1e-3)
-    with pytest.raises(ValueError, match="block_size"):
+    with pytest.raises(ConfigError, match="X must be"):
+        QuadraticModel(X[0], w, 1e-3)
+    with pytest.raises(ConfigError, match="alpha"):
+        QuadraticModel(X, w, 1e-3, alpha=-1.0)
+    with pytest.raises(ConfigError, match="block_size"):
         QuadraticModel(X, w, 1e-3, block_size=0)

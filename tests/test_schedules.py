@@ -1,5 +1,6 @@
 import pytest
 
+from falcon_prune.errors import ConfigError, ConfigTypeError
 from falcon_prune.schedules import Schedule, as_schedule, stage_budgets
 
 
@@ -33,21 +34,26 @@ def test_explicit_levels_and_both_budgets():
 
 
 @pytest.mark.parametrize(
-    "make, match",
+    "make, err, match",
     [
-        (lambda: Schedule(levels=(0.8, 0.5)).fractions(0.3), "ends at 0.5 kept, above"),
-        (lambda: Schedule(levels=(0.5, 0.8)), "increase"),
-        (lambda: Schedule(levels=(1.5,)), "not a kept fraction"),
-        (lambda: Schedule(stages=0), "stages must be"),
-        (lambda: Schedule(kind="quadratic"), "unknown schedule"),
-        (lambda: Schedule(start=0.2).fractions(0.3), "below the target"),
-        (lambda: as_schedule(3.0), "schedule must be"),
-        (lambda: Schedule(min_step=1.0), "min_step"),
-        (lambda: Schedule(min_step=-0.1), "min_step"),
+        (lambda: Schedule(levels=(0.8, 0.5)).fractions(0.3), ConfigError, "ends at 0.5 kept"),
+        (lambda: Schedule(levels=(0.5, 0.8)), ConfigError, "increase"),
+        (lambda: Schedule(levels=(1.5,)), ConfigError, "not a kept fraction"),
+        (lambda: Schedule(levels=()), ConfigError, "at least one level"),
+        (lambda: Schedule(stages=0), ConfigError, "stages must be"),
+        (lambda: Schedule(stages=2.5), ConfigError, "stages must be"),
+        (lambda: Schedule(kind="quadratic"), ConfigError, "unknown schedule"),
+        (lambda: Schedule(start=1.5), ConfigError, "start=1.5 must be"),
+        (lambda: Schedule(start=0.2).fractions(0.3), ConfigError, "below the target"),
+        (lambda: as_schedule(3.0), ConfigTypeError, "schedule must be"),
+        (lambda: as_schedule(Schedule(3), stages=4), ConfigError, "disagrees"),
+        (lambda: as_schedule([0.8, 0.5], stages=3), ConfigError, "disagrees"),
+        (lambda: Schedule(min_step=1.0), ConfigError, "min_step"),
+        (lambda: Schedule(min_step=-0.1), ConfigError, "min_step"),
     ],
 )
-def test_bad_schedules(make, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+def test_bad_schedules(make, err, match):
+    with pytest.raises(err, match=match):
         make()
 
 

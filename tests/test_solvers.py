@@ -1,30 +1,43 @@
+"""The solvers on the quadratic model of a small trained CNN: budgets, floors, choices."""
+
+import dataclasses
+
 import pytest
 import torch
-from helpers import small_data, trained_cnn
 
 from falcon_prune import solvers as S
+from falcon_prune.batches import Samples
 from falcon_prune.costs import CostModel, flatten_weights
-from falcon_prune.fisher import as_samples, gradient_matrix
-from falcon_prune.ilp import CostGroups
+from falcon_prune.errors import ConfigError
+from falcon_prune.fisher import gradient_matrix
+from falcon_prune.ilp import CostGroups, solve_ilp
 from falcon_prune.quadratic import QuadraticModel
+from falcon_prune.selection import Budget, select_prefix
 
 
 @pytest.fixture(scope="module")
-def problem():
-    model = trained_cnn()
-    x, y = small_data()
-    cm = CostModel.from_model(model, x[:1])
-    X = gradient_matrix(model, cm, as_samples((x, y)), 120, progress=False)
+def problem(cnn, data):
+    x, y = data
+    cm = CostModel.from_model(cnn, x[:1])
+    X = gradient_matrix(cnn, cm, Samples((x, y)), 100, progress=False)
     w = flatten_weights(cm)
     groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes())
     return cm, QuadraticModel(X, w, 1e-3), groups
 
 
+def budget_of(cm, nnz, flops, floors=None):
+    return Budget(None if nnz is None else int(nnz * cm.num_weights),
+                  None if flops is None else flops * cm.dense_macs,
+                  floors, None if floors is None else tuple(cm.offsets))
+
+
+METHODS = ("mp", "mp_flops", "woodfisher", "chita", "falcon")
 BUDGETS = [(None, 0.4), (0.5, None), (0.3, 0.5), (0.6, 0.3)]
 
 
-def run(method, qm, groups, budget, evaluate=None):
-    opts = S.SolverOptions(progress=False, max_iter=10)
+def run(method, qm, groups, budget, trace=None, evaluate=None):
+    opts = S.SolverOptions(max_iter=10)
+    trace = trace if trace is not None else S.SolverTrace()
     if method == "mp":
         return S.magnitude(qm.w_bar, groups, budget)
     if method == "mp_flops":
@@ -32,17 +45,16 @@ def run(method, qm, groups, budget, evaluate=None):
     if method == "woodfisher":
         return S.woodfisher(qm, groups, budget)
     if method == "chita":
-        return S.chita(qm, groups, budget, opts)
-    return S.falcon(qm, groups, budget, opts, evaluate)
+        return S.chita(qm, groups, budget, opts, trace)
+    return S.falcon(qm, groups, budget, opts, trace, evaluate)
 
 
-@pytest.mark.parametrize("method", S.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("fractions", BUDGETS)
 def test_every_method_meets_both_budgets(problem, method, fractions):
     cm, qm, groups = problem
     nnz, flops = fractions
-    budget = S.Budget(None if nnz is None else int(nnz * cm.num_weights),
-                      None if flops is None else flops * cm.dense_macs)
+    budget = budget_of(cm, nnz, flops)
     r = run(method, qm, groups, budget)
     kept = r.mask & (r.w != 0)
     assert budget.fits(int(kept.sum()), cm.macs_of_mask(kept))
@@ -52,45 +64,80 @@ def test_every_method_meets_both_budgets(problem, method, fractions):
     assert used > 0.5 * (flops or 0) and int(r.mask.sum()) > 0
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_keeps_the_per_layer_floors(problem, method):
+    cm, qm, groups = problem
+    # a budget so tight that without floors the cheapest layer would take all of it
+    floors = (5, 1, 3)
+    budget = budget_of(cm, 0.05, 0.05, floors)
+    r = run(method, qm, groups, budget)
+    per_layer = [int(m.sum()) for m in cm.split(r.mask)]
+    assert all(k >= f for k, f in zip(per_layer, floors, strict=True)), per_layer
+    assert budget.fits(int(r.mask.sum()), cm.macs_of_mask(r.mask))
+
+
 def test_falcon_improves_the_model_over_magnitude_start(problem):
     cm, qm, groups = problem
-    budget = S.Budget(None, 0.35 * cm.dense_macs)
+    budget = budget_of(cm, None, 0.35)
     start = S.magnitude_flops(qm.w_bar, groups, budget)
-    r = S.falcon(qm, groups, budget, S.SolverOptions(progress=False, cost_exponent=0.0))
+    trace = S.SolverTrace()
+    r = S.falcon(qm, groups, budget, S.SolverOptions(cost_exponent=0.0), trace)
     assert r.objective < qm.value(start.w)
     assert r.ilp_gap is not None and r.ilp_gap >= 0
+    assert r.source in ("iht", "warm start") and r.iterations >= 1
+    iterations = [h for h in trace.history if "iteration" in h]
+    assert len(iterations) == r.iterations
+    assert {"lipschitz", "products", "projection", "backsolve"} <= set(trace.timings)
 
 
 def test_falcon_selection_uses_evaluate(problem):
     cm, qm, groups = problem
-    budget = S.Budget(None, 0.35 * cm.dense_macs)
+    budget = budget_of(cm, None, 0.35)
     calls = []
 
     def evaluate(w):
         calls.append(w)
         return float(w.abs().sum())  # prefers small weights: a checkable choice
 
-    opts = S.SolverOptions(progress=False, max_iter=5)
-    r = S.falcon(qm, groups, budget, opts, evaluate)
-    starts = [h for h in opts.history if h.get("phase") == "warm start"]
+    opts = S.SolverOptions(max_iter=5)
+    trace = S.SolverTrace()
+    r = S.falcon(qm, groups, budget, opts, trace, evaluate)
+    starts = [h for h in trace.history if h.get("phase") == "warm start"]
     assert len(starts) == len(opts.cost_exponents) + len(opts.ridges) - 1
-    best = min(h["score"] for h in starts + [h for h in opts.history if h.get("phase") == "iht"])
+    assert len(calls) == len(starts) + 1  # every warm start and the IHT result
+    scored = starts + [h for h in trace.history if h.get("phase") == "iht"]
+    best = min(h["score"] for h in scored)
     assert float(r.w.abs().sum()) == pytest.approx(best)
+    assert r.score == pytest.approx(best)
+
+
+def test_trace_accumulates_over_solves(problem):
+    cm, qm, groups = problem
+    budget = budget_of(cm, None, 0.35)
+    trace = S.SolverTrace()
+    opts = S.SolverOptions(max_iter=3)
+    S.falcon(qm, groups, budget, opts, trace)
+    first = (len(trace.history), trace.timings["projection"])
+    S.falcon(qm, groups, budget, opts, trace)
+    assert len(trace.history) > first[0] and trace.timings["projection"] > first[1]
 
 
 def test_linesearch_iht_never_increases_q(problem):
     cm, qm, groups = problem
-    budget = S.Budget(None, 0.3 * cm.dense_macs)
-    opts = S.SolverOptions(progress=False, step="linesearch", max_iter=15)
+    budget = budget_of(cm, None, 0.3)
+    opts = S.SolverOptions(step="linesearch", max_iter=15)
+    trace = S.SolverTrace()
     start = S.magnitude_flops(qm.w_bar, groups, budget)
 
     def project(v):
-        r = S.solve_ilp(v.double() ** 2, groups, None, budget.cost)
+        r = solve_ilp(v.double() ** 2, groups, None, budget.cost)
         return r.mask, r
 
-    S.iht(qm, start.w, project, opts, "t")
-    q = [qm.value(start.w)] + [h["objective"] for h in opts.history]
+    w, mask, _, its = S.iht(qm, start.w, project, opts, trace, "t")
+    q = [qm.value(start.w)] + [h["objective"] for h in trace.history]
+    assert len(q) == its + 1 >= 2
     assert all(b <= a + 1e-9 for a, b in zip(q, q[1:], strict=False))
+    assert torch.all(w[~mask] == 0) and qm.value(w) == pytest.approx(q[-1])
 
 
 def test_inverse_hessian_diagonal(problem):
@@ -125,11 +172,10 @@ def test_inverse_hessian_diagonal_on_a_support(problem):
 def test_obs_steps_meet_the_budgets_and_one_step_is_the_obs_warm_start(problem, fractions):
     cm, qm, groups = problem
     nnz, flops = fractions
-    budget = S.Budget(None if nnz is None else int(nnz * cm.num_weights),
-                      None if flops is None else flops * cm.dense_macs)
+    budget = budget_of(cm, nnz, flops)
     one = S.obs_steps(qm, groups, budget, 0.5, 1)
-    ilp = S.solve_ilp(S.weighted_scores(qm.w_bar, groups, 0.5, S.obs_saliency(qm)), groups,
-                      budget.count, budget.cost)
+    ilp = solve_ilp(S.weighted_scores(qm.w_bar, groups, 0.5, S.obs_saliency(qm)), groups,
+                    budget.count, budget.cost)
     assert torch.equal(one.mask, ilp.mask)
     for steps in (1, 3):
         r = S.obs_steps(qm, groups, budget, 0.5, steps)
@@ -142,16 +188,17 @@ def test_obs_steps_meet_the_budgets_and_one_step_is_the_obs_warm_start(problem, 
 
 def test_falcon_obs_steps_candidate_is_scored_and_kept_when_better(problem):
     cm, qm, groups = problem
-    budget = S.Budget(None, 0.3 * cm.dense_macs)
-    opts = S.SolverOptions(saliencies=("obs",), max_iter=0, obs_steps=3, progress=False)
-    res = S.falcon(qm, groups, budget, opts, evaluate=qm.value)
-    stepped = [h for h in opts.history if h["phase"] == "obs steps"]
+    budget = budget_of(cm, None, 0.3)
+    opts = S.SolverOptions(saliencies=("obs",), max_iter=0, obs_steps=3)
+    trace = S.SolverTrace()
+    res = S.falcon(qm, groups, budget, opts, trace, evaluate=qm.value)
+    stepped = [h for h in trace.history if h["phase"] == "obs steps"]
     assert len(stepped) == 1
-    best = min(h["score"] for h in opts.history)
+    best = min(h["score"] for h in trace.history)
     assert qm.value(res.w) == pytest.approx(best)
     assert cm.macs_of_mask(res.mask) <= budget.cost
-    if stepped[0]["score"] == best:
-        assert res.saliency == "obs x3"
+    assert res.saliency == ("obs x3" if stepped[0]["score"] == best else "obs")
+    assert "obs_steps" in trace.timings
 
 
 def test_inverse_hessian_diagonal_float32_stays_exact_enough(problem):
@@ -171,10 +218,11 @@ def test_inverse_hessian_diagonal_float32_stays_exact_enough(problem):
 
 def test_prefix_support_is_longest_feasible_prefix(problem):
     cm, qm, groups = problem
-    budget = S.Budget(None, 0.5 * cm.dense_macs)
+    budget = budget_of(cm, None, 0.5)
     order = torch.argsort(qm.w_bar.abs(), descending=True)
-    mask = S.prefix_support(order, groups, budget)
+    mask = select_prefix(order, groups, budget)
     k = int(mask.sum())
+    assert torch.equal(mask.nonzero().flatten().sort().values, order[:k].sort().values)
     assert cm.macs_of_mask(mask) <= budget.cost
     longer = mask.clone()
     longer[order[k]] = True
@@ -185,27 +233,55 @@ def test_prefix_support_is_longest_feasible_prefix(problem):
     ({"step": "bogus"}, "step must be one of"),
     ({"max_iter": -1}, "max_iter must be an integer"),
     ({"rounds": 0}, "rounds must be an integer"),
-    ({"active_factor": 0.5}, "active_factor must be >= 1"),
+    ({"active_factor": 0.5}, "active_factor has a bad value"),
     ({"ridges": ()}, "ridges must be positive"),
     ({"cost_exponents": (2.0,)}, "cost_exponents must lie in"),
-    ({"tol": -1.0}, "tol must be >= 0"),
+    ({"tol": -1.0}, "tol has a bad value"),
     ({"saliencies": ("magnitude", "hessian")}, "saliencies must be a non-empty subset"),
     ({"saliencies": ()}, "saliencies must be a non-empty subset"),
     ({"obs_steps": 0}, "obs_steps must be an integer"),
 ])
 def test_solver_options_are_validated(kw, msg):
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(ConfigError, match=msg):
         S.SolverOptions(**kw)
+
+
+def test_solver_options_are_frozen_and_replace_validates():
+    opts = S.SolverOptions(ridges=[1e-3, 1e-4])
+    assert opts.ridges == (1e-3, 1e-4)  # lists become tuples
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.max_iter = 3
+    changed = opts.replace(max_iter=3)
+    assert changed.max_iter == 3 and opts.max_iter == 30 and changed.ridges == opts.ridges
+    with pytest.raises(ConfigError, match="max_iter"):
+        opts.replace(max_iter=-2)
+    assert {f.name for f in dataclasses.fields(S.SolverOptions)}.isdisjoint(
+        {"progress", "history", "timings"})
 
 
 def test_obs_saliency_warm_starts_are_tried_and_meet_the_budgets(problem):
     cm, qm, groups = problem
-    budget = S.Budget(None, 0.4 * cm.dense_macs)
-    opts = S.SolverOptions(saliencies=("magnitude", "obs"), max_iter=0, progress=False)
-    res = S.falcon(qm, groups, budget, opts, evaluate=qm.value)
-    tried = {(h["saliency"], h["beta"]) for h in opts.history if h.get("phase") == "warm start"}
+    budget = budget_of(cm, None, 0.4)
+    opts = S.SolverOptions(saliencies=("magnitude", "obs"), max_iter=0)
+    trace = S.SolverTrace()
+    res = S.falcon(qm, groups, budget, opts, trace, evaluate=qm.value)
+    tried = {(h["saliency"], h["beta"]) for h in trace.history if h.get("phase") == "warm start"}
     assert {("obs", b) for b in opts.cost_exponents} <= tried
     assert cm.macs_of_mask(res.mask) <= budget.cost
+    assert res.source == "warm start" and res.iterations == 0
     # the chosen start is the best candidate by the score it was judged on
-    best = min(h["score"] for h in opts.history if h.get("phase") == "warm start")
+    best = min(h["score"] for h in trace.history if h.get("phase") == "warm start")
     assert qm.value(res.w) == pytest.approx(best)
+
+
+def test_chita_searches_the_largest_count_that_meets_the_flop_budget(problem):
+    cm, qm, groups = problem
+    budget = budget_of(cm, None, 0.4)
+    r = S.chita(qm, groups, budget, S.SolverOptions(max_iter=5), S.SolverTrace())
+    assert cm.macs_of_mask(r.mask) <= budget.cost * (1 + 1e-12)
+    # the bisection ends next to a count whose result is over the budget (p / 2000 < 1)
+    k = int(r.mask.sum())
+    bigger = S.chita(qm, groups, Budget(k + 1, None), S.SolverOptions(max_iter=5),
+                     S.SolverTrace())
+    assert int(bigger.mask.sum()) == k + 1
+    assert cm.macs_of_mask(bigger.mask) > budget.cost

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from helpers import small_data, trained_cnn
+from helpers import same_state, state
 
 import falcon_prune as fp
+from falcon_prune.errors import ConfigError, MemoryBudgetError, PathError
 from falcon_prune.quadratic import QuadraticModel
 from falcon_prune.storage import (
     GradientStore,
-    MemoryBudgetError,
     estimate_bytes,
     plan_storage,
     working_bytes,
@@ -95,12 +95,28 @@ def test_plan_refusals_say_what_to_change(tmp_path):
         plan_storage(100, 10_000, torch.float32, "memory", 10**6)
     with pytest.raises(MemoryBudgetError, match="even with the gradient matrix on disk"):
         plan_storage(100, 10_000, torch.float32, "auto", working_bytes(100, 10_000))
-    with pytest.raises(ValueError, match="storage must be one of"):
+    with pytest.raises(ConfigError, match="storage must be one of"):
         plan_storage(10, 10, torch.float32, "cloud")
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ConfigError, match="dtype must be one of"):
         plan_storage(10, 10, torch.int32)
-    with pytest.raises(ValueError, match="not a directory"):
+    with pytest.raises(ConfigError, match="memory_limit must be a positive"):
+        plan_storage(10, 10, torch.float32, "auto", -5)
+    with pytest.raises(PathError, match="not a directory"):
         plan_storage(10, 10, torch.float32, "disk", None, tmp_path / "missing")
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(PathError, match="not a directory"):
+        plan_storage(10, 10, torch.float32, "disk", None, a_file)
+
+
+def test_rows_that_do_not_fit_are_refused():
+    store = GradientStore(4, 10)
+    with pytest.raises(ConfigError, match="do not fit"):
+        store.write_rows(0, torch.zeros(2, 11))
+    with pytest.raises(ConfigError, match="do not fit"):
+        store.write_rows(3, torch.zeros(2, 10))
+    with pytest.raises(ConfigError, match="X must be a matrix"):
+        GradientStore.from_tensor(torch.zeros(10))
 
 
 def _disk_limit(n, p):
@@ -113,33 +129,42 @@ def _disk_limit(n, p):
 
 
 @pytest.mark.parametrize("block", [None, 16])
-def test_small_limit_forces_disk_and_gives_the_in_memory_support(block, tmp_path):
-    model, data = trained_cnn(), small_data()
-    common = dict(flops=0.4, nnz=0.6, method="falcon", n_gradients=40, n_validation=60,
-                  block_size=block, progress=False, scratch_dir=str(tmp_path))
-    mem = fp.prune(model, data, **common)
+def test_small_limit_forces_disk_and_gives_the_in_memory_support(cnn, data, block, tmp_path):
+    common = dict(flops=0.4, method="falcon", n_gradients=40, n_validation=60,
+                  block_size=block, solver=fp.SolverOptions(max_iter=10), progress=False,
+                  scratch_dir=str(tmp_path))
+    mem = fp.prune(cnn, data, **common)
     p = mem.num_weights
-    disk = fp.prune(model, data, memory_limit=_disk_limit(40, p), **common)
+    disk = fp.prune(cnn, data, memory_limit=_disk_limit(40, p), **common)
     assert "in memory" in mem.details["storage"]
     assert "on disk" in disk.details["storage"]
+    assert disk.config.memory_limit == _disk_limit(40, p)
     m1, m2 = fp.masks_of(mem.model), fp.masks_of(disk.model)
+    assert set(m1) == {"c1", "c2", "fc"} and set(m1) == set(m2)
     assert all(torch.equal(m1[k], m2[k]) for k in m1)
-    assert disk.flops_fraction <= 0.4 and disk.nnz_fraction <= 0.6
+    assert disk.flops_fraction <= 0.4
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_prune_with_each_storage_dtype_meets_budgets(dtype):
-    model, data = trained_cnn(), small_data()
-    r = fp.prune(model, data, flops=0.4, method="falcon", n_gradients=40, n_validation=60,
-                 dtype=dtype, storage="memory", progress=False)
+def test_prune_with_each_storage_dtype_meets_budgets(cnn, data, dtype):
+    r = fp.prune(cnn, data, flops=0.4, method="falcon", n_gradients=40, n_validation=60,
+                 dtype=dtype, storage="memory", solver=fp.SolverOptions(max_iter=10),
+                 progress=False)
     assert r.flops_fraction <= 0.4
+    assert r.config.dtype == dtype
     assert str(dtype).replace("torch.", "") in r.details["storage"]
 
 
-def test_prune_memory_storage_refuses_and_leaves_model(tmp_path):
-    model, data = trained_cnn(), small_data()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+def test_prune_memory_storage_refuses_and_leaves_model(cnn, data):
+    before = state(cnn)
     with pytest.raises(MemoryBudgetError, match="over the memory limit"):
-        fp.prune(model, data, flops=0.4, method="falcon", n_gradients=40, storage="memory",
+        fp.prune(cnn, data, flops=0.4, method="falcon", n_gradients=40, storage="memory",
                  memory_limit=10_000, progress=False)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert same_state(cnn, before)
+
+
+def test_storage_settings_are_refused_for_methods_without_gradients(cnn, data):
+    with pytest.raises(fp.errors.ConfigError, match="does not use storage"):
+        fp.prune(cnn, data, flops=0.4, method="mp", storage="disk", progress=False)
+    with pytest.raises(fp.errors.ConfigError, match="storage must be one of"):
+        fp.prune(cnn, data, flops=0.4, method="falcon", storage="cloud", progress=False)

@@ -1,41 +1,50 @@
 """falcon-prune: prune trained PyTorch networks under a FLOP budget and a non-zero budget
 at once, with FALCON (Meng et al., AISTATS 2024)."""
 
-from falcon_prune.api import (
-    METHODS,
-    LayerReport,
-    PruneResult,
-    apply_weights,
-    make_permanent,
-    masks_of,
-    multistage_options,
-    prune,
-)
-from falcon_prune.costs import CostModel, count_macs
-from falcon_prune.fisher import MemoryBudgetError, gradient_matrix, gradient_store
+from falcon_prune import errors, tasks
+from falcon_prune.api import count_macs, prune
+from falcon_prune.batchnorm import recalibrate_batchnorm
+from falcon_prune.config import DEFAULTS, METHODS, PruneConfig, defaults, multistage_options
+from falcon_prune.costs import CostModel
+from falcon_prune.errors import FalconPruneError, MemoryBudgetError
+from falcon_prune.evaluation import Evaluation, evaluate
+from falcon_prune.fisher import gradient_matrix, gradient_store
 from falcon_prune.gradual import GradualResult, gradual
 from falcon_prune.ilp import CostGroups, ILPResult, solve_ilp
+from falcon_prune.masks import apply_weights, clone_model, make_permanent, masks_of
 from falcon_prune.quadratic import QuadraticModel
+from falcon_prune.results import LayerReport, PruneResult
 from falcon_prune.schedules import Schedule
-from falcon_prune.solvers import SolverOptions
+from falcon_prune.solvers import SolverOptions, SolverTrace
 from falcon_prune.storage import GradientStore, StoragePlan, plan_storage
+from falcon_prune.tasks import Task
 
 __all__ = [
+    "DEFAULTS",
     "METHODS",
     "CostGroups",
     "CostModel",
+    "Evaluation",
+    "FalconPruneError",
     "GradientStore",
     "GradualResult",
     "ILPResult",
     "LayerReport",
     "MemoryBudgetError",
+    "PruneConfig",
     "PruneResult",
     "QuadraticModel",
     "Schedule",
     "SolverOptions",
+    "SolverTrace",
     "StoragePlan",
+    "Task",
     "apply_weights",
+    "clone_model",
     "count_macs",
+    "defaults",
+    "errors",
+    "evaluate",
     "gradient_matrix",
     "gradient_store",
     "gradual",
@@ -44,6 +53,8 @@ __all__ = [
     "multistage_options",
     "plan_storage",
     "prune",
+    "recalibrate_batchnorm",
     "solve_ilp",
+    "tasks",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

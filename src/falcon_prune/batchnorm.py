@@ -9,10 +9,15 @@ BatchNorm are kept too).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+
+from falcon_prune.batches import batch_size as batch_size_of
+from falcon_prune.batches import take, to_device
+from falcon_prune.errors import ConfigError, DataError
+from falcon_prune.tasks import call_model
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
@@ -21,24 +26,39 @@ def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
-def recalibrate_batchnorm(model: nn.Module, batches: torch.Tensor | Iterable[torch.Tensor],
-                          device: str | torch.device | None = None,
-                          batch_size: int = 256) -> int:
-    """Replace every BatchNorm layer's running statistics by their average over ``batches``:
-    input tensors (b, ...), or one tensor (N, ...) cut into near-equal batches of at most
-    ``batch_size``, moved to ``device`` (default: the model's). Only the BatchNorm layers
-    run in training mode, so dropout and the like stay off; the model's train/eval mode and
-    the layers' momentum are restored. Returns the number of samples seen (0, and the model
-    untouched, when it has no BatchNorm layer)."""
+def _input_batches(inputs: object, batch_size: int) -> Iterable:
+    """Model-input batches: one tensor or mapping of N samples is cut into near-equal
+    batches of at most ``batch_size`` (each counts the same); anything else is iterated."""
+    if isinstance(inputs, (torch.Tensor, Mapping)):
+        n = batch_size_of(inputs)
+        k = -(-n // batch_size)  # as torch.tensor_split(k): the first n % k get one more
+        bounds = [0]
+        for i in range(k):
+            bounds.append(bounds[-1] + n // k + (1 if i < n % k else 0))
+        return [take(inputs, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:],
+                                                          strict=True)]
+    return inputs  # type: ignore[return-value]
+
+
+def recalibrate_batchnorm(model: nn.Module, inputs: object,
+                          device: str | torch.device | None = None, batch_size: int = 256,
+                          call: Callable[[nn.Module, object], object] = call_model) -> int:
+    """Replace every BatchNorm layer's running statistics by their average over model
+    inputs: one batch of N samples (a tensor, or a dict of tensors) cut into near-equal
+    batches of at most ``batch_size``, or an iterable of input batches; each is moved to
+    ``device`` (default: the model's) and run by ``call(model, inputs)``. Only the
+    BatchNorm layers run in training mode, so dropout and the like stay off; the model's
+    train/eval mode and the layers' momentum are restored. Returns the number of samples
+    seen (0, and the model untouched, when it has no BatchNorm layer)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     bns = batchnorm_layers(model)
     if not bns:
         return 0
-    if isinstance(batches, torch.Tensor):  # near-equal batches: each counts the same
-        batches = batches.tensor_split(-(-len(batches) // batch_size)) if len(batches) else ()
-    batches = iter(batches)
+    batches = iter(_input_batches(inputs, batch_size))
     first = next(batches, None)
     if first is None:
-        raise ValueError("recalibrate_batchnorm got no batches; pass at least one input batch")
+        raise DataError("recalibrate_batchnorm got no batches; pass at least one input batch")
     if device is None:
         device = next(model.parameters()).device
     saved = [(m, m.training) for m in model.modules()]
@@ -53,8 +73,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: torch.Tensor | Iterable[tor
             m.train()
         with torch.no_grad():
             for x in (first, *batches):
-                model(x.to(device))
-                seen += len(x)
+                call(model, to_device(x, device))
+                seen += batch_size_of(x)
     finally:
         for m, mom in zip(bns, momenta, strict=True):
             m.momentum = mom

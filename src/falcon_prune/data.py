@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
+
+from falcon_prune.errors import ConfigError, DataError, DependencyError, MissingFileError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR_MEAN, CIFAR_STD = 0.5, 0.5
@@ -43,7 +46,7 @@ def _dataset(x: torch.Tensor, y: np.ndarray | torch.Tensor) -> TensorDataset:
     flattened."""
     y = np.asarray(y).reshape(-1)
     if len(y) != len(x):
-        raise ValueError(f"the data has {len(x)} images but {len(y)} labels; check the file")
+        raise DataError(f"the data has {len(x)} images but {len(y)} labels; check the file")
     return TensorDataset(x.contiguous(), torch.as_tensor(y).long())
 
 
@@ -52,7 +55,7 @@ SPLITS = ("train", "test", "all")
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split must be 'train', 'test' or 'all' (both), got {split!r}")
+        raise ConfigError(f"split must be 'train', 'test' or 'all' (both), got {split!r}")
 
 
 def _parts(split: str) -> tuple[str, ...]:
@@ -82,8 +85,12 @@ def load_npz(path: Path, split: str, name: str) -> tuple[np.ndarray, np.ndarray]
     ``split='all'`` is every sample of the file (train then test)."""
     _check_split(split)
     if not path.is_file():
-        raise FileNotFoundError(f"no {name} file at {path}; check the path (--data)")
-    with np.load(path) as z:
+        raise MissingFileError(f"no {name} file at {path}; check the path (--data)")
+    try:
+        z = np.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is not a readable .npz file ({e}); check the file") from e
+    with z:
         splits = {s: got for s in ("train", "test") if (got := _npz_split(z, s)) is not None}
         if splits and split == "all":
             return _concat(list(splits.values()))
@@ -91,14 +98,14 @@ def load_npz(path: Path, split: str, name: str) -> tuple[np.ndarray, np.ndarray]
             return splits[split]
         if not splits and "images" in z and "labels" in z:
             if split == "test":
-                raise ValueError(
+                raise DataError(
                     f"{path} holds one unsplit images/labels array (training data) and no test "
                     "split; load it with split='all' (or 'train') knowing it is training data "
                     "(command line: evaluate --split all, gradual --eval-split none), or pass "
                     "a file with a test split (test_images/test_labels or x_test/y_test)"
                 )
             return z["images"], z["labels"]
-        raise ValueError(
+        raise DataError(
             f"{path} has no {name} {split} arrays: expected {split}_images/{split}_labels, "
             f"x_{split}/y_{split} or an unsplit images/labels pair; it has {sorted(z.files)}"
         )
@@ -107,14 +114,17 @@ def load_npz(path: Path, split: str, name: str) -> tuple[np.ndarray, np.ndarray]
 def _read_idx(path: Path) -> np.ndarray:
     """An IDX file of unsigned bytes (optionally gzipped) as a uint8 array of its shape."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        raise DataError(f"{path} cannot be read ({e}); it is truncated or not gzip") from e
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if len(data) != 4 + 4 * ndim + int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated or padded: its header says shape {shape}")
+        raise DataError(f"{path} is truncated or padded: its header says shape {shape}")
     # a writable copy: torch warns on (and must not write into) read-only buffers
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
@@ -129,7 +139,7 @@ def _find(root: Path, names: list[str]) -> Path | None:
 
 def _check_dir(root: Path, name: str) -> None:
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{root} is neither an .npz file nor a directory; give the {name} data directory "
             "or .npz file (--data)"
         )
@@ -143,10 +153,10 @@ def _mnist_files(root: Path, split: str, download: bool) -> tuple[np.ndarray, np
     if img is not None and lab is not None:
         x, y = _read_idx(img), _read_idx(lab)
         if len(x) != len(y):
-            raise ValueError(f"{img} has {len(x)} images but {lab} has {len(y)} labels")
+            raise DataError(f"{img} has {len(x)} images but {lab} has {len(y)} labels")
         return x, y
     if not download:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no MNIST {split} files under {root}: expected {prefix}-images-idx3-ubyte[.gz] and "
             f"{prefix}-labels-idx1-ubyte[.gz], or pass an .npz file, or download=True (needs "
             "torchvision)"
@@ -187,14 +197,17 @@ def _cifar_batches(root: Path, split: str, download: bool) -> tuple[np.ndarray, 
     if all(f.exists() for f in files):
         xs, ys = [], []
         for f in files:
-            with open(f, "rb") as fh:
-                d = pickle.load(fh, encoding="bytes")
+            try:
+                with open(f, "rb") as fh:
+                    d = pickle.load(fh, encoding="bytes")
+            except (pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+                raise DataError(f"{f} is not a readable CIFAR-10 batch ({e})") from e
             xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(d[b"labels"]))
         return np.concatenate(xs), np.concatenate(ys)
     if not download:
         missing = [f.name for f in files if not f.exists()]
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no CIFAR-10 {split} batches under {root}: missing {', '.join(missing)} (in "
             "cifar-10-batches-py/ or the directory itself); pass an .npz file, or "
             "download=True (needs torchvision)"
@@ -232,7 +245,7 @@ def load_imagenet(root: str | Path, split: str = "val") -> Dataset:
     tv = _torchvision()
     path = Path(root) / split
     if not path.is_dir():
-        raise FileNotFoundError(f"no ImageFolder directory at {path}")
+        raise MissingFileError(f"no ImageFolder directory at {path}")
     t = tv.transforms
     transform = t.Compose(
         [
@@ -249,7 +262,7 @@ def _torchvision():
     try:
         import torchvision
     except ImportError as e:
-        raise ImportError(
+        raise DependencyError(
             "this needs torchvision, which falcon-prune does not require; install it "
             "(pip install torchvision) or, for MNIST/CIFAR-10, pass local files"
         ) from e
@@ -265,5 +278,5 @@ def load_dataset(name: str, root: str | Path, split: str = "train", **kw) -> Dat
     if name == "imagenet":
         return load_imagenet(root, "val" if split == "test" else split)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose mnist, cifar10 or imagenet")
+        raise ConfigError(f"unknown dataset {name!r}; choose mnist, cifar10 or imagenet")
     return DATASETS[name](root, split, **kw)

@@ -1,34 +1,35 @@
-"""Gradual pruning with fine-tuning (METHOD.md section 6).
+"""Gradual pruning with fine-tuning (docs/method.md, gradual pruning).
 
 ``gradual`` alternates pruning steps, each to the next level of a budget schedule and with
-any method of the library (``mp`` gives classical gradual magnitude pruning), with
-fine-tuning epochs in which ``torch.nn.utils.prune`` masks keep pruned weights at zero, and
-ends with a fine-tune at the target. After every pruning step the BatchNorm running
-statistics are re-estimated on training batches, since pruning changes every layer's
-output distribution.
+any single-stage method of the library (``mp`` gives classical gradual magnitude
+pruning), with fine-tuning epochs in which ``torch.nn.utils.prune`` masks keep pruned
+weights at zero, and ends with a fine-tune at the target. After every pruning step the
+BatchNorm running statistics are re-estimated on training batches. Each step is one solve
+of the engine shared with ``prune``; the task says how batches run and what the loss is.
 
 The run is a sequence of events (prune step k, epoch e of stage k, final epochs); with a
-``checkpoint_dir`` the full state (model and masks, optimizer, LR schedule, RNG states,
+``checkpoint_dir`` the full state (model and masks, optimizer, LR schedule, RNG state,
 history) is saved after every event, and ``resume=True`` continues from the last one.
 Data order depends only on (seed, epoch number), so a resumed run ends with the same masks
-and weights as an uninterrupted one.
+and weights as an uninterrupted one. The caller's global RNG state is left as it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import random
+import pickle
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 from torch.utils.data import (
@@ -39,47 +40,161 @@ from torch.utils.data import (
     RandomSampler,
     SequentialSampler,
     TensorDataset,
-    default_collate,
 )
 from tqdm.auto import tqdm
 
-from falcon_prune.api import (
-    DEFAULT_RIDGE,
-    METHODS,
-    NEEDS_GRADIENTS,
-    _Problem,
-    budget_of,
-    check_device,
-    check_fraction,
-    clone_model,
-    cost_model_of,
-    find_prunable_modules,
-    loss_and_accuracy,
-    make_permanent,
-    masks_of,
-    solve_step,
-    write_rows,
-)
+from falcon_prune.batches import Samples, collect, default_collate, to_device
 from falcon_prune.batchnorm import recalibrate_batchnorm
+from falcon_prune.config import (
+    GRADIENT_METHODS,
+    PruneConfig,
+    check_fraction,
+    defaults,
+    resolve,
+)
 from falcon_prune.costs import CostModel
-from falcon_prune.fisher import LossFn, SampleSource, as_samples
+from falcon_prune.engine import Problem, budget_of, check_floors, solve_step, verify
+from falcon_prune.errors import (
+    BudgetError,
+    CheckpointError,
+    ConfigError,
+    ConfigTypeError,
+    DataError,
+    DataTypeError,
+    MissingFileError,
+    OutputExistsError,
+    TrainingDiverged,
+)
+from falcon_prune.evaluation import evaluate
 from falcon_prune.ilp import CostGroups
+from falcon_prune.masks import clone_model, masks_of
+from falcon_prune.oneshot import (
+    check_model,
+    check_task,
+    float32_samples,
+    working_copy,
+)
+from falcon_prune.results import write_rows
 from falcon_prune.schedules import Schedule, as_schedule, stage_budgets
-from falcon_prune.solvers import SolverOptions
+from falcon_prune.tasks import Task, batch_mean, metric_key
 
 CHECKPOINT_NAME = "gradual.pt"
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], object]
+#: DataLoader options ``gradual`` keeps from a user's loader (besides dataset, batch size
+#: and drop_last); its sampler, shuffle and generator are replaced by the seeded shuffling
+LOADER_OPTIONS = ("collate_fn", "num_workers", "worker_init_fn", "multiprocessing_context",
+                  "prefetch_factor", "pin_memory", "timeout")
+
+
+@dataclass(frozen=True)
+class GradualConfig:
+    """Every setting of a gradual run: the budget ``schedule`` (default 5 cubic stages),
+    ``epochs_per_stage`` fine-tuning epochs after each pruning step and ``final_epochs`` at
+    the target, ``batch_size``, the default optimizer's ``lr``, ``momentum`` and
+    ``weight_decay`` (SGD, cosine LR per epoch), ``bn_batches`` training batches that
+    BatchNorm statistics are re-estimated on after each step, and ``step``: the
+    :class:`~falcon_prune.PruneConfig` of every pruning step (method, gradients, held-out
+    samples, solver, floors, task, seed, device)."""
+
+    step: PruneConfig
+    schedule: Schedule = Schedule(5, "cubic")
+    epochs_per_stage: int = 1
+    final_epochs: int = 2
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    bn_batches: int = 20
+
+    def replace(self, **changes: Any) -> GradualConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["step"] = self.step.to_dict()
+        out["schedule"] = {k: list(v) if isinstance(v, tuple) else v
+                           for k, v in dataclasses.asdict(self.schedule).items()}
+        return out
+
+
+OWN = ("schedule", "stages", "epochs_per_stage", "final_epochs", "batch_size", "lr",
+       "momentum", "weight_decay", "bn_batches")
+NOT_IN_GRADUAL = {"recalibrate_bn": "gradual re-estimates BatchNorm statistics after every "
+                                    "step (bn_batches)",
+                  "sampling": "each step draws a seeded random subset of train_data"}
+
+
+def gradual_defaults(method: str = "falcon") -> GradualConfig:
+    """The default :class:`GradualConfig` of ``method`` (any single-stage method); its
+    steps use 500 gradients and 500 held-out samples."""
+    if method == "falcon++":
+        raise ConfigError("falcon++ is multi-stage one-shot pruning; gradual's steps use a "
+                          "single-stage method (e.g. method='falcon')")
+    step = defaults(method)
+    if method in GRADIENT_METHODS:
+        step = step.replace(n_gradients=500)
+    if step.n_validation is not None:
+        step = step.replace(n_validation=500)
+    return GradualConfig(step=step)
+
+
+def _gradual_schedule(base: Schedule, own: dict) -> Schedule:
+    stages = own.get("stages")
+    if "schedule" not in own:
+        if stages is None:
+            return base
+        if base.levels is not None:
+            raise ConfigError("stages disagrees with the explicit levels of the schedule")
+        return dataclasses.replace(base, stages=stages)
+    value = own["schedule"]
+    if not isinstance(value, (Schedule, str, list, tuple)):
+        raise ConfigTypeError(f"schedule must be a Schedule, a shape name or a list of kept "
+                              f"fractions, got {value!r}")
+    return as_schedule(value, stages)
+
+
+def resolve_gradual(method: str | None, config: GradualConfig | None, settings: dict
+                    ) -> GradualConfig:
+    """The run's GradualConfig: ``config`` (or the method's gradual defaults) with the
+    keyword ``settings`` applied (gradual's own and the steps'), every one validated."""
+    if config is not None and not isinstance(config, GradualConfig):
+        raise ConfigTypeError(f"config must be a falcon_prune.gradual.GradualConfig, got "
+                              f"{config!r}")
+    method = method if method is not None else (config.step.method if config else "falcon")
+    base = config if config is not None else gradual_defaults(method)
+    if config is not None and config.step.method != method:
+        raise ConfigError(f"method={method!r} but config.step.method={config.step.method!r}")
+    settings = {k: v for k, v in settings.items() if v is not None}
+    for k in settings:
+        if k in NOT_IN_GRADUAL:
+            raise ConfigError(f"gradual does not take {k}: {NOT_IN_GRADUAL[k]}")
+    own = {k: settings.pop(k) for k in OWN if k in settings}
+    gradual_defaults(method)  # refuses falcon++
+    step, _ = resolve(method, base.step, settings)
+    out = base.replace(step=step, schedule=_gradual_schedule(base.schedule, own),
+                       **{k: v for k, v in own.items() if k not in ("schedule", "stages")})
+    for name, low in (("epochs_per_stage", 0), ("final_epochs", 0), ("batch_size", 1),
+                      ("bn_batches", 0)):
+        v = getattr(out, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
+    for name, ok in (("lr", lambda v: v > 0), ("momentum", lambda v: v >= 0),
+                     ("weight_decay", lambda v: v >= 0)):
+        v = getattr(out, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise ConfigError(f"{name} has a bad value {v!r}")
+    return out
 
 
 @dataclass
 class GradualResult:
-    """What ``gradual`` returns: the pruned, fine-tuned ``model`` (masks attached), its kept
-    fractions, the ``history`` (one row per pruning step and per epoch) and seconds per
-    phase."""
+    """What ``gradual`` returns: the pruned, fine-tuned ``model`` (masks attached), the
+    ``config`` used, its kept fractions (recounted), the ``history`` (one row per pruning
+    step and per epoch) and seconds per phase."""
 
     model: nn.Module
-    method: str
+    config: GradualConfig
     flops_budget: float | None
     nnz_budget: float | None
     flops_fraction: float
@@ -87,13 +202,17 @@ class GradualResult:
     history: list[dict]
     times: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def method(self) -> str:
+        return self.config.step.method
+
     def write_history(self, path: str | Path) -> Path:
         """The history as CSV or JSON (by suffix)."""
         return write_rows(self.history, path)
 
 
 def default_optimizer(lr: float, momentum: float, weight_decay: float) -> OptimizerFactory:
-    """SGD with Nesterov-free momentum (the default of ``gradual``)."""
+    """SGD with momentum (the default of ``gradual``)."""
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum,
                                           weight_decay=weight_decay)
 
@@ -103,81 +222,60 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_epochs: int):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_epochs))
 
 
-# DataLoader options ``gradual`` keeps from a user's loader (besides dataset, batch size and
-# drop_last); its sampler, shuffle and generator are replaced by the seeded shuffling.
-LOADER_OPTIONS = ("collate_fn", "num_workers", "worker_init_fn", "multiprocessing_context",
-                  "prefetch_factor", "pin_memory", "timeout")
-
-
+# -- training data ---------------------------------------------------------------------------
 @dataclass
-class _Feed:
-    """Where training batches come from: a map-style ``dataset`` of (x, y) items, shuffled by
-    (seed, epoch) and cut into batches of ``batch_size`` samples by a DataLoader with the
-    options ``loader_kw`` kept from the user's loader (collate_fn, drop_last, workers)."""
+class Feed:
+    """Where training batches come from: a map-style ``dataset``, shuffled by (seed, epoch)
+    and cut into batches of ``batch_size`` samples by a DataLoader with the options
+    ``loader_kw`` kept from the user's loader (collate_fn, drop_last, workers)."""
 
     dataset: Dataset
     batch_size: int
     loader_kw: dict = field(default_factory=dict)
 
     def epoch(self, seed: int, epoch: int) -> DataLoader:
-        return _loader(self.dataset, self.batch_size, seed, epoch, **self.loader_kw)
+        return seeded_loader(self.dataset, self.batch_size, seed, epoch, **self.loader_kw)
 
-    def samples(self, n: int, seed: int) -> SampleSource:
-        """``n`` samples, the seeded random subset ``as_samples`` draws, collated in one
-        batch by the loader's ``collate_fn`` when it is a custom one."""
-        collate = self.loader_kw.get("collate_fn")
-        if collate in (None, default_collate):
-            return as_samples(self.dataset, n, seed=seed)
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(self.dataset), generator=g)[:n]
-        return SampleSource(*_batch_pair(collate([self.dataset[int(i)] for i in idx])))
+    @property
+    def collate(self) -> Callable:
+        return self.loader_kw.get("collate_fn") or default_collate
 
-
-def _batch_pair(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of a collated batch; anything else raises with the fix."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise ValueError(
-        f"a training batch must be an (inputs, targets) pair, got {type(batch).__name__}; make "
-        "the dataset items (or the DataLoader's collate_fn) return (x, y)"
-    )
+    def samples(self, n: int, seed: int) -> Samples:
+        """``n`` samples: a seeded random subset, collated together by the collate_fn."""
+        carrier = DataLoader(self.dataset, batch_size=1, collate_fn=self.collate)
+        return collect(carrier, n, seed, "random").samples
 
 
-def _as_feed(data: object, batch_size: int) -> _Feed:
+def as_feed(data: object, batch_size: int) -> Feed:
+    """A Feed from tensors, a map-style Dataset or a DataLoader over one."""
     if isinstance(data, DataLoader):
         return _feed_of_loader(data, batch_size)
-    if (isinstance(data, (tuple, list)) and len(data) == 2
+    if (isinstance(data, (tuple, list)) and data
             and all(isinstance(t, torch.Tensor) for t in data)):
-        if len(data[0]) != len(data[1]):
-            raise ValueError(
-                f"train_data inputs and targets differ in length: {len(data[0])} vs "
-                f"{len(data[1])}"
-            )
-        return _Feed(TensorDataset(data[0], data[1]), batch_size)
+        if len({len(t) for t in data}) > 1:
+            raise DataError(f"train_data tensors differ in length: {[len(t) for t in data]}")
+        return Feed(TensorDataset(*data), batch_size)
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset) \
             and hasattr(data, "__len__"):
-        return _Feed(data, batch_size)
-    raise TypeError(
-        "train_data must be an (inputs, targets) tuple of tensors, a map-style Dataset of "
-        f"(x, y) pairs or a DataLoader over one; got {type(data).__name__}"
-    )
+        return Feed(data, batch_size)
+    raise DataTypeError(
+        "train_data must be an (inputs, targets) tuple of tensors, a map-style Dataset or a "
+        f"DataLoader over one (gradual shuffles by index); got {type(data).__name__}")
 
 
-def _feed_of_loader(loader: DataLoader, batch_size: int) -> _Feed:
+def _feed_of_loader(loader: DataLoader, batch_size: int) -> Feed:
     """The dataset, batch size, drop_last and LOADER_OPTIONS of ``loader``; a sampler other
     than a plain Random/SequentialSampler is replaced with a warning."""
     if isinstance(loader.dataset, IterableDataset) or not hasattr(loader.dataset, "__len__"):
-        raise TypeError(
+        raise DataTypeError(
             "train_data is a DataLoader over an iterable-style dataset; gradual shuffles by "
             "index with a seeded order (so that resume works) and needs a map-style Dataset "
-            "with __len__ and __getitem__: pass a DataLoader over one"
-        )
+            "with __len__ and __getitem__: pass a DataLoader over one")
     bs = loader.batch_sampler
     if bs is None:
-        raise ValueError(
+        raise ConfigError(
             "train_data is a DataLoader with batch_size=None (no batching); give it a "
-            "batch_size, or pass its dataset and batch_size=..."
-        )
+            "batch_size, or pass its dataset and batch_size=...")
     plain = type(bs) is BatchSampler
     custom = _custom_sampler(bs)
     if custom is not None:
@@ -186,11 +284,10 @@ def _feed_of_loader(loader: DataLoader, batch_size: int) -> _Feed:
             "shuffling (the data order depends only on seed and epoch, so that a resumed run "
             f"repeats it) in batches of {bs.batch_size if plain else batch_size} samples; pass "
             "a DataLoader with shuffle=True/False (or the dataset) to silence this",
-            UserWarning, stacklevel=4,  # the caller of gradual
-        )
+            UserWarning, stacklevel=5)
     kw = {k: getattr(loader, k) for k in LOADER_OPTIONS}
     kw["drop_last"] = bs.drop_last if plain else False
-    return _Feed(loader.dataset, bs.batch_size if plain else batch_size, kw)
+    return Feed(loader.dataset, bs.batch_size if plain else batch_size, kw)
 
 
 def _custom_sampler(batch_sampler: object) -> str | None:
@@ -205,7 +302,8 @@ def _custom_sampler(batch_sampler: object) -> str | None:
     return f"a custom sampler ({type(s).__name__})"
 
 
-def _loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, **loader_kw) -> DataLoader:
+def seeded_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int,
+                  **loader_kw) -> DataLoader:
     """Batches of ``dataset`` in an order that depends only on (seed, epoch)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, **loader_kw)
@@ -216,114 +314,196 @@ def device_of(model: nn.Module) -> torch.device:
     return next((q.device for q in model.parameters()), torch.device("cpu"))
 
 
-def _check_training_batch(model: nn.Module, feed: _Feed, loss_fn: LossFn) -> torch.Tensor:
-    """Run the model and loss on the first two samples; return the first input (1, ...)."""
-    collate = feed.loader_kw.get("collate_fn")
-    xb, yb = _batch_pair(next(iter(DataLoader(feed.dataset, batch_size=2, collate_fn=collate))))
-    xb, yb = xb.to(device_of(model)), yb.to(device_of(model))
-    try:
-        with torch.no_grad():
-            model.eval()
-            out = model(xb)
-            loss = loss_fn(out, yb)
-    except (RuntimeError, IndexError, ValueError) as e:
-        raise ValueError(
-            f"the model cannot be trained on train_data ({e}); check that the inputs have the "
-            f"shape the model expects (got {tuple(xb.shape[1:])} per sample) and that the "
-            "targets fit the loss (class indices below the number of outputs)"
-        ) from e
-    if not torch.isfinite(loss):
-        raise ValueError("the loss on the first training batch is NaN/inf; check the data")
-    return xb[:1]
-
-
-def recalibrate_on(model: nn.Module, dataset: Dataset, batches: int, batch_size: int,
-                   seed: int, **loader_kw) -> None:
-    """Re-estimate BatchNorm running statistics on ``batches`` seeded training batches of
-    ``batch_size`` samples (:func:`falcon_prune.batchnorm.recalibrate_batchnorm`; no
-    gradient step). ``loader_kw`` are more DataLoader options (collate_fn, num_workers, ...).
-    No-op for models without BatchNorm or with ``batches`` <= 0."""
+def recalibrate_on(model: nn.Module, feed: Feed, batches: int, seed: int, task: Task) -> None:
+    """Re-estimate BatchNorm running statistics on ``batches`` seeded training batches
+    (:func:`falcon_prune.batchnorm.recalibrate_batchnorm`; no gradient step). No-op for
+    models without BatchNorm or with ``batches`` <= 0."""
     if batches <= 0:
         return
-    loader = _loader(dataset, batch_size, seed, -1, **loader_kw)
-    recalibrate_batchnorm(model, (_batch_pair(b)[0] for b in islice(loader, batches)),
-                          device_of(model))
+    loader = seeded_loader(feed.dataset, feed.batch_size, seed, -1, **feed.loader_kw)
+    recalibrate_batchnorm(model, (task.inputs(b) for b in islice(loader, batches)),
+                          device_of(model), call=task.call)
 
 
-def _attach_masks(model: nn.Module) -> None:
+# -- masks and steps -------------------------------------------------------------------------
+def _attach_masks(model: nn.Module, cm: CostModel) -> None:
     """Give every prunable layer a ``torch.nn.utils.prune`` mask (its non-zero pattern if it
     has none), so that parameters (``weight_orig``) stay the same objects all run long."""
-    for _, module in find_prunable_modules(model):
+    modules = dict(model.named_modules())
+    for lay in cm.layers:
+        module = modules[lay.name]
         if not torch_prune.is_pruned(module):
             torch_prune.custom_from_mask(module, "weight", module.weight.detach() != 0)
 
 
-def _layers(model: nn.Module) -> dict[str, nn.Module]:
-    return dict(find_prunable_modules(model))
-
-
 def _write_back(model: nn.Module, cm: CostModel, w: torch.Tensor, mask: torch.Tensor) -> None:
-    """Copy the solve's flat weights/mask into the masked training model, in place."""
-    layers = _layers(model)
+    """Copy a step's flat weights/mask into the masked training model, in place."""
+    modules = dict(model.named_modules())
     with torch.no_grad():
         for lay, wl, ml in zip(cm.layers, cm.split(w), cm.split(mask), strict=True):
-            m = layers[lay.name]
+            m = modules[lay.name]
             m.weight_orig.copy_(wl.to(m.weight_orig.dtype))
             m.weight_mask.copy_(ml.to(m.weight_mask.dtype))
 
 
 def _kept_fractions(model: nn.Module, cm: CostModel) -> tuple[float, float]:
-    layers = _layers(model)
-    kept = torch.tensor([float(layers[lay.name].weight_mask.sum()) for lay in cm.layers],
+    modules = dict(model.named_modules())
+    kept = torch.tensor([float(modules[lay.name].weight_mask.sum()) for lay in cm.layers],
                         dtype=torch.float64)
-    macs = float((kept * cm.layer_costs().to(torch.float64)).sum())
+    macs = float((kept * cm.layer_costs()).sum())
     return macs / cm.dense_macs, float(kept.sum()) / cm.num_weights
 
 
-def _config(**kw) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
+@dataclass
+class _Run:
+    """What the events of one gradual run share."""
+
+    work: nn.Module
+    cm: CostModel
+    groups: CostGroups
+    feed: Feed
+    probe: object
+    recount_inputs: object
+    problem: Problem
+    config: GradualConfig
+    need: int
 
 
-def _run_config(*, optimizer, lr, momentum, weight_decay, lr_scheduler, loss_fn, options,
-                schedule, feed, **settings) -> dict:
+def _prune_step(run: _Run, f_k: float | None, s_k: float | None, seed: int) -> dict:
+    """Prune the masked training model in place to the stage budgets (never reviving)."""
+    cfg = run.config.step
+    plain, _ = working_copy(run.work, run.problem.device)  # float32 for half models
+    cm_plain = CostModel.from_model(plain, run.probe, run.problem.task.call)
+    masks = masks_of(run.work)
+    allowed = torch.cat([masks[lay.name].reshape(-1) for lay in run.cm.layers])
+    samples = float32_samples(run.feed.samples(min(run.need, len(run.feed.dataset)), seed))
+    n_fit = cfg.n_gradients if cfg.method in GRADIENT_METHODS else 0
+    step = solve_step(plain, cm_plain, run.groups, budget_of(run.cm, f_k, s_k, cfg),
+                      samples.take(slice(0, n_fit)), samples.take(slice(n_fit, len(samples))),
+                      run.problem, allowed)
+    _write_back(run.work, run.cm, step.w, step.mask)
+    recalibrate_on(run.work, run.feed, run.config.bn_batches, seed, run.problem.task)
+    return {"flops_budget": f_k, "nnz_budget": s_k}
+
+
+def _train_epoch(model: nn.Module, opt, feed: Feed, seed: int, epoch: int, task: Task) -> float:
+    """One epoch of optimizer steps over ``feed``; the mean training loss per sample."""
+    model.train()
+    total, count = 0.0, 0
+    dev = device_of(model)
+    for batch in feed.epoch(seed, epoch):
+        pred, targets = task.run(model, to_device(batch, dev))
+        opt.zero_grad(set_to_none=True)
+        loss = batch_mean(task.losses(pred, targets))
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                "the training loss became NaN/inf; lower the learning rate (lr=...)")
+        loss.backward()
+        opt.step()
+        total += loss.item() * pred.shape[0]
+        count += pred.shape[0]
+    return total / max(1, count)
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+def _run_record(config: GradualConfig, feed: Feed, optimizer, lr_scheduler, levels) -> dict:
     """Every setting that changes the result of a run, as plain values (a checkpoint refuses
-    to resume under others). Callables are recorded as 'custom' (or the default's name); the
-    SGD hyperparameters only when the default optimizer uses them."""
-    opt = {"optimizer": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay} \
-        if optimizer is None else {"optimizer": "custom"}
-    solver = {k: v for k, v in asdict(options).items() if k not in ("progress", "history")}
-    collate = feed.loader_kw.get("collate_fn")
-    return _config(
-        **settings, **opt, lr_scheduler="cosine" if lr_scheduler is None else "custom",
-        loss_fn="cross_entropy" if loss_fn in (None, F.cross_entropy) else "custom",
-        schedule=asdict(schedule), solver_options=solver, n_train=len(feed.dataset),
+    to resume under others); custom optimizer, LR schedule and collate_fn only as 'custom'."""
+    record = config.to_dict()
+    if optimizer is not None:
+        for k in ("lr", "momentum", "weight_decay"):
+            record.pop(k)
+    record.update(
+        optimizer="sgd" if optimizer is None else "custom",
+        lr_scheduler="cosine" if lr_scheduler is None else "custom",
+        levels=[list(b) for b in levels], n_train=len(feed.dataset),
         batch_size=feed.batch_size, drop_last=feed.loader_kw.get("drop_last", False),
-        collate_fn="default" if collate in (None, default_collate) else "custom",
-    )
+        collate_fn="default" if feed.loader_kw.get("collate_fn") in (None, default_collate)
+        else "custom")
+    return record
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(path: Path, record: dict, next_event: int, model, opt, lrs,
+                    history) -> None:
+    """The full state after an event; written atomically."""
+    state = {"config": record, "next_event": next_event, "model": model.state_dict(),
+             "optimizer": opt.state_dict(), "lr_scheduler": lrs.state_dict(),
+             "rng": _rng_state(), "history": history}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # an interruption never leaves half a checkpoint
+
+
+def read_gradual_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise MissingFileError(f"resume=True but there is no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+            ValueError, AttributeError, ImportError) as e:
+        raise CheckpointError(
+            f"{path} cannot be read ({type(e).__name__}: {e}); it is corrupt or truncated. "
+            "Delete it to start afresh, or use another checkpoint_dir") from e
+    keys = {"config", "next_event", "model", "optimizer", "lr_scheduler", "rng", "history"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        raise CheckpointError(f"{path} is not a checkpoint of falcon_prune.gradual (it lacks "
+                              f"{sorted(keys - set(state)) if isinstance(state, dict) else keys})")
+    return state
+
+
+def load_checkpoint(path: Path, record: dict, model, opt, lrs) -> tuple[int, list[dict]]:
+    """Restore a run's state (model, optimizer, LR schedule, RNG) from ``path`` after
+    checking that it was saved under the same settings."""
+    state = read_gradual_checkpoint(path)
+    saved = state["config"]
+    if saved != record:
+        absent = "<not set>"
+        diff = {k: (saved.get(k, absent), record.get(k, absent))
+                for k in sorted(saved.keys() | record.keys())
+                if saved.get(k, absent) != record.get(k, absent)}
+        raise CheckpointError(
+            f"{path} belongs to a run with other settings {diff} (saved, now); resume with "
+            "the same arguments or use another checkpoint_dir")
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        lrs.load_state_dict(state["lr_scheduler"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} does not fit this model or optimizer ({e})") from e
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["next_event"], state["history"]
 
 
 def _check_scheduler(lrs: object, checkpointing: bool) -> None:
     """The LR schedule must step; with checkpoints it must also save and restore its state."""
     name = type(lrs).__name__
     if not callable(getattr(lrs, "step", None)):
-        raise TypeError(
+        raise ConfigTypeError(
             f"lr_scheduler(optimizer, total_epochs) returned a {name} without step(); return "
-            "a torch.optim.lr_scheduler object (or one with step())"
-        )
+            "a torch.optim.lr_scheduler object (or one with step())")
     if checkpointing and not all(callable(getattr(lrs, m, None))
                                  for m in ("state_dict", "load_state_dict")):
-        raise TypeError(
+        raise ConfigTypeError(
             f"the lr_scheduler ({name}) has no state_dict()/load_state_dict(), so a checkpoint "
             "could not save its position and a resumed run would restart its schedule; with "
             "checkpoint_dir the scheduler must provide state_dict and load_state_dict (every "
-            "torch.optim.lr_scheduler does), or run without checkpoint_dir"
-        )
+            "torch.optim.lr_scheduler does), or run without checkpoint_dir")
 
 
-def _postfix(row: dict, stages: int, f_k: float | None, s_k: float | None,
-             history: list[dict]) -> dict:
-    """Progress bar postfix: stage, that stage's budgets (kept fractions) and the loss of
-    the last training epoch (and the evaluation loss when there is evaluation data)."""
+# -- the run ---------------------------------------------------------------------------------
+def _postfix(row: dict, stages: int, f_k, s_k, history: list[dict]) -> dict:
+    """Progress bar postfix: stage, that stage's budgets and the last training loss (and
+    the evaluation loss when there is evaluation data)."""
     post = {"stage": f"{row['stage']}/{stages}"}
     if f_k is not None:
         post["flops_budget"] = f"{f_k:.3f}"
@@ -336,263 +516,157 @@ def _postfix(row: dict, stages: int, f_k: float | None, s_k: float | None,
     return post
 
 
+def _events(stages: int, epochs_per_stage: int, final_epochs: int) -> list[tuple[str, int, int]]:
+    events = []
+    for k in range(1, stages + 1):
+        events += [("prune", k, 0)] + [("epoch", k, i) for i in range(1, epochs_per_stage + 1)]
+    return events + [("epoch", stages + 1, i) for i in range(1, final_epochs + 1)]
+
+
+def _setup(model, train_data, flops, nnz, config: GradualConfig) -> _Run:
+    """Validate model and data, and build the training copy (masks attached), its cost
+    model and the solver problem."""
+    check_model(model)
+    step = config.step
+    device = torch.device(step.device)
+    feed = as_feed(train_data, config.batch_size)
+    first = feed.samples(min(len(feed.dataset), 8), step.seed)
+    work = clone_model(model).to(device)
+    plain, _ = working_copy(work, device)
+    probe = check_task(plain, float32_samples(first), step.task, device)
+    raw = step.task.inputs(to_device(first.take(slice(0, 2)).batch, device))
+    cm = CostModel.from_model(plain, probe, step.task.call)
+    check_floors(cm, budget_of(cm, flops, nnz, step), step)
+    grads = step.method in GRADIENT_METHODS
+    if grads and len(feed.dataset) < step.n_gradients:
+        raise DataError(f"n_gradients={step.n_gradients} but train_data has "
+                        f"{len(feed.dataset)} samples; lower it")
+    _attach_masks(work, cm)
+    groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes(), device=device)
+    need = (step.n_gradients if grads else 1) + (step.n_validation or 0)
+    return _Run(work, cm, groups, feed, probe, raw, Problem(step, step.task, device), config,
+                need)
+
+
+def _event_row(run: _Run, event: tuple[str, int, int], i: int, plan, opt, lrs,
+               eval_data) -> dict:
+    """Run event ``i`` (a pruning step or an epoch) and return its history row."""
+    t = time.perf_counter()
+    kind, k, e = event
+    seed = run.config.step.seed
+    f_k, s_k = plan[min(k, len(plan)) - 1]
+    if kind == "prune":
+        row = _prune_step(run, f_k, s_k, seed + k)
+    else:
+        row = {"train_loss": _train_epoch(run.work, opt, run.feed, seed, i, run.problem.task),
+               "lr": opt.param_groups[0]["lr"]}
+        lrs.step()
+    row = {"event": i + 1,
+           "phase": kind if kind == "prune" else ("final" if k > len(plan) else "finetune"),
+           "stage": min(k, len(plan)), "epoch": e, **row}
+    row["flops_fraction"], row["nnz_fraction"] = _kept_fractions(run.work, run.cm)
+    if eval_data is not None:
+        ev = evaluate(run.work, eval_data, run.problem.task)
+        row["eval_loss"] = ev.loss
+        if ev.metric is not None:
+            row[metric_key("eval", run.problem.task)] = ev.metric
+    row["seconds"] = time.perf_counter() - t
+    return row
+
+
 def gradual(
     model: nn.Module,
     train_data: object,
     flops: float | None = None,
     nnz: float | None = None,
-    method: str = "falcon",
-    schedule: Schedule | str | Sequence[float] | None = None,
-    stages: int | None = None,
-    epochs_per_stage: int = 1,
-    final_epochs: int = 2,
-    batch_size: int = 128,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    method: str | None = None,
+    *,
+    task: Task | str | Any = None,
+    eval_data: object = None,
     optimizer: OptimizerFactory | None = None,
     lr_scheduler: SchedulerFactory | None = None,
-    eval_data: object = None,
-    n_gradients: int = 500,
-    n_validation: int = 500,
-    ridge: float = DEFAULT_RIDGE,
-    options: SolverOptions | None = None,
-    bn_batches: int = 20,
-    loss_fn: LossFn | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     callback: Callable[[dict], None] | None = None,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
+    config: GradualConfig | None = None,
+    seed: int | None = None,
+    device: str | torch.device | None = None,
     progress: bool = True,
+    **settings: Any,
 ) -> GradualResult:
     """Gradually prune a copy of ``model`` to ``flops`` / ``nnz`` (kept fractions in (0, 1])
-    with fine-tuning on ``train_data``: an (inputs, targets) tuple of tensors, a map-style
-    Dataset of (x, y) items, or a DataLoader over one.
+    with fine-tuning on ``train_data``: tensors, a map-style Dataset, or a DataLoader over
+    one (its batch size, drop_last, collate_fn and worker options are kept; its sampler is
+    replaced by a seeded shuffle, with a warning when it was more than plain shuffling).
 
-    Every epoch sees the data in batches of ``batch_size`` samples in a random order that
-    depends only on (``seed``, epoch), so that a resumed run repeats it. Of a DataLoader,
-    ``gradual`` takes its dataset, batch size (overriding ``batch_size``), drop_last,
-    collate_fn and worker options (num_workers, worker_init_fn, multiprocessing_context,
-    prefetch_factor, pin_memory, timeout); its sampler, shuffle and generator are replaced
-    by that seeded shuffling, with a warning when they were more than a plain
-    RandomSampler/SequentialSampler (a custom sampler or batch_sampler; then batches have
-    ``batch_size`` samples). The collate_fn also collates the samples of the pruning steps
-    and must return (inputs, targets).
-
-    Stage k (of ``schedule``: default cubic over ``stages`` stages, 5 unless given; a list
-    of kept fractions gives its own) prunes with ``method`` to its budgets, using
-    ``n_gradients`` gradients and ``n_validation`` held-out samples drawn from
-    ``train_data`` (pruned weights are never revived), re-estimates BatchNorm statistics on
-    ``bn_batches`` batches, then fine-tunes ``epochs_per_stage`` epochs with
-    the masks kept; ``final_epochs`` more epochs follow at the target. The optimizer is
-    ``optimizer(params)`` (default SGD, ``lr``, ``momentum``, ``weight_decay``) and the LR
-    schedule ``lr_scheduler(optimizer, total_epochs)`` stepped per epoch (default cosine to
-    0). ``eval_data`` (optional) is evaluated after every event. ``callback(row)`` sees every
-    history row. With ``checkpoint_dir`` the state is saved after every event (a custom LR
-    schedule must then have ``state_dict``/``load_state_dict``) and ``resume=True`` continues
-    from it; the checkpoint records every setting that changes the result (budgets,
-    schedule, epochs, batches, data size, optimizer and its hyperparameters, solver options,
-    ridge, n_gradients, n_validation, bn_batches, seed; custom optimizer, LR schedule, loss
-    and collate_fn only as 'custom') and refuses to resume under other ones. The user's
-    model is never modified; the returned copy lives on ``device`` (training, pruning
-    steps and evaluation run there).
-    """
-    t_start = time.perf_counter()
-    flops = check_fraction("flops", flops)
-    nnz = check_fraction("nnz", nnz)
+    ``settings`` are fields of :class:`GradualConfig` (``schedule``, ``stages``,
+    ``epochs_per_stage``, ``final_epochs``, ``batch_size``, ``lr``, ``momentum``,
+    ``weight_decay``, ``bn_batches``) and of the steps' :class:`~falcon_prune.PruneConfig`
+    (``n_gradients``, ``n_validation``, ``ridge``, ``solver``, ``min_density``, ...), over
+    ``config`` or :func:`gradual_defaults`. ``task`` runs the batches and gives the loss
+    (default classification). ``optimizer(params)`` (default SGD) and
+    ``lr_scheduler(optimizer, total_epochs)`` (default cosine, stepped per epoch).
+    ``eval_data`` is evaluated after every event; ``callback(row)`` sees every history row.
+    With ``checkpoint_dir`` the state is saved after every event and ``resume=True``
+    continues from it (refused under other settings). The user's model and global RNG are
+    left as they were; the returned copy lives on ``device``."""
+    flops, nnz = check_fraction("flops", flops), check_fraction("nnz", nnz)
     if flops is None and nnz is None:
-        raise ValueError("give at least one budget: flops=<fraction kept> and/or nnz=<fraction>")
-    if method not in METHODS or method == "falcon++":
-        raise ValueError(
-            f"unknown method {method!r} for a gradual step; choose one of "
-            f"{', '.join(m for m in METHODS if m != 'falcon++')}"
-        )
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not find_prunable_modules(model):
-        raise ValueError(f"{type(model).__name__} has no prunable layers; nothing to prune")
-    for name, v, low in (("epochs_per_stage", epochs_per_stage, 0), ("final_epochs",
-                         final_epochs, 0), ("batch_size", batch_size, 1),
-                         ("n_gradients", n_gradients, 1), ("n_validation", n_validation, 0),
-                         ("bn_batches", bn_batches, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-    sched = as_schedule(schedule, stages)
-    plan = stage_budgets(sched, flops, nnz)
-    total_epochs = len(plan) * epochs_per_stage + final_epochs
+        raise BudgetError("give at least one budget: flops=<fraction kept> and/or nnz=<fraction>")
+    run_settings = {k: v for k, v in (("task", task), ("seed", seed), ("device", device))
+                    if v is not None}
+    cfg = resolve_gradual(method, config, {**settings, **run_settings})
+    plan = stage_budgets(cfg.schedule, flops, nnz)
+    total_epochs = len(plan) * cfg.epochs_per_stage + cfg.final_epochs
     if total_epochs == 0:
-        raise ValueError(
-            "epochs_per_stage and final_epochs are both 0: there is no fine-tuning; use "
-            "falcon_prune.prune for one-shot pruning or give at least one epoch"
-        )
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+        raise ConfigError("epochs_per_stage and final_epochs are both 0: there is no "
+                          "fine-tuning; use falcon_prune.prune for one-shot pruning")
     if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs the checkpoint_dir of the interrupted run")
-    feed = _as_feed(train_data, batch_size)
-    dataset = feed.dataset
-    device = check_device(device)
-    work = clone_model(model).to(device)
-    sample_x = _check_training_batch(work, feed, loss_fn or F.cross_entropy)
-    need = (n_gradients + n_validation) if method in NEEDS_GRADIENTS else 1
-    if method in NEEDS_GRADIENTS and len(dataset) < n_gradients:
-        raise ValueError(
-            f"n_gradients={n_gradients} but train_data has {len(dataset)} samples; lower it"
-        )
-    evaluation = as_samples(eval_data) if eval_data is not None else None
-
-    options = options if options is not None else SolverOptions(progress=False)
-    config = _run_config(
-        optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        lr_scheduler=lr_scheduler, loss_fn=loss_fn, options=options, schedule=sched, feed=feed,
-        flops=flops, nnz=nnz, method=method, levels=[list(b) for b in plan],
-        epochs_per_stage=epochs_per_stage, final_epochs=final_epochs, n_gradients=n_gradients,
-        n_validation=n_validation, ridge=ridge, bn_batches=bn_batches, seed=seed,
-    )
-    loss_fn = loss_fn or F.cross_entropy
-
-    _attach_masks(work)
-    opt = (optimizer or default_optimizer(lr, momentum, weight_decay))(list(work.parameters()))
-    lrs = (lr_scheduler or cosine_schedule)(opt, total_epochs)
-    _check_scheduler(lrs, checkpointing=checkpoint_dir is not None)
-    events = []
-    for k in range(1, len(plan) + 1):
-        events += [("prune", k, 0)] + [("epoch", k, i) for i in range(1, epochs_per_stage + 1)]
-    events += [("epoch", len(plan) + 1, i) for i in range(1, final_epochs + 1)]
-    history: list[dict] = []
-    start = 0
+        raise ConfigError("resume=True needs the checkpoint_dir of the interrupted run")
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if resume:
-        if not ckpt.exists():
-            raise FileNotFoundError(f"resume=True but there is no checkpoint at {ckpt}")
-        start, history = _load(ckpt, config, work, opt, lrs)
-    elif ckpt is not None and ckpt.exists():
-        raise FileExistsError(
-            f"{ckpt} exists: pass resume=True to continue that run, or another checkpoint_dir"
-        )
-    if start == 0:
-        torch.manual_seed(seed)
+    if ckpt is not None and not resume and ckpt.exists():
+        raise OutputExistsError(
+            f"{ckpt} exists: pass resume=True to continue that run, or another checkpoint_dir")
+    dev = torch.device(cfg.step.device)
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        return _gradual(model, train_data, flops, nnz, cfg, plan, total_epochs, eval_data,
+                        optimizer, lr_scheduler, ckpt, resume, callback, progress)
 
-    plain = make_permanent(clone_model(work))
-    cm = cost_model_of(plain, sample_x, sample_x.shape[1:])
-    groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes(), device=device)
-    problem = _Problem(n_gradients, 1, ridge, 0.0, None, options, loss_fn, torch.float32,
-                       device, None, False)
+
+def _gradual(model, train_data, flops, nnz, cfg: GradualConfig, plan, total_epochs,
+             eval_data, optimizer, lr_scheduler, ckpt: Path | None, resume: bool, callback,
+             progress: bool) -> GradualResult:
+    t_start = time.perf_counter()
+    run = _setup(model, train_data, flops, nnz, cfg)
+    opt = (optimizer or default_optimizer(cfg.lr, cfg.momentum, cfg.weight_decay))(
+        list(run.work.parameters()))
+    lrs = (lr_scheduler or cosine_schedule)(opt, total_epochs)
+    _check_scheduler(lrs, checkpointing=ckpt is not None)
+    record = _run_record(cfg, run.feed, optimizer, lr_scheduler, plan)
+    events = _events(len(plan), cfg.epochs_per_stage, cfg.final_epochs)
+    start, history = 0, []
+    if resume:
+        start, history = load_checkpoint(ckpt, record, run.work, opt, lrs)
+    else:
+        torch.manual_seed(cfg.step.seed)  # inside fork_rng: the caller's state comes back
     times = {"prune": 0.0, "train": 0.0}
-    bar = tqdm(total=len(events), initial=start, desc=f"gradual {method}", unit="step",
-               disable=not progress)
+    bar = tqdm(total=len(events), initial=start, desc=f"gradual {cfg.step.method}",
+               unit="step", disable=not progress)
     for i in range(start, len(events)):
-        kind, k, e = events[i]
-        t = time.perf_counter()
-        f_k, s_k = plan[min(k, len(plan)) - 1]
-        if kind == "prune":
-            row = _prune_step(work, feed, sample_x, cm, groups, f_k, s_k, method, problem,
-                              need, seed + k, bn_batches)
-            times["prune"] += time.perf_counter() - t
-        else:
-            row = {"train_loss": _train_epoch(work, opt, feed, seed, i, loss_fn)}
-            row["lr"] = opt.param_groups[0]["lr"]
-            lrs.step()
-            times["train"] += time.perf_counter() - t
-        row = {"event": i + 1, "phase": kind if kind == "prune" else
-               ("final" if k > len(plan) else "finetune"), "stage": min(k, len(plan)),
-               "epoch": e, **row}
-        row["flops_fraction"], row["nnz_fraction"] = _kept_fractions(work, cm)
-        if evaluation is not None:
-            row["eval_loss"], row["eval_accuracy"] = loss_and_accuracy(work, evaluation, loss_fn,
-                                                                       device)
-        row["seconds"] = time.perf_counter() - t
+        row = _event_row(run, events[i], i, plan, opt, lrs, eval_data)
+        times["prune" if events[i][0] == "prune" else "train"] += row["seconds"]
         history.append(row)
         if ckpt is not None:
-            _save(ckpt, config, i + 1, work, opt, lrs, history)
+            save_checkpoint(ckpt, record, i + 1, run.work, opt, lrs, history)
         bar.update(1)
+        f_k, s_k = plan[min(events[i][1], len(plan)) - 1]
         bar.set_postfix(_postfix(row, len(plan), f_k, s_k, history))
         if callback is not None:
             callback(row)
     bar.close()
-    work.eval()
-    f_final, s_final = _kept_fractions(work, cm)
-    budget = budget_of(cm, flops, nnz)
-    macs, count = f_final * cm.dense_macs, round(s_final * cm.num_weights)
-    if not budget.fits(count, macs):
-        raise RuntimeError(f"internal error: gradual {method} ended over budget; please report")
+    run.work.eval()
+    final = budget_of(run.cm, flops, nnz, cfg.step)
+    flops_kept, nnz_kept, _ = verify(run.work, run.cm, final, cfg.step.task,
+                                     run.recount_inputs)
     times["total"] = time.perf_counter() - t_start
-    return GradualResult(work, method, flops, nnz, f_final, s_final, history, times)
-
-
-def _prune_step(work, feed, sample_x, cm, groups, f_k, s_k, method, problem, need, seed,
-                bn_batches) -> dict:
-    """Prune the masked training model in place to the stage budgets (never reviving);
-    ``sample_x`` is one input (1, ...) for the cost model."""
-    plain = make_permanent(clone_model(work)).eval()
-    cm_plain = CostModel.from_model(plain, sample_x)
-    masks = masks_of(work)
-    allowed = torch.cat([masks[lay.name].reshape(-1) for lay in cm.layers])
-    n_fit = problem.n_gradients if method in NEEDS_GRADIENTS else 1
-    samples = feed.samples(min(need, len(feed.dataset)), seed)
-    fit = SampleSource(samples.x[:n_fit], samples.y[:n_fit])
-    held = SampleSource(samples.x[n_fit:], samples.y[n_fit:])
-    res, w, mask = solve_step(plain, cm_plain, groups, budget_of(cm, f_k, s_k), method, fit,
-                              held, problem, allowed)
-    _write_back(work, cm, w, mask)
-    recalibrate_on(work, feed.dataset, bn_batches, feed.batch_size, seed,
-                          **feed.loader_kw)
-    return {"flops_budget": f_k, "nnz_budget": s_k}
-
-
-def _train_epoch(model, opt, feed: _Feed, seed, epoch, loss_fn) -> float:
-    """One epoch of SGD steps over ``feed``; the mean training loss per sample."""
-    model.train()
-    total, count = 0.0, 0
-    dev = device_of(model)
-    for batch in feed.epoch(seed, epoch):
-        xb, yb = (t.to(dev) for t in _batch_pair(batch))
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                "the training loss became NaN/inf; lower the learning rate (lr=...)"
-            )
-        loss.backward()
-        opt.step()
-        total += loss.item() * len(xb)
-        count += len(xb)
-    return total / max(1, count)
-
-
-def _save(path: Path, config: dict, next_event: int, model, opt, lrs, history) -> None:
-    state = {
-        "config": config, "next_event": next_event, "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "lr_scheduler": lrs.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                "python": random.getstate()},
-        "history": history,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: an interruption never leaves half a checkpoint
-
-
-def _load(path: Path, config: dict, model, opt, lrs) -> tuple[int, list[dict]]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    saved = state["config"]
-    if saved != config:
-        absent = "<not set>"
-        diff = {k: (saved.get(k, absent), config.get(k, absent))
-                for k in sorted(saved.keys() | config.keys())
-                if saved.get(k, absent) != config.get(k, absent)}
-        raise ValueError(
-            f"{path} belongs to a run with other settings {diff} (saved, now); resume with "
-            "the same arguments or use another checkpoint_dir"
-        )
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    if state["lr_scheduler"] is not None:  # None in checkpoints of older versions
-        lrs.load_state_dict(state["lr_scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    return state["next_event"], state["history"]
+    return GradualResult(run.work, cfg, flops, nnz, flops_kept, nnz_kept, history, times)

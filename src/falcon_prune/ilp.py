@@ -1,4 +1,4 @@
-"""The knapsack-type integer program behind FLOP-aware magnitude pruning (METHOD.md section 3).
+"""The knapsack-type integer program behind FLOP-aware magnitude pruning (docs/method.md).
 
 Given scores ``I >= 0`` (p,), per-weight costs ``f >= 0`` (p,), a count budget ``S`` and a
 cost budget ``F``::
@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from falcon_prune.errors import ConfigError, ConfigTypeError
 
 _GRID_T = 32  # points per K-ary search round on the cost multiplier t
 _GRID_U = 128  # points per K-ary search round on the count multiplier u
@@ -76,9 +78,9 @@ class CostGroups:
     def from_costs(cls, costs: torch.Tensor) -> CostGroups:
         costs = torch.as_tensor(costs).reshape(-1)
         if costs.numel() == 0:
-            raise ValueError("costs is empty: there is nothing to select")
+            raise ConfigError("costs is empty: there is nothing to select")
         if not torch.isfinite(costs).all() or (costs < 0).any():
-            raise ValueError("costs must be finite and >= 0")
+            raise ConfigError("costs must be finite and >= 0")
         values, inverse = torch.unique(costs.to(torch.float64), return_inverse=True)
         if values.numel() > _MAX_GROUPS:
             return _FlatCosts(costs.to(torch.float64))
@@ -140,12 +142,13 @@ class _FlatCosts(CostGroups):
 def _check_scores(scores: torch.Tensor, p: int) -> torch.Tensor:
     scores = torch.as_tensor(scores)
     if scores.numel() != p:
-        raise ValueError(f"scores has {scores.numel()} entries but the costs describe {p} weights")
+        raise ConfigError(f"scores has {scores.numel()} entries but the costs describe {p} weights")
     scores = scores.reshape(-1).to(torch.float64)
     if not torch.isfinite(scores).all():
-        raise ValueError("scores contain NaN or inf; check the weights or gradients they came from")
+        raise ConfigError(
+            "scores contain NaN or inf; check the weights or gradients they came from")
     if (scores < 0).any():
-        raise ValueError("scores must be >= 0 (e.g. squared weights)")
+        raise ConfigError("scores must be >= 0 (e.g. squared weights)")
     return scores
 
 
@@ -153,9 +156,9 @@ def _check_budget(value: float | None, name: str) -> float:
     if value is None:
         return math.inf
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise TypeError(f"{name} must be a number >= 0 or None, got {value!r}")
+        raise ConfigTypeError(f"{name} must be a number >= 0 or None, got {value!r}")
     if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+        raise ConfigError(f"{name} must be >= 0, got {value}")
     return float(value)
 
 

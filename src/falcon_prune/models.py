@@ -11,12 +11,16 @@
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from falcon_prune.errors import CheckpointError, ConfigError, MissingFileError
 
 
 class MLPNet(nn.Module):
@@ -66,7 +70,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int = 20, num_classes: int = 10, width: int = 16):
         super().__init__()
         if (depth - 2) % 6 != 0:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, ...), got {depth}")
+            raise ConfigError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, ...), got {depth}")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -220,7 +224,7 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
 def create_model(name: str) -> nn.Module:
     """A zoo model by name (one of :data:`MODELS`)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name]()
 
 
@@ -233,7 +237,7 @@ def _extract_state_dict(obj: object) -> dict[str, torch.Tensor]:
                 return obj[key]
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
-    raise ValueError(
+    raise CheckpointError(
         "the checkpoint holds no state dict: expected a dict of tensors or a dict with a "
         "'state_dict' / 'model_state_dict' / 'model' entry"
     )
@@ -257,19 +261,33 @@ def normalize_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+def read_checkpoint(path: Path) -> object:
+    """``torch.load`` of a checkpoint file, with a CheckpointError that says what is wrong
+    when the file is empty, truncated or not a PyTorch checkpoint."""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); check the file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+            ValueError, AttributeError, ImportError, KeyError, IndexError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is corrupt, "
+            "truncated or not a PyTorch checkpoint") from e
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a checkpoint file into ``model`` (strict), accepting the shared checkpoints'
     layouts. Raises ``ValueError`` naming missing/unexpected keys when they do not match."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+        raise MissingFileError(f"checkpoint {path} does not exist")
+    obj = read_checkpoint(path)
     state = normalize_state_dict(_extract_state_dict(obj))
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path.name} does not match {type(model).__name__}: "
             f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. "
@@ -277,7 +295,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         )
     bad = [k for k in own if own[k].shape != state[k].shape]
     if bad:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path.name} has tensors of the wrong shape for {type(model).__name__}: "
             + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad[:5])
         )

@@ -1,4 +1,4 @@
-"""The local quadratic model of the loss (METHOD.md section 2)::
+"""The local quadratic model of the loss (docs/method.md, the loss model)::
 
     Q(w) = 1/(2n) ||X (w - w_bar)||^2 + lam/2 ||w - w_bar||^2 + alpha g^T (w - w_bar)
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from falcon_prune.errors import ConfigError
 from falcon_prune.storage import GradientStore
 
 
@@ -44,16 +45,16 @@ class QuadraticModel:
     ):
         if isinstance(X, torch.Tensor):
             if X.dim() != 2:
-                raise ValueError(f"X must be (n, p={w_bar.numel()}), got {tuple(X.shape)}")
+                raise ConfigError(f"X must be (n, p={w_bar.numel()}), got {tuple(X.shape)}")
             X = GradientStore.from_tensor(X)
         if X.p != w_bar.numel():
-            raise ValueError(f"X must be (n, p={w_bar.numel()}), got {tuple(X.shape)}")
+            raise ConfigError(f"X must be (n, p={w_bar.numel()}), got {tuple(X.shape)}")
         if not lam > 0:
-            raise ValueError(f"the ridge lam must be > 0, got {lam}")
+            raise ConfigError(f"the ridge lam must be > 0, got {lam}")
         if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
+            raise ConfigError(f"alpha must be >= 0, got {alpha}")
         if block_size is not None and block_size < 1:
-            raise ValueError(f"block_size must be a positive integer or None, got {block_size}")
+            raise ConfigError(f"block_size must be a positive integer or None, got {block_size}")
         self.X = X
         self.n, self.p = X.shape
         self.dtype, self.device = X.compute_dtype, X.device
@@ -72,7 +73,7 @@ class QuadraticModel:
         return other
 
     # -- products -----------------------------------------------------------------------
-    def _blocks(self):
+    def blocks(self):
         """(start, stop) column ranges: whole blocks batched together, then the tail."""
         B = self.block_size
         full = (self.p // B) * B
@@ -87,7 +88,7 @@ class QuadraticModel:
         if self.block_size is None:
             return self.X.rmatvec(self.X.matvec(d)) / self.n
         out = torch.empty_like(d)
-        for a, b in self._blocks():
+        for a, b in self.blocks():
             B = min(self.block_size, b - a)
             Xb = self.X.columns(a, b).reshape(self.n, -1, B)  # (n, k, B)
             y = torch.einsum("nkb,kb->nk", Xb, d[a:b].view(-1, B))
@@ -184,7 +185,7 @@ class QuadraticModel:
         """Block-diagonal solve: for each block, (X_b^T X_b / n + lam I) restricted to the
         block's support, batched over blocks (Cholesky of B x B matrices)."""
         d = torch.zeros_like(rhs)
-        for a, b in self._blocks():
+        for a, b in self.blocks():
             B = min(self.block_size, b - a)
             Xb = self.X.columns(a, b).reshape(self.n, -1, B).permute(1, 0, 2).double()
             mb = mask[a:b].to(self.device).view(-1, B).double()  # (k, B); Xb is (k, n, B)

@@ -11,6 +11,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from falcon_prune.errors import DataError, DependencyError
+
 
 def _pyplot():
     try:
@@ -19,7 +21,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
+        raise DependencyError(
             "plots need matplotlib: pip install 'falcon-prune[plots]' (or matplotlib)"
         ) from e
     return plt
@@ -55,7 +57,7 @@ def plot_trajectory(rows: Sequence[dict], path: str | Path, title: str = "trajec
     (gradual). Writes a PNG and returns its path."""
     plt = _pyplot()
     if not rows:
-        raise ValueError("no rows to plot: the run has no stages")
+        raise DataError("no rows to plot: the run has no stages")
     step_key = "event" if "event" in rows[0] else "stage"
     xs = [r[step_key] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -80,7 +82,8 @@ def plot_trajectory(rows: Sequence[dict], path: str | Path, title: str = "trajec
         a3.plot(*zip(*losses, strict=True), color="gray", linestyle="--", label="loss")
         a3.set_ylabel("loss")
     a2.grid(alpha=0.3)
-    a2.legend(loc="lower left")
+    if a2.get_legend_handles_labels()[0]:
+        a2.legend(loc="lower left")
     fig.suptitle(title)
     return _save(fig, path)
 

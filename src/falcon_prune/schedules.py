@@ -1,4 +1,4 @@
-"""Budget schedules for multi-stage (FALCON++) and gradual pruning (METHOD.md sections 5, 6).
+"""Budget schedules for multi-stage (FALCON++) and gradual pruning (docs/method.md).
 
 A schedule turns a target kept fraction F (of FLOPs or of weights) into the kept fractions
 of T stages, non-increasing and ending exactly at F. With u running over the stages from
@@ -24,6 +24,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from falcon_prune.errors import ConfigError, ConfigTypeError
+
 KINDS = ("linear", "cubic", "exponential")
 
 
@@ -44,29 +46,33 @@ class Schedule:
     def __post_init__(self) -> None:
         if (isinstance(self.min_step, bool) or not isinstance(self.min_step, (int, float))
                 or math.isnan(self.min_step) or not 0 <= self.min_step < 1):
-            raise ValueError(
+            raise ConfigError(
                 f"min_step={self.min_step!r} must be a fraction in [0, 1) of the dense model"
             )
         if self.levels is not None:
-            levels = tuple(float(v) for v in self.levels)
+            try:
+                levels = tuple(float(v) for v in self.levels)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"schedule levels must be kept fractions (numbers), got "
+                                  f"{self.levels!r}") from e
             if not levels:
-                raise ValueError("an explicit schedule needs at least one level")
+                raise ConfigError("an explicit schedule needs at least one level")
             for v in levels:
                 if math.isnan(v) or not 0 < v <= 1:
-                    raise ValueError(f"schedule level {v!r} is not a kept fraction in (0, 1]")
+                    raise ConfigError(f"schedule level {v!r} is not a kept fraction in (0, 1]")
             if any(b > a + 1e-12 for a, b in zip(levels, levels[1:], strict=False)):
-                raise ValueError(
+                raise ConfigError(
                     f"schedule levels {levels} increase; kept fractions must be non-increasing "
                     "(pruned weights are not revived)"
                 )
             object.__setattr__(self, "levels", levels)
             return
         if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
-            raise ValueError(f"stages must be a positive integer, got {self.stages!r}")
+            raise ConfigError(f"stages must be a positive integer, got {self.stages!r}")
         if self.kind not in KINDS:
-            raise ValueError(f"unknown schedule {self.kind!r}; choose one of {', '.join(KINDS)}")
+            raise ConfigError(f"unknown schedule {self.kind!r}; choose one of {', '.join(KINDS)}")
         if self.start is not None and (math.isnan(self.start) or not 0 < self.start <= 1):
-            raise ValueError(f"start={self.start!r} must be a kept fraction in (0, 1]")
+            raise ConfigError(f"start={self.start!r} must be a kept fraction in (0, 1]")
 
     @property
     def num_stages(self) -> int:
@@ -78,14 +84,14 @@ class Schedule:
         below it."""
         if self.levels is not None:
             if self.levels[-1] > target + 1e-12:
-                raise ValueError(
+                raise ConfigError(
                     f"the schedule ends at {self.levels[-1]} kept, above the target {target}; "
                     "its last level must reach the target"
                 )
             return [max(v, target) for v in self.levels[:-1]] + [target]
         T = self.stages
         if self.start is not None and self.start < target - 1e-12:
-            raise ValueError(
+            raise ConfigError(
                 f"schedule start {self.start} is below the target {target}: the first stage "
                 "would prune more than the last; give start >= target"
             )
@@ -146,20 +152,20 @@ def as_schedule(
                         kind="cubic" if value is None else value, min_step=min_step)
     if isinstance(value, Schedule):
         if stages is not None and stages != value.num_stages:
-            raise ValueError(
+            raise ConfigError(
                 f"stages={stages} disagrees with the schedule's {value.num_stages} stages; "
                 "give the number of stages in one place"
             )
         return value
     try:
         if stages is not None and stages != len(value):  # type: ignore[arg-type]
-            raise ValueError(
+            raise ConfigError(
                 f"stages={stages} disagrees with the {len(value)} levels of the explicit "  # type: ignore[arg-type]
                 "schedule; drop stages or the extra levels"
             )
         return Schedule(levels=tuple(value))
     except TypeError as e:
-        raise TypeError(
+        raise ConfigTypeError(
             f"schedule must be a Schedule, one of {KINDS} or a list of kept fractions, got "
             f"{value!r}"
         ) from e

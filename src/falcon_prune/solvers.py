@@ -1,4 +1,4 @@
-"""Pruning methods behind one interface (METHOD.md sections 3, 4 and 7).
+"""Pruning methods behind one interface (docs/method.md: the ILP, FALCON, baselines).
 
 Every method maps the dense flat weights ``w_bar`` (p,) and the two budgets to pruned flat
 weights (p,) whose support meets both budgets:
@@ -18,7 +18,9 @@ sparsity level whose support meets it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,32 +29,26 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from falcon_prune.ilp import CostGroups, solve_ilp
+from falcon_prune.errors import ConfigError
+from falcon_prune.ilp import CostGroups
 from falcon_prune.quadratic import QuadraticModel
+from falcon_prune.selection import (
+    Budget,
+    costs_of,
+    per_weight_costs,
+    select_ilp,
+    select_prefix,
+    select_top,
+)
 
-METHODS = ("mp", "mp_flops", "woodfisher", "chita", "falcon")
 STEPS = ("lipschitz", "linesearch")
 SALIENCIES = ("magnitude", "obs")
-NEEDS_GRADIENTS = {"woodfisher", "chita", "falcon"}
 
 
-@dataclass
-class Budget:
-    """Absolute budgets: ``count`` kept weights (None: no limit) and ``cost`` kept MACs per
-    sample (None: no limit)."""
-
-    count: int | None
-    cost: float | None
-
-    def fits(self, count: int, cost: float) -> bool:
-        ok_count = self.count is None or count <= self.count
-        ok_cost = self.cost is None or cost <= self.cost * (1 + 1e-12)
-        return ok_count and ok_cost
-
-
-@dataclass
+@dataclass(frozen=True)
 class SolverOptions:
-    """Hyperparameters of the IHT solvers (chita, falcon).
+    """Hyperparameters of the IHT solvers (chita, falcon); inputs only (what a run did is
+    in its :class:`SolverTrace`).
 
     ``max_iter`` IHT iterations per round (0: falcon keeps its best warm start);
     ``rounds`` alternations of IHT and back-solve;
@@ -68,11 +64,6 @@ class SolverOptions:
     ``obs_steps`` > 1 adds one more candidate: the OBS warm start of the chosen exponent and
     ridge reached in that many steps, the saliencies recomputed on the shrinking support
     (:func:`obs_steps`); it replaces the one-step start when its held-out loss is lower.
-
-    A run appends its iterations to ``history`` and adds seconds per phase to ``timings``:
-    'lipschitz' (power iteration), 'products' (Q and its gradient), 'projection' (ILP or
-    top-S), 'saliency' (OBS saliencies), 'backsolve' (exact minimisation on a support),
-    'held_out' (candidate losses).
     """
 
     max_iter: int = 30
@@ -86,55 +77,79 @@ class SolverOptions:
     cost_exponent: float = 0.5
     saliencies: tuple[str, ...] = ("magnitude",)
     obs_steps: int = 1
-    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("ridges", "cost_exponents", "saliencies"):
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple)):
+                object.__setattr__(self, name, tuple(v))
+        _check_options(self)
+
+    def replace(self, **changes: object) -> SolverOptions:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_options(o: SolverOptions) -> None:
+    def integer(name: str, low: int) -> None:
+        v = getattr(o, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"SolverOptions.{name} must be an integer >= {low}, got {v!r}")
+
+    def number(name: str, ok) -> None:
+        v = getattr(o, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(float(v)):
+            raise ConfigError(f"SolverOptions.{name} has a bad value {v!r}: {_RULES[name]}")
+
+    integer("max_iter", 0)
+    integer("rounds", 1)
+    integer("obs_steps", 1)
+    if o.step not in STEPS:
+        raise ConfigError(f"SolverOptions.step must be one of {STEPS}, got {o.step!r}")
+    number("step_scale", lambda v: v >= 1)
+    number("tol", lambda v: v >= 0)
+    number("cost_exponent", lambda v: 0 <= v <= 1)
+    if o.active_factor is not None:
+        number("active_factor", lambda v: v >= 1)
+    if not isinstance(o.ridges, tuple) or not o.ridges or not all(
+            isinstance(r, numbers.Real) and r > 0 for r in o.ridges):
+        raise ConfigError(f"SolverOptions.ridges must be positive numbers, got {o.ridges!r}")
+    if not isinstance(o.cost_exponents, tuple) or not o.cost_exponents or not all(
+            isinstance(b, numbers.Real) and 0 <= b <= 1 for b in o.cost_exponents):
+        raise ConfigError(
+            f"SolverOptions.cost_exponents must lie in [0, 1], got {o.cost_exponents!r}")
+    if not isinstance(o.saliencies, tuple) or not o.saliencies or not set(
+            o.saliencies) <= set(SALIENCIES):
+        raise ConfigError(f"SolverOptions.saliencies must be a non-empty subset of "
+                          f"{SALIENCIES}, got {o.saliencies!r}")
+
+
+_RULES = {"step_scale": "it must be >= 1", "tol": "it must be >= 0",
+          "cost_exponent": "it must lie in [0, 1]",
+          "active_factor": "it must be >= 1 (the active set holds that many times the kept "
+                           "weights) or None"}
+
+
+@dataclass
+class SolverTrace:
+    """What a solver run did: its iterations and candidate scores (``history``), seconds
+    per phase (``timings``: 'lipschitz', 'products', 'projection', 'saliency',
+    'backsolve', 'held_out', 'obs_steps'), accumulated over every solve it is passed to;
+    ``progress`` shows IHT progress bars."""
+
+    progress: bool = False
     history: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        def integer(name: str, low: int) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"SolverOptions.{name} must be an integer >= {low}, got {v!r}")
-
-        integer("max_iter", 0)
-        integer("rounds", 1)
-        integer("obs_steps", 1)
-        if self.step not in STEPS:
-            raise ValueError(f"SolverOptions.step must be one of {STEPS}, got {self.step!r}")
-        if not self.step_scale >= 1:
-            raise ValueError(f"SolverOptions.step_scale must be >= 1, got {self.step_scale!r}")
-        if not self.tol >= 0:
-            raise ValueError(f"SolverOptions.tol must be >= 0, got {self.tol!r}")
-        if self.active_factor is not None and not self.active_factor >= 1:
-            raise ValueError(
-                "SolverOptions.active_factor must be >= 1 (the active set holds that many "
-                f"times the kept weights) or None, got {self.active_factor!r}"
-            )
-        if not self.ridges or not all(r > 0 for r in self.ridges):
-            raise ValueError(f"SolverOptions.ridges must be positive numbers, got {self.ridges!r}")
-        if not self.cost_exponents or not all(0 <= b <= 1 for b in self.cost_exponents):
-            raise ValueError(
-                f"SolverOptions.cost_exponents must lie in [0, 1], got {self.cost_exponents!r}"
-            )
-        if not self.saliencies or not set(self.saliencies) <= set(SALIENCIES):
-            raise ValueError(
-                f"SolverOptions.saliencies must be a non-empty subset of {SALIENCIES}, got "
-                f"{self.saliencies!r}"
-            )
-        if not 0 <= self.cost_exponent <= 1:
-            raise ValueError(
-                f"SolverOptions.cost_exponent must lie in [0, 1], got {self.cost_exponent!r}"
-            )
-
 
 @contextmanager
-def timed(opts: SolverOptions, phase: str) -> Iterator[None]:
-    """Add the seconds spent in the block to ``opts.timings[phase]``."""
+def timed(trace: SolverTrace, phase: str) -> Iterator[None]:
+    """Add the seconds spent in the block to ``trace.timings[phase]``."""
     t = time.perf_counter()
     try:
         yield
     finally:
-        opts.timings[phase] = opts.timings.get(phase, 0.0) + time.perf_counter() - t
+        trace.timings[phase] = trace.timings.get(phase, 0.0) + time.perf_counter() - t
 
 
 @dataclass
@@ -150,59 +165,26 @@ class SolverResult:
     source: str | None = None
     saliency: str | None = None
     score: float | None = None  # held-out loss of w, when chosen by held-out data
-    held_out: tuple[float, float] | None = None  # (loss, accuracy) when known
-
-
-def costs_of(mask: torch.Tensor, groups: CostGroups) -> float:
-    """Kept MACs of a flat mask under the grouped costs."""
-    if hasattr(groups, "costs"):
-        return float(groups.costs.to(mask.device)[mask].sum())
-    return float(
-        sum(
-            c * int(mask[idx.to(mask.device)].sum())
-            for c, idx in zip(groups.cost.tolist(), groups.index, strict=True)
-        )
-    )
-
-
-def _per_weight_costs(groups: CostGroups, device) -> torch.Tensor:
-    if hasattr(groups, "costs"):
-        return groups.costs.to(device)
-    f = torch.empty(groups.p, dtype=torch.float64, device=device)
-    for c, idx in zip(groups.cost.tolist(), groups.index, strict=True):
-        f[idx.to(device)] = c
-    return f
-
-
-def prefix_support(order: torch.Tensor, groups: CostGroups, budget: Budget) -> torch.Tensor:
-    """Mask of the longest prefix of ``order`` (indices, most important first) meeting both
-    budgets: the sparsity-level search of a sparsity-only method, done exactly."""
-    f = _per_weight_costs(groups, order.device)[order]
-    ok = torch.ones(order.numel(), dtype=torch.bool, device=order.device)
-    if budget.cost is not None:
-        ok &= torch.cumsum(f, 0) <= budget.cost * (1 + 1e-12)
-    if budget.count is not None:
-        ok &= torch.arange(1, order.numel() + 1, device=order.device) <= budget.count
-    k = order.numel() if bool(ok.all()) else int(torch.argmin(ok.to(torch.int8)))
-    mask = torch.zeros(order.numel(), dtype=torch.bool, device=order.device)
-    mask[order[:k]] = True
-    return mask
+    held_out: tuple[float, float | None] | None = None  # (loss, metric) when known
 
 
 def magnitude(w_bar: torch.Tensor, groups: CostGroups, budget: Budget) -> SolverResult:
+    """Global magnitude pruning: the longest prefix by decreasing |w| that fits."""
     order = torch.argsort(w_bar.abs(), descending=True, stable=True)
-    mask = prefix_support(order, groups, budget)
+    mask = select_prefix(order, groups, budget)
     return SolverResult(w_bar * mask, mask)
 
 
 def magnitude_flops(w_bar: torch.Tensor, groups: CostGroups, budget: Budget) -> SolverResult:
-    r = solve_ilp(w_bar.double() ** 2, groups, budget.count, budget.cost)
+    """FLOP-aware magnitude pruning: the ILP with scores w^2."""
+    r = select_ilp(w_bar.double() ** 2, groups, budget)
     return SolverResult(w_bar * r.mask, r.mask, r.gap, r.upper_bound)
 
 
 def woodfisher(qm: QuadraticModel, groups: CostGroups, budget: Budget) -> SolverResult:
+    """The longest prefix by decreasing OBS saliency that fits, then the exact update."""
     order = torch.argsort(obs_saliency(qm), descending=True, stable=True)
-    mask = prefix_support(order, groups, budget)
+    mask = select_prefix(order, groups, budget)
     w = qm.solve_on_support(mask)
     return SolverResult(w, mask, objective=qm.value(w))
 
@@ -237,7 +219,7 @@ def inverse_hessian_diagonal(qm: QuadraticModel, mask: torch.Tensor | None = Non
             lower = 1 / (lam + Xc.square().sum(0).double() / n)
             out[a:b] = torch.maximum((1 - q) / lam, lower)
         return out
-    for a, b in qm._blocks():
+    for a, b in qm.blocks():
         B = min(qm.block_size, b - a)
         Xb = X.columns(a, b).reshape(n, -1, B).permute(1, 0, 2).double()
         mb = mask[a:b].to(qm.device).view(-1, B).double()
@@ -247,6 +229,16 @@ def inverse_hessian_diagonal(qm: QuadraticModel, mask: torch.Tensor | None = Non
             torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal(dim1=1, dim2=2).reshape(-1)
         )
     return out
+
+
+def _step_budget(budget: Budget, count0: int, cost0: float, u: float, last: bool) -> Budget:
+    """The budget a fraction ``u`` of the way from (count0, cost0) to ``budget``."""
+    if last:
+        return budget
+    count = None if budget.count is None else max(
+        budget.count, math.floor(count0 + (budget.count - count0) * u))
+    cost = None if budget.cost is None else max(budget.cost, cost0 + (budget.cost - cost0) * u)
+    return Budget(count, cost, budget.floors, budget.bounds)
 
 
 def obs_steps(qm: QuadraticModel, groups: CostGroups, budget: Budget, beta: float,
@@ -262,15 +254,10 @@ def obs_steps(qm: QuadraticModel, groups: CostGroups, budget: Budget, beta: floa
     w = qm.w_bar
     count0, cost0 = int(mask.sum()), costs_of(mask, groups)
     for j in range(1, steps + 1):
-        u = j / steps
-        count = None if budget.count is None else (
-            budget.count if j == steps else max(budget.count,
-                                                math.floor(count0 + (budget.count - count0) * u)))
-        cost = None if budget.cost is None else (
-            budget.cost if j == steps else max(budget.cost, cost0 + (budget.cost - cost0) * u))
         if j > 1 or saliency is None:
             saliency = (w.double() ** 2 / inverse_hessian_diagonal(qm, mask)) * mask
-        r = solve_ilp(weighted_scores(w, groups, beta, saliency), groups, count, cost)
+        step = _step_budget(budget, count0, cost0, j / steps, j == steps)
+        r = select_ilp(weighted_scores(w, groups, beta, saliency), groups, step)
         mask = r.mask & mask  # the ILP's greedy fill may add zero-score weights
         w = qm.solve_on_support(mask)
     return SolverResult(w, mask, r.gap, r.upper_bound, 0, qm.value(w), qm.lam)
@@ -279,49 +266,43 @@ def obs_steps(qm: QuadraticModel, groups: CostGroups, budget: Budget, beta: floa
 Projection = Callable[[torch.Tensor], tuple[torch.Tensor, object]]
 
 
-def iht(
-    qm: QuadraticModel,
-    w0: torch.Tensor,
-    project: Projection,
-    opts: SolverOptions,
-    desc: str,
-) -> tuple[torch.Tensor, torch.Tensor, object, int]:
+def iht(qm: QuadraticModel, w0: torch.Tensor, project: Projection, opts: SolverOptions,
+        trace: SolverTrace, desc: str) -> tuple[torch.Tensor, torch.Tensor, object, int]:
     """Iterative hard thresholding on Q from the feasible ``w0``: v = w - eta grad Q(w),
     w = v restricted to project(v). Returns (w, mask, last projection info, iterations).
 
     With ``opts.step == 'linesearch'`` the step starts at ``step_scale`` / L, is halved
     until Q decreases, and when not even 1/L decreases Q the iteration stops at the current
     point: every accepted iterate has a lower Q than the one before."""
-    with timed(opts, "lipschitz"):
+    with timed(trace, "lipschitz"):
         eta = 1.0 / qm.lipschitz()
-    w = w0.clone()
-    mask = w0 != 0
-    with timed(opts, "products"):
+    w, mask = w0.clone(), w0 != 0
+    with timed(trace, "products"):
         q, g = qm.value_and_grad(w)
-    info = None
-    it = 0
-    step = eta * opts.step_scale if opts.step == "linesearch" else eta
-    bar = tqdm(total=opts.max_iter, desc=desc, unit="it", disable=not opts.progress, leave=False)
+    info, it = None, 0
+    search = opts.step == "linesearch"
+    step = eta * opts.step_scale if search else eta
+    bar = tqdm(total=opts.max_iter, desc=desc, unit="it", disable=not trace.progress,
+               leave=False)
     for it in range(1, opts.max_iter + 1):
-        if opts.step == "linesearch":
-            step = min(step * 2, eta * opts.step_scale)
+        step = min(step * 2, eta * opts.step_scale) if search else step
         while True:
             v = w - step * g
-            with timed(opts, "projection"):
+            with timed(trace, "projection"):
                 new_mask, new_info = project(v)
             w_new = v * new_mask
-            with timed(opts, "products"):
+            with timed(trace, "products"):
                 q_new, g_new = qm.value_and_grad(w_new)
-            if opts.step != "linesearch" or q_new <= q or step <= eta:
+            if not search or q_new <= q or step <= eta:
                 break
             step = max(eta, step / 2)
-        if opts.step == "linesearch" and q_new > q:
+        if search and q_new > q:
             it -= 1  # no step decreases Q: stop here, rejecting it
             break
         change = float((w_new - w).norm()) / max(float(w.norm()), 1e-30)
         stable = torch.equal(new_mask, mask)
         w, mask, q, g, info = w_new, new_mask, q_new, g_new, new_info
-        opts.history.append({"method": desc, "iteration": it, "objective": q, "step": step})
+        trace.history.append({"method": desc, "iteration": it, "objective": q, "step": step})
         bar.update(1)
         bar.set_postfix(Q=f"{q:.4g}", change=f"{change:.1e}")
         if stable and change < opts.tol:
@@ -330,23 +311,20 @@ def iht(
     return w, mask, info, it
 
 
-def _refine(
-    qm: QuadraticModel, w0: torch.Tensor, project: Projection, opts: SolverOptions, desc: str
-) -> SolverResult:
+def _refine(qm: QuadraticModel, w0: torch.Tensor, project: Projection, opts: SolverOptions,
+            trace: SolverTrace, desc: str) -> SolverResult:
     """Rounds of IHT followed by the back-solve on the support; keeps the best Q."""
     best: SolverResult | None = None
-    w = w0
-    total = 0
+    w, total = w0, 0
     for r in range(max(1, opts.rounds)):
-        w, mask, info, its = iht(qm, w, project, opts, f"{desc} round {r + 1}")
+        w, mask, info, its = iht(qm, w, project, opts, trace, f"{desc} round {r + 1}")
         total += its
-        with timed(opts, "backsolve"):
+        with timed(trace, "backsolve"):
             w = qm.solve_on_support(mask)
             obj = qm.value(w)
         if best is None or obj < best.objective:
-            gap = getattr(info, "gap", None)
-            ub = getattr(info, "upper_bound", None)
-            best = SolverResult(w, mask, gap, ub, total, obj)
+            best = SolverResult(w, mask, getattr(info, "gap", None),
+                                getattr(info, "upper_bound", None), total, obj)
     best.iterations = total
     return best
 
@@ -363,17 +341,82 @@ def weighted_scores(
     magnitude order."""
     scores = v.double() ** 2 if saliency is None else saliency.double()
     if beta != 0:
-        scores = scores * _per_weight_costs(groups, v.device).clamp_min(1e-12) ** beta
+        scores = scores * per_weight_costs(groups, v.device).clamp_min(1e-12) ** beta
     return scores
 
 
-def falcon(
-    qm: QuadraticModel,
-    groups: CostGroups,
-    budget: Budget,
-    opts: SolverOptions,
-    evaluate: Evaluate | None = None,
-) -> SolverResult:
+@dataclass
+class _Search:
+    """One falcon solve's state: the model, budget, options, trace and held-out loss."""
+
+    qm: QuadraticModel
+    groups: CostGroups
+    budget: Budget
+    opts: SolverOptions
+    trace: SolverTrace
+    evaluate: Evaluate | None
+
+    def score(self, w: torch.Tensor, objective: float) -> float:
+        with timed(self.trace, "held_out"):
+            return self.evaluate(w) if self.evaluate is not None else objective
+
+    def candidate(self, key: tuple[str, float], lam: float, ilp) -> tuple[float, SolverResult]:
+        """The back-solved warm start of the ILP support ``ilp`` with ridge ``lam``."""
+        q = self.qm.with_ridge(lam)
+        with timed(self.trace, "backsolve"):
+            w = q.solve_on_support(ilp.mask)
+            obj = q.value(w)
+        s = self.score(w, obj)
+        self.trace.history.append({"phase": "warm start", "saliency": key[0], "beta": key[1],
+                                   "ridge": lam, "objective": obj, "score": s})
+        res = SolverResult(w, ilp.mask, ilp.gap, ilp.upper_bound, 0, obj, lam, key[1],
+                           saliency=key[0], score=s if self.evaluate is not None else None)
+        return s, res
+
+
+def _warm_starts(search: _Search) -> tuple[float, SolverResult, dict]:
+    """The best warm start over saliencies x exponents, then over ridges."""
+    opts, qm = search.opts, search.qm
+    held = search.evaluate is not None
+    betas = opts.cost_exponents if held else (opts.cost_exponent,)
+    saliency = {"magnitude": None}
+    if "obs" in opts.saliencies:
+        with timed(search.trace, "saliency"):
+            saliency["obs"] = obs_saliency(qm)
+    keys = [(k, b) for k in opts.saliencies for b in betas]
+    with timed(search.trace, "projection"):
+        starts = {(k, b): select_ilp(weighted_scores(qm.w_bar, search.groups, b, saliency[k]),
+                                     search.groups, search.budget) for k, b in keys}
+    best_s, best = min((search.candidate(key, qm.lam, starts[key]) for key in keys),
+                       key=lambda c: c[0])
+    key = (best.saliency, best.beta)
+    for lam in opts.ridges if held else ():
+        if lam != qm.lam:
+            s, res = search.candidate(key, lam, starts[key])
+            if s < best_s:
+                best_s, best = s, res
+    return best_s, best, saliency
+
+
+def _stepped(search: _Search, best_s: float, best: SolverResult, saliency: dict
+             ) -> tuple[float, SolverResult]:
+    """The OBS warm start reached in ``obs_steps`` steps, when it scores better."""
+    beta, lam = best.beta, best.ridge
+    with timed(search.trace, "obs_steps"):
+        stepped = obs_steps(search.qm.with_ridge(lam), search.groups, search.budget, beta,
+                            search.opts.obs_steps,
+                            saliency.get("obs") if lam == search.qm.lam else None)
+    s = search.score(stepped.w, stepped.objective)
+    search.trace.history.append({"phase": "obs steps", "saliency": "obs", "beta": beta,
+                                 "ridge": lam, "objective": stepped.objective, "score": s})
+    if s < best_s:
+        stepped.beta, stepped.saliency, stepped.score = beta, f"obs x{search.opts.obs_steps}", s
+        return s, stepped
+    return best_s, best
+
+
+def falcon(qm: QuadraticModel, groups: CostGroups, budget: Budget, opts: SolverOptions,
+           trace: SolverTrace, evaluate: Evaluate | None = None) -> SolverResult:
     """FALCON: IHT on Q with the ILP projection, then back-solve.
 
     The projection keeps the support that maximises sum v_i^2 f_i^beta under both budgets.
@@ -382,77 +425,26 @@ def falcon(
     held-out loss of the back-solved warm start (the ILP support of w_bar); without it,
     beta = ``opts.cost_exponent`` and the model's ridge are used. IHT then runs from the
     chosen warm start; its result replaces the start only when it scores better."""
-    w_bar = qm.w_bar
-    betas = tuple(opts.cost_exponents) if evaluate is not None else (opts.cost_exponent,)
-    ridges = tuple(opts.ridges) if evaluate is not None else ()
-
-    def candidate(key: tuple[str, float], lam: float, ilp) -> tuple[float, SolverResult]:
-        q = qm.with_ridge(lam)
-        with timed(opts, "backsolve"):
-            w = q.solve_on_support(ilp.mask)
-            obj = q.value(w)
-        with timed(opts, "held_out"):
-            s = evaluate(w) if evaluate is not None else obj
-        opts.history.append({"phase": "warm start", "saliency": key[0], "beta": key[1],
-                             "ridge": lam, "objective": obj, "score": s})
-        res = SolverResult(w, ilp.mask, ilp.gap, ilp.upper_bound, 0, obj, lam)
-        res.beta, res.saliency = key[1], key[0]
-        res.score = s if evaluate is not None else None
-        return s, res
-
-    saliency = {"magnitude": None}
-    if "obs" in opts.saliencies:
-        with timed(opts, "saliency"):
-            saliency["obs"] = obs_saliency(qm)
-    keys = [(k, b) for k in opts.saliencies for b in betas]
-    with timed(opts, "projection"):
-        starts = {
-            (k, b): solve_ilp(weighted_scores(w_bar, groups, b, saliency[k]), groups,
-                              budget.count, budget.cost)
-            for k, b in keys
-        }
-    best_s, best = min((candidate(key, qm.lam, starts[key]) for key in keys),
-                       key=lambda c: c[0])
-    best_key = (best.saliency, best.beta)
-    for lam in ridges:
-        if lam != qm.lam:
-            s, res = candidate(best_key, lam, starts[best_key])
-            if s < best_s:
-                best_s, best = s, res
-    beta, lam = best.beta, best.ridge
+    search = _Search(qm, groups, budget, opts, trace, evaluate)
+    best_s, best, saliency = _warm_starts(search)
     if opts.obs_steps > 1 and evaluate is not None:
-        with timed(opts, "obs_steps"):
-            stepped = obs_steps(qm.with_ridge(lam), groups, budget, beta, opts.obs_steps,
-                                saliency.get("obs") if lam == qm.lam else None)
-        with timed(opts, "held_out"):
-            s = evaluate(stepped.w)
-        opts.history.append({"phase": "obs steps", "saliency": "obs", "beta": beta,
-                             "ridge": lam, "objective": stepped.objective, "score": s})
-        if s < best_s:
-            stepped.beta, stepped.saliency, stepped.score = beta, f"obs x{opts.obs_steps}", s
-            best_s, best = s, stepped
+        best_s, best = _stepped(search, best_s, best, saliency)
     if opts.max_iter == 0:  # warm start only (no IHT)
         best.source = "warm start"
         return best
-    q = qm.with_ridge(lam)
-    active = _active_set(w_bar, groups, budget, opts)
+    beta, lam = best.beta, best.ridge
+    active = _active_set(qm.w_bar, groups, budget, opts)
 
     def project(v: torch.Tensor):
         scores = weighted_scores(v, groups, beta)
-        if active is None:
-            r = solve_ilp(scores, groups, budget.count, budget.cost)
-            return r.mask, r
-        r = solve_ilp(scores * active, groups, budget.count, budget.cost)
+        r = select_ilp(scores if active is None else scores * active, groups, budget)
         # the ILP's greedy fill may add zero-score weights: keep the support inside the set
-        return r.mask & (active > 0), r
+        return (r.mask if active is None else r.mask & (active > 0)), r
 
-    refined = _refine(q, w_bar * best.mask, project, opts, "falcon")
-    with timed(opts, "held_out"):
-        s1 = evaluate(refined.w) if evaluate is not None else refined.objective
-    opts.history.append(
-        {"phase": "iht", "beta": beta, "ridge": lam, "objective": refined.objective,
-         "score": s1, "iterations": refined.iterations}
-    )
+    refined = _refine(qm.with_ridge(lam), qm.w_bar * best.mask, project, opts, trace, "falcon")
+    s1 = search.score(refined.w, refined.objective)
+    trace.history.append({"phase": "iht", "beta": beta, "ridge": lam, "score": s1,
+                          "objective": refined.objective, "iterations": refined.iterations})
     chosen = refined if s1 < best_s else best
     chosen.iterations, chosen.ridge, chosen.beta = refined.iterations, lam, beta
     chosen.saliency = best.saliency  # IHT started from that warm start
@@ -471,21 +463,18 @@ def _active_set(w_bar, groups, budget, opts) -> torch.Tensor | None:
     return keep
 
 
-def chita(
-    qm: QuadraticModel, groups: CostGroups, budget: Budget, opts: SolverOptions
-) -> SolverResult:
+def chita(qm: QuadraticModel, groups: CostGroups, budget: Budget, opts: SolverOptions,
+          trace: SolverTrace) -> SolverResult:
     """CHITA: IHT with a top-S projection and back-solve (sparsity-only). With a FLOP budget,
     the largest S whose result meets it is found by bisection over S."""
 
     def run(S: int) -> SolverResult:
         def project(v: torch.Tensor):
-            mask = torch.zeros(v.numel(), dtype=torch.bool, device=v.device)
-            if S > 0:
-                mask[torch.topk(v.abs(), S).indices] = True
-            return mask, None
+            return select_top(v, S, budget), None
 
-        start = magnitude(qm.w_bar, groups, Budget(S, None))
-        return _refine(qm, qm.solve_on_support(start.mask), project, opts, f"chita S={S}")
+        start = magnitude(qm.w_bar, groups, Budget(S, None, budget.floors, budget.bounds))
+        return _refine(qm, qm.solve_on_support(start.mask), project, opts, trace,
+                       f"chita S={S}")
 
     return search_sparsity(run, qm.w_bar, groups, budget)
 
@@ -493,25 +482,27 @@ def chita(
 def search_sparsity(
     run: Callable[[int], SolverResult], w_bar: torch.Tensor, groups: CostGroups, budget: Budget
 ) -> SolverResult:
-    """The largest count S (within budget.count) whose ``run(S)`` meets the cost budget, by
-    bisection; the magnitude-pruning prefix gives the starting bracket."""
+    """The largest count S (within budget.count, at least the floors) whose ``run(S)``
+    meets the cost budget, by bisection; the magnitude-pruning prefix gives the bracket."""
     p = w_bar.numel()
     cap = p if budget.count is None else min(p, budget.count)
+    least = sum(budget.floors) if budget.has_floors else 0
     if budget.cost is None:
         return run(cap)
+    fits = lambda r: costs_of(r.mask, groups) <= budget.cost * (1 + 1e-12)  # noqa: E731
     result = run(cap)
-    if costs_of(result.mask, groups) <= budget.cost * (1 + 1e-12):
+    if fits(result):
         return result
     lo = int(magnitude(w_bar, groups, budget).mask.sum())
     best = run(lo)
-    while costs_of(best.mask, groups) > budget.cost * (1 + 1e-12) and lo > 0:
-        lo //= 2
+    while not fits(best) and lo > least:
+        lo = max(least, lo // 2)
         best = run(lo)
     hi = cap
     while hi - lo > max(1, p // 2000):
         mid = (lo + hi) // 2
         r = run(mid)
-        if costs_of(r.mask, groups) <= budget.cost * (1 + 1e-12):
+        if fits(r):
             lo, best = mid, r
         else:
             hi = mid

@@ -27,14 +27,12 @@ from pathlib import Path
 
 import torch
 
+from falcon_prune.errors import ConfigError, MemoryBudgetError, PathError
+
 HALF = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float64, torch.float32, *HALF)
 STORAGES = ("auto", "memory", "disk")
 GIB = 2**30
-
-
-class MemoryBudgetError(MemoryError):
-    """Raised before allocating something that would not fit in the memory limit."""
 
 
 def available_memory() -> int:
@@ -115,18 +113,33 @@ def _halvings(n: int) -> list[int]:
 def check_storage(storage: object) -> str:
     """``storage`` if it is one of STORAGES, else a ValueError."""
     if storage not in STORAGES:
-        raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+        raise ConfigError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
     return storage  # type: ignore[return-value]
 
 
 def check_dtype(dtype: object) -> torch.dtype:
     """``dtype`` if it is a storage dtype of the gradient matrix, else a ValueError."""
     if dtype not in DTYPES:
-        raise ValueError(
+        raise ConfigError(
             f"dtype must be one of {', '.join(str(d) for d in DTYPES)} for the gradient "
             f"matrix, got {dtype!r}"
         )
     return dtype  # type: ignore[return-value]
+
+
+def check_scratch_dir(scratch_dir: str | Path | None) -> Path:
+    """The directory for an on-disk gradient matrix (default: the system's temporary
+    directory), checked to be a writable directory; PathError otherwise."""
+    scratch = Path(scratch_dir) if scratch_dir is not None else Path(tempfile.gettempdir())
+    if not scratch.is_dir():
+        raise PathError(f"scratch_dir {scratch} is not a directory; create it or pick another")
+    try:
+        with tempfile.TemporaryFile(dir=scratch):
+            pass
+    except OSError as e:
+        raise PathError(f"scratch_dir {scratch} is not writable ({e.strerror}); pass a "
+                        "writable scratch_dir") from e
+    return scratch
 
 
 def disk_chunk_bytes(limit: int) -> int:
@@ -155,7 +168,7 @@ def plan_storage(
     check_storage(storage)
     limit = default_memory_limit() if memory_limit is None else int(memory_limit)
     if limit <= 0:
-        raise ValueError(f"memory_limit must be a positive number of bytes, got {memory_limit}")
+        raise ConfigError(f"memory_limit must be a positive number of bytes, got {memory_limit}")
     name = str(dtype).replace("torch.", "")
     need = estimate_bytes(n, p, dtype)
     if storage in ("memory", "auto") and need <= limit:
@@ -180,9 +193,7 @@ def plan_storage(
                     f"{name} would need {format_bytes(need)}, over the limit; "
                     f"{str(smaller).replace('torch.', '')} fits",
                 )
-    scratch = Path(scratch_dir) if scratch_dir is not None else Path(tempfile.gettempdir())
-    if not scratch.is_dir():
-        raise ValueError(f"scratch_dir {scratch} is not a directory; create it or pick another")
+    scratch = check_scratch_dir(scratch_dir)
     file_bytes = n * p * itemsize(dtype)
     ram = working_bytes(n, p) + disk_chunk_bytes(limit) * 2
     if ram > limit:
@@ -247,13 +258,13 @@ class GradientStore:
                 pass
             self._file.truncate(self.n * self.p * itemsize(self.dtype))
         else:
-            raise ValueError(f"backend must be 'memory' or 'disk', got {backend!r}")
+            raise ConfigError(f"backend must be 'memory' or 'disk', got {backend!r}")
 
     @classmethod
     def from_tensor(cls, X: torch.Tensor) -> GradientStore:
         """Wrap an in-memory X (n, p) without copying it."""
         if X.dim() != 2:
-            raise ValueError(f"X must be a matrix (n, p), got shape {tuple(X.shape)}")
+            raise ConfigError(f"X must be a matrix (n, p), got shape {tuple(X.shape)}")
         store = cls.__new__(cls)
         store.n, store.p = X.shape
         store.dtype = check_dtype(X.dtype)
@@ -303,7 +314,7 @@ class GradientStore:
         """Store rows ``start .. start + len(rows) - 1`` from ``rows`` (r, p), any float dtype."""
         r = rows.shape[0]
         if rows.shape[1] != self.p or start < 0 or start + r > self.n:
-            raise ValueError(f"rows {start}..{start + r} of width {rows.shape[1]} do not fit "
+            raise ConfigError(f"rows {start}..{start + r} of width {rows.shape[1]} do not fit "
                              f"X of shape {self.shape}")
         if self.row_scale is not None:
             scale = rows.abs().amax(1).to(self.compute_dtype).clamp_min(1e-30)

@@ -1,0 +1,309 @@
+"""Typed, frozen configuration of a pruning run, and each method's defaults.
+
+:class:`PruneConfig` holds every setting that changes what ``prune`` computes. Each method
+has its defaults (:func:`defaults`; the single-stage table and falcon++'s sit side by side
+in :data:`DEFAULTS`). A setting that a method does not use is ``None`` in its config, and
+passing one is refused rather than silently ignored. ``prune`` returns the config it
+actually used (with the sampling chosen, the held-out count clipped to the data, ...) in
+``result.config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from falcon_prune.errors import BudgetError, ConfigError, ConfigTypeError
+from falcon_prune.schedules import Schedule, as_schedule
+from falcon_prune.solvers import SolverOptions
+from falcon_prune.storage import check_dtype, check_storage
+from falcon_prune.tasks import Task, as_task
+
+METHODS = ("mp", "mp_flops", "woodfisher", "chita", "falcon", "falcon++")
+GRADIENT_METHODS = ("woodfisher", "chita", "falcon", "falcon++")
+#: samples whose BatchNorm statistics ``recalibrate_bn=True`` re-estimates
+BN_SAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Every setting of a pruning run (see docs/api.md for each one).
+
+    - ``method``, ``task`` (how the model is run and its loss), ``seed``, ``device``.
+    - Gradients (methods with a loss model): ``n_gradients`` rows of X, each the
+      gradient of ``samples_per_gradient`` samples; ``ridge`` and ``alpha`` of the
+      quadratic model; ``block_size`` (block-diagonal Hessian); X's storage ``dtype``,
+      ``storage`` ('auto', 'memory', 'disk'), ``memory_limit`` (bytes), ``scratch_dir``.
+    - ``n_validation`` held-out samples that falcon/falcon++ choose hyperparameters on.
+    - ``solver``: :class:`~falcon_prune.solvers.SolverOptions` (chita, falcon, falcon++).
+    - falcon++: ``schedule``, ``resample`` (new gradient samples at every stage),
+      ``revive`` (let later stages bring pruned weights back).
+    - Every method: ``min_density`` (each layer keeps at least this fraction of its
+      weights), ``allow_empty_layers`` (let a layer lose every weight; by default each
+      keeps at least one), ``recalibrate_bn`` (re-estimate BatchNorm statistics on that
+      many samples after pruning; 0: keep them), ``sampling`` ('random', 'first', or None:
+      random where the data allows).
+
+    A field the method does not use is None."""
+
+    method: str = "falcon"
+    task: Task | None = None
+    seed: int = 0
+    device: str = "cpu"
+    n_gradients: int | None = 1000
+    samples_per_gradient: int | None = 1
+    n_validation: int | None = 1000
+    ridge: float | None = 1e-3
+    alpha: float | None = 0.0
+    block_size: int | None = None
+    solver: SolverOptions | None = SolverOptions()
+    schedule: Schedule | None = None
+    resample: bool | None = None
+    revive: bool | None = None
+    min_density: float = 0.0
+    allow_empty_layers: bool = False
+    recalibrate_bn: int = 0
+    sampling: str | None = None
+    dtype: torch.dtype | None = torch.float32
+    storage: str | None = "auto"
+    memory_limit: int | None = None
+    scratch_dir: str | None = None
+
+    def replace(self, **changes: Any) -> PruneConfig:
+        """A copy with some settings changed (validated by ``prune``)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-ready settings (the task by name, dtypes and schedules as text)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Task):
+                v = v.name
+            elif isinstance(v, torch.dtype):
+                v = str(v).replace("torch.", "")
+            elif isinstance(v, (SolverOptions, Schedule)):
+                v = {k: list(x) if isinstance(x, tuple) else x
+                     for k, x in dataclasses.asdict(v).items()}
+            out[f.name] = v
+        return out
+
+
+#: which methods use each setting that not every method uses
+USED_BY: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("n_gradients", "samples_per_gradient", "ridge", "alpha", "block_size",
+                     "dtype", "storage", "memory_limit", "scratch_dir"), GRADIENT_METHODS),
+    "n_validation": ("falcon", "falcon++"),
+    "solver": ("chita", "falcon", "falcon++"),
+    **dict.fromkeys(("schedule", "stages", "resample", "revive"), ("falcon++",)),
+}
+
+MULTISTAGE_SOLVER = SolverOptions(max_iter=0, ridges=(1e-4,), cost_exponents=(0.25, 0.5, 0.75),
+                                  saliencies=("obs",))
+
+
+def _table() -> dict[str, PruneConfig]:
+    """Each method's defaults: the single-stage ones beside falcon++'s (chosen on a
+    validation split of the CIFAR-10 training images; docs/tuning.md)."""
+    unused = {k: None for k in USED_BY if k != "stages"}
+    out = {}
+    for m in METHODS:
+        base = PruneConfig(method=m)
+        out[m] = base.replace(**{k: v for k, v in unused.items() if m not in USED_BY[k]})
+    out["falcon++"] = out["falcon++"].replace(
+        samples_per_gradient=2, n_validation=500, alpha=0.01, solver=MULTISTAGE_SOLVER,
+        schedule=Schedule(12, "cubic", min_step=0.01), resample=True, revive=False)
+    return out
+
+
+DEFAULTS: dict[str, PruneConfig] = _table()
+
+
+def defaults(method: str = "falcon") -> PruneConfig:
+    """The default :class:`PruneConfig` of ``method``."""
+    if method not in DEFAULTS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return DEFAULTS[method]
+
+
+def multistage_options(**changes: Any) -> SolverOptions:
+    """falcon++'s default :class:`SolverOptions` with ``changes`` applied, e.g.
+    ``multistage_options(ridges=(1e-3,))`` to change one choice and keep the others."""
+    return MULTISTAGE_SOLVER.replace(**changes)
+
+
+# -- validation ------------------------------------------------------------------------------
+def check_fraction(name: str, value: object) -> float | None:
+    """A budget fraction in (0, 1] or None (numpy scalars accepted); else the fix."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigTypeError(
+            f"{name} must be a number in (0, 1] (the fraction of the dense model to keep) or "
+            f"None, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if math.isnan(v) or not 0 < v <= 1:
+        raise BudgetError(
+            f"{name}={value!r} is not a fraction in (0, 1]: it is the fraction of the dense "
+            f"model to keep (e.g. {name}=0.3 keeps 30 %)")
+    return v
+
+
+def check_device(device: object) -> str:
+    """The device as text ('cpu', 'cuda:0'), or a ConfigError that says what is usable."""
+    try:
+        dev = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda')") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but torch sees no CUDA GPU here; use device='cpu'")
+    return str(dev)
+
+
+def _integer(low: int):
+    def check(name: str, v: object) -> int:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
+        return int(v)
+    return check
+
+
+def _real(ok, rule: str):
+    def check(name: str, v: object) -> float:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise ConfigTypeError(f"{name} must be a number ({rule}), got {v!r}")
+        if math.isnan(float(v)) or not ok(float(v)):
+            raise ConfigError(f"{name}={v!r} is out of range: {rule}")
+        return float(v)
+    return check
+
+
+def _flag(name: str, v: object) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigTypeError(f"{name} must be True or False, got {v!r}")
+    return v
+
+
+def _optional(check):
+    return lambda name, v: None if v is None else check(name, v)
+
+
+def _solver(name: str, v: object) -> SolverOptions:
+    if not isinstance(v, SolverOptions):
+        raise ConfigTypeError(f"{name} must be a falcon_prune.SolverOptions, got {v!r}")
+    return v
+
+
+def _bn(name: str, v: object) -> int:
+    if isinstance(v, bool):
+        return BN_SAMPLES if v else 0
+    return _integer(0)(name, v)
+
+
+def _choice(options: Sequence):
+    def check(name: str, v: object) -> object:
+        if v not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(map(repr, options))}, got {v!r}")
+        return v
+    return check
+
+
+CHECKS = {
+    "n_gradients": _integer(1), "samples_per_gradient": _integer(1),
+    "n_validation": _integer(0), "seed": _integer(0),
+    "ridge": _real(lambda v: 0 < v < math.inf, "> 0, e.g. 1e-3"),
+    "alpha": _real(lambda v: 0 <= v < math.inf, ">= 0"),
+    "block_size": _optional(_integer(1)), "solver": _solver,
+    "resample": _flag, "revive": _flag, "allow_empty_layers": _flag,
+    "min_density": _real(lambda v: 0 <= v < 1, "a fraction in [0, 1) of each layer's weights"),
+    "recalibrate_bn": _bn, "sampling": _choice((None, "random", "first")),
+    "dtype": lambda name, v: check_dtype(v), "storage": lambda name, v: check_storage(v),
+    "memory_limit": _optional(lambda n, v: int(_real(lambda x: x > 0, "> 0 bytes")(n, v))),
+    "scratch_dir": _optional(lambda name, v: str(v)),
+    "device": lambda name, v: check_device(v), "task": lambda name, v: as_task(v),
+}
+
+_WHY_UNUSED = {
+    "n_gradients": "it builds no loss model from gradients",
+    "n_validation": "only falcon and falcon++ choose hyperparameters on held-out samples",
+    "solver": "only chita, falcon and falcon++ have solver options",
+    "schedule": "it is single-stage (use method='falcon++' for stages)",
+}
+
+
+def _why(key: str) -> str:
+    if key in ("schedule", "stages", "resample", "revive"):
+        return _WHY_UNUSED["schedule"]
+    return _WHY_UNUSED.get(key, _WHY_UNUSED["n_gradients"])
+
+
+def _check_keys(method: str, settings: dict) -> None:
+    names = {f.name for f in dataclasses.fields(PruneConfig)} | {"stages"}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        import difflib
+
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, 1))
+                 else k for k in unknown]
+        raise ConfigError(f"unknown setting {', '.join(hints)}; the settings are "
+                          f"{', '.join(sorted(names))}")
+    unused = [k for k in settings if k in USED_BY and method not in USED_BY[k]]
+    if unused:
+        raise ConfigError(f"method={method!r} does not use {', '.join(unused)}: {_why(unused[0])}"
+                          "; drop it")
+
+
+def _schedule(base: PruneConfig, settings: dict) -> Schedule | None:
+    """falcon++'s schedule from ``schedule`` (a Schedule, a shape name or a list of kept
+    fractions) and ``stages``; a named shape gets the default ``min_step``."""
+    default = DEFAULTS["falcon++"].schedule
+    stages = settings.get("stages")
+    if "schedule" not in settings:
+        if stages is None or base.schedule is None:
+            return base.schedule
+        if base.schedule.levels is not None:
+            raise ConfigError("stages disagrees with the explicit levels of the schedule")
+        return dataclasses.replace(base.schedule, stages=_integer(1)("stages", stages))
+    value = settings["schedule"]
+    if value is not None and not isinstance(value, (Schedule, str, Sequence)):
+        raise ConfigTypeError(f"schedule must be a Schedule, a shape name or a list of kept "
+                              f"fractions, got {value!r}")
+    try:
+        return as_schedule(value, stages, default.stages, default.min_step)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def resolve(method: str | None, config: PruneConfig | None, settings: dict
+            ) -> tuple[PruneConfig, frozenset[str]]:
+    """The run's config: ``config`` (or the method's defaults) with ``settings`` (keyword
+    arguments; None values count as not given) applied, every field validated. Returns it
+    and the names of the settings the caller chose."""
+    if config is not None and not isinstance(config, PruneConfig):
+        raise ConfigTypeError(f"config must be a falcon_prune.PruneConfig, got {config!r}")
+    method = method if method is not None else (config.method if config else "falcon")
+    base = defaults(method)
+    if config is not None:
+        if config.method != method:
+            raise ConfigError(f"method={method!r} but config.method={config.method!r}; give "
+                              "the method in one place")
+        base = config
+    settings = {k: v for k, v in settings.items() if v is not None}
+    _check_keys(method, settings)
+    given = {f.name for f in dataclasses.fields(PruneConfig)
+             if getattr(base, f.name) != getattr(DEFAULTS[method], f.name)} | set(settings)
+    values = {k: v for k, v in settings.items() if k not in ("schedule", "stages")}
+    out = base.replace(**values, schedule=_schedule(base, settings))
+    for f in dataclasses.fields(out):
+        v = getattr(out, f.name)
+        if f.name in CHECKS and v is not None:
+            out = dataclasses.replace(out, **{f.name: CHECKS[f.name](f.name, v)})
+    if out.task is None:
+        out = out.replace(task=as_task(None))
+    return out, frozenset(given)

@@ -1,0 +1,262 @@
+"""The solve engine shared by one-shot pruning (``prune``, falcon++) and ``gradual``.
+
+One *step* prunes the model's current (plain) weights to a budget with one method: it
+computes the gradient matrix on the fit samples (methods with a loss model), builds the
+quadratic model, runs the solver with the held-out samples as the judge of its
+candidates, and returns the new flat weights and mask. :func:`verify` checks a finished
+network against its budgets through the independent recount.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from falcon_prune import solvers
+from falcon_prune.batches import Batch, Samples, map_tensors, to_device
+from falcon_prune.config import GRADIENT_METHODS, PruneConfig
+from falcon_prune.costs import CostModel, flatten_weights
+from falcon_prune.errors import BudgetError, BudgetViolation
+from falcon_prune.evaluation import Evaluation, evaluate_batches
+from falcon_prune.fisher import gradient_store
+from falcon_prune.ilp import CostGroups
+from falcon_prune.masks import plain_copy
+from falcon_prune.quadratic import QuadraticModel
+from falcon_prune.recount import recount
+from falcon_prune.results import LayerReport
+from falcon_prune.selection import Budget
+from falcon_prune.solvers import SolverResult, SolverTrace
+from falcon_prune.storage import compute_dtype_of
+from falcon_prune.tasks import Task, TaskRunner
+
+
+@dataclass
+class Problem:
+    """What every step of a run shares: the ``config`` (method, gradients, solver, storage),
+    the ``task``, the ``device``, the solver ``trace`` and ``notes`` on how X was stored
+    and how its rows were computed."""
+
+    config: PruneConfig
+    task: Task
+    device: torch.device
+    progress: bool = False
+    trace: SolverTrace = field(default_factory=SolverTrace)
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def step_method(self) -> str:
+        """The method of one step: falcon++'s stages are falcon solves."""
+        return "falcon" if self.config.method == "falcon++" else self.config.method
+
+
+# -- budgets ---------------------------------------------------------------------------------
+def floors_of(cm: CostModel, config: PruneConfig) -> tuple[int, ...]:
+    """The least number of weights each layer keeps: ``min_density`` of it, and at least
+    one unless ``allow_empty_layers``."""
+    least = 0 if config.allow_empty_layers else 1
+    return tuple(min(lay.numel, max(least, math.ceil(config.min_density * lay.numel - 1e-9)))
+                 for lay in cm.layers)
+
+
+def budget_of(cm: CostModel, flops: float | None, nnz: float | None,
+              config: PruneConfig) -> Budget:
+    """Absolute budgets (kept weights, kept MACs) from kept fractions, with the floors."""
+    return Budget(
+        None if nnz is None else int(math.floor(nnz * cm.num_weights + 1e-9)),
+        None if flops is None else flops * cm.dense_macs,
+        floors_of(cm, config), tuple(cm.offsets))
+
+
+def check_floors(cm: CostModel, budget: Budget, config: PruneConfig) -> None:
+    """Refuse, before any work, budgets below what the per-layer floors need."""
+    need_count = sum(budget.floors)
+    need_cost = sum(k * lay.cost for k, lay in zip(budget.floors, cm.layers, strict=True))
+    why = (f"min_density={config.min_density} of every layer" if config.min_density > 0
+           else "one weight in each layer")
+    fix = ("lower min_density" if config.min_density > 0 else
+           "pass allow_empty_layers=True (a layer with no weight left can make the "
+           "network's output constant)")
+    if budget.cost is not None and need_cost > budget.cost * (1 + 1e-12):
+        raise BudgetError(
+            f"the FLOP budget keeps {budget.cost:,.0f} MACs per sample but keeping {why} "
+            f"needs {need_cost:,.0f} ({need_cost / cm.dense_macs:.2%} of the dense model); "
+            f"raise the budget or {fix}")
+    if budget.count is not None and need_count > budget.count:
+        raise BudgetError(
+            f"the weight budget keeps {budget.count:,} weights but keeping {why} needs "
+            f"{need_count:,} ({need_count / cm.num_weights:.2%}); raise the budget or {fix}")
+
+
+# -- held-out scores -------------------------------------------------------------------------
+class HeldOutScorer:
+    """The task's mean loss on the held-out samples of the network with flat prunable
+    weights w (p,) (eval mode); remembers the metric that went with each loss it returned,
+    so the stage record of the chosen candidate needs no second pass."""
+
+    def __init__(self, model: nn.Module, cm: CostModel, held: Samples, task: Task,
+                 device: torch.device, batch: int = 256):
+        self.runner, self.cm, self.task = TaskRunner(model, task), cm, task
+        self.names = ["model." + lay.name + ".weight" for lay in cm.layers]
+        self.dtypes = [lay.module.weight.dtype for lay in cm.layers]
+        # on the device once; images channels-last (convolutions ~1.6x faster on CPU)
+        self.batches = [map_tensors(to_device(b, device), _channels_last)
+                        for b in held.chunks(batch)]
+        self.metric: dict[float, float | None] = {}
+
+    def evaluation(self, w: torch.Tensor) -> Evaluation:
+        params = {n: t.to(d) for n, t, d in zip(self.names, self.cm.split(w), self.dtypes,
+                                                strict=True)}
+        with torch.inference_mode():
+            return evaluate_batches(lambda b: functional_call(self.runner, params, (b,)),
+                                    self.batches, self.task)
+
+    def __call__(self, w: torch.Tensor) -> float:
+        ev = self.evaluation(w)
+        self.metric[ev.loss] = ev.metric
+        return ev.loss
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 4 and t.is_floating_point():
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+# -- one step --------------------------------------------------------------------------------
+def _gradients(model: nn.Module, cm: CostModel, fit: Samples, problem: Problem,
+               idx: torch.Tensor | None, times: dict) -> object:
+    """The gradient matrix of the step, with how it was stored noted once."""
+    cfg = problem.config
+    t = time.perf_counter()
+    X = gradient_store(
+        model, cm, fit, cfg.n_gradients, cfg.samples_per_gradient, problem.task, cfg.dtype,
+        problem.device, memory_limit=cfg.memory_limit, progress=problem.progress,
+        columns=idx, storage=cfg.storage, scratch_dir=cfg.scratch_dir,
+        on_mode=lambda mode: problem.notes.setdefault("gradients", mode))
+    if "storage" not in problem.notes:
+        problem.notes["storage"] = X.plan.describe()
+        if problem.progress:
+            tqdm.write(problem.notes["storage"], file=sys.stderr)
+    times["gradients"] = times.get("gradients", 0.0) + time.perf_counter() - t
+    return X
+
+
+def _run_method(method: str, w_bar: torch.Tensor, groups: CostGroups, budget: Budget,
+                qm: QuadraticModel | None, problem: Problem, evaluate) -> SolverResult:
+    opts, trace = problem.config.solver, problem.trace
+    if method == "mp":
+        return solvers.magnitude(w_bar, groups, budget)
+    if method == "mp_flops":
+        return solvers.magnitude_flops(w_bar, groups, budget)
+    if method == "woodfisher":
+        return solvers.woodfisher(qm, groups, budget)
+    if method == "chita":
+        return solvers.chita(qm, groups, budget, opts, trace)
+    return solvers.falcon(qm, groups, budget, opts, trace, evaluate)
+
+
+def _scatter(v: torch.Tensor, idx: torch.Tensor, p: int) -> torch.Tensor:
+    out = torch.zeros(p, dtype=v.dtype, device=v.device)
+    out[idx.to(v.device)] = v
+    return out
+
+
+@dataclass
+class Step:
+    """A step's outcome: the solver's result, the new flat weights (p,) (float64 for a
+    float64 model, else float32) and mask (p,) bool on the CPU, and the held-out
+    (loss, metric) of the chosen weights if known."""
+
+    result: SolverResult
+    w: torch.Tensor
+    mask: torch.Tensor
+    held_out: tuple[float, float | None] | None = None
+
+
+def solve_step(model: nn.Module, cm: CostModel, groups: CostGroups, budget: Budget,
+               fit: Samples, held: Samples, problem: Problem,
+               allowed: torch.Tensor | None = None, times: dict | None = None) -> Step:
+    """Prune the model's current plain weights to ``budget`` with the problem's method.
+
+    ``allowed`` (p,) bool restricts the support to those weights (the others stay zero):
+    the step is solved on the sub-vector, so X has only ``allowed.sum()`` columns."""
+    times = times if times is not None else {}
+    method, cfg = problem.step_method, problem.config
+    # weights in float64 for a float64 model (magnitude methods keep them exactly), else
+    # in the solvers' compute dtype
+    w_all = flatten_weights(cm)
+    wdtype = torch.float64 if w_all.dtype == torch.float64 else torch.float32
+    w_all = w_all.to(wdtype if cfg.dtype is None else compute_dtype_of(cfg.dtype))
+    if allowed is not None and bool(allowed.all()):
+        allowed = None
+    idx = None if allowed is None else allowed.nonzero().reshape(-1)
+    w_bar = w_all if idx is None else w_all[idx]
+    sub_groups = groups if allowed is None else groups.subset(allowed)
+    sub_budget = budget if allowed is None else budget.restricted(allowed)
+    scorer = None
+    if method == "falcon" and len(held):
+        scorer = HeldOutScorer(model, cm, held, problem.task, problem.device)
+    evaluate = scorer if (scorer is None or idx is None) else (
+        lambda v: scorer(_scatter(v, idx, cm.num_weights)))
+    qm = None
+    if method in GRADIENT_METHODS:
+        X = _gradients(model, cm, fit, problem, idx, times)
+        qm = QuadraticModel(X, w_bar.to(problem.device), cfg.ridge, cfg.alpha, cfg.block_size)
+    t = time.perf_counter()
+    res = _run_method(method, w_bar, sub_groups, sub_budget, qm, problem, evaluate)
+    times["solver"] = times.get("solver", 0.0) + time.perf_counter() - t
+    for phase, seconds in problem.trace.timings.items():  # cumulative over the run's steps
+        times[f"solver:{phase}"] = seconds
+    w = res.w.detach().to("cpu", wdtype)
+    mask = res.mask.to("cpu") & (w != 0)
+    if idx is not None:
+        w, mask = _scatter(w, idx, cm.num_weights), _scatter(mask, idx, cm.num_weights)
+    known = None
+    if scorer is not None and res.score in scorer.metric:
+        known = (res.score, scorer.metric[res.score])
+    return Step(res, w * mask, mask, known)
+
+
+def kept_fractions(cm: CostModel, w: torch.Tensor | None = None) -> tuple[float, float]:
+    """(FLOP fraction, weight fraction) kept by the non-zeros of flat weights ``w`` (p,)
+    (default: the layers' current weights)."""
+    w = flatten_weights(cm) if w is None else w
+    kept = torch.stack([wl.count_nonzero() for wl in cm.split(w)]).to("cpu", torch.float64)
+    macs = float((kept * cm.layer_costs()).sum())
+    return macs / cm.dense_macs, float(kept.sum()) / cm.num_weights
+
+
+# -- verification ------------------------------------------------------------------------
+def verify(model: nn.Module, cm: CostModel, budget: Budget, task: Task, inputs: Batch
+           ) -> tuple[float, float, list[LayerReport]]:
+    """Check the finished network against ``budget`` through the independent recount of
+    :mod:`falcon_prune.recount`; returns (kept FLOP fraction, kept weight fraction,
+    per-layer reports). Raises BudgetViolation (a bug) if the recount disagrees with the
+    cost model or a budget is exceeded."""
+    plain = plain_copy(model)
+    excluded = {e.name for e in cm.excluded}
+    count = recount(plain, inputs, task.call, exclude=excluded)
+    unseen = sorted(set(count.uncounted) - excluded)
+    modules = dict(plain.named_modules())
+    kept = [int(modules[lay.name].weight.detach().count_nonzero()) for lay in cm.layers]
+    model_macs = sum(k * lay.cost for k, lay in zip(kept, cm.layers, strict=True))
+    if unseen or not math.isclose(count.dense, cm.dense_macs, rel_tol=1e-6) or \
+            not math.isclose(count.kept, model_macs, rel_tol=1e-6, abs_tol=1e-6):
+        raise BudgetViolation(
+            f"internal error: the independent recount ({count.kept:,.0f} of {count.dense:,.0f}"
+            f" MACs; uncounted {unseen}) disagrees with the cost model ({model_macs:,.0f} of "
+            f"{cm.dense_macs:,.0f}); please report this")
+    if not budget.fits(sum(kept), count.kept):
+        raise BudgetViolation(
+            f"internal error: the result keeps {sum(kept)} weights / {count.kept:,.0f} MACs, "
+            f"over the budgets ({budget.count}, {budget.cost}); please report this")
+    reports = [LayerReport(lay.name, lay.kind, lay.numel, k, lay.dense_macs, k * lay.cost)
+               for k, lay in zip(kept, cm.layers, strict=True)]
+    return count.kept / count.dense, sum(kept) / cm.num_weights, reports
