@@ -7,24 +7,25 @@ sample, medians of ``--repeats`` rounds that time every variant once (round-robi
 one warm-up round), in one process.
 
     python benchmarks/gradient_speed.py --repeats 5
+
+The rows are written to ``--out`` with the command, torch's thread count and the
+provenance of the run (``isolated.provenance``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from isolated import provenance, write_results
 
 from falcon_prune import CostModel, gradient_store
+from falcon_prune.batches import Samples
 from falcon_prune.data import load_cifar10
-from falcon_prune.fisher import SampleSource
 from falcon_prune.models import load_checkpoint, resnet20
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gradient_speed.json"))
     a = ap.parse_args()
+    prov = provenance()
     if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
         raise SystemExit(f"{SHARED} is absent: this benchmark needs the project's shared data")
     model = load_checkpoint(resnet20(), SHARED / "checkpoints" / "resnet20_cifar10.pth.tar")
@@ -57,7 +59,8 @@ def main() -> None:
     x, y = load_cifar10(SHARED / "data" / "cifar10_subset.npz", "train").tensors
     x, y = x[: a.samples], y[: a.samples]
     cm = CostModel.from_model(model, x[:1])
-    src = SampleSource(x, y)
+    src = Samples((x, y))
+
     def plain() -> None:
         for i in range(0, a.samples, 256):
             model.zero_grad(set_to_none=True)
@@ -71,13 +74,10 @@ def main() -> None:
             for k, s in interleaved_medians(fns, a.repeats).items()]
     for r in rows:
         print(f"{r['what']:<45} {r['seconds']:6.2f} s  {r['ms_per_sample']:.2f} ms/sample")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({
+    write_results(a.out, {
         "command": f"python benchmarks/gradient_speed.py --samples {a.samples} --chunks "
                    f"{' '.join(map(str, a.chunks))} --repeats {a.repeats}",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                   f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "rows": rows}, indent=1))
+        "torch_threads": torch.get_num_threads(), "rows": rows}, prov)
     print(f"wrote {a.out}")
 
 

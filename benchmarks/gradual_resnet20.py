@@ -5,9 +5,12 @@ training images (no augmentation), a cubic schedule of ``--stages`` pruning step
 dense model to the FLOP budget, ``--epochs-per-stage`` fine-tuning epochs after each step
 and ``--final-epochs`` at the target; SGD (momentum 0.9, weight decay 5e-4, batch 128) with
 a cosine LR from ``--lr`` to 0 over all epochs; BatchNorm statistics re-estimated after every
-pruning step; pruning steps use 500 gradients and 500 validation samples drawn from the
-training images (seeded). Top-1 accuracy on the 846 shared test images at the end. Each run
-is its own process; results are written after every run.
+pruning step; the pruning steps of methods that use gradients and validation samples
+(falcon's, not mp's) use 500 of each, drawn from the training images (seeded). Top-1
+accuracy on the 846 shared test images at the end. Each run is its own process; results
+are written after every run, each row with the settings the run actually used (``config``:
+``GradualResult.config.to_dict()``), the file with the provenance of the run
+(``isolated.provenance``).
 
     python benchmarks/gradual_resnet20.py --budgets 0.2 0.1 --seeds 0 1 2 \
         --out benchmarks/results/gradual_resnet20.json
@@ -21,38 +24,42 @@ import sys
 import time
 from pathlib import Path
 
-from isolated import run_isolated, save_rows
+from isolated import provenance, run_isolated, save_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def run_one(method: str, flops: float, seed: int, a: argparse.Namespace) -> dict:
-    from torch.utils.data import TensorDataset
-
     import falcon_prune as fp
     from falcon_prune.data import load_cifar10
     from falcon_prune.evaluation import accuracy
     from falcon_prune.models import load_checkpoint, resnet20
+    from falcon_prune.results import peak_rss_mb
 
     npz = SHARED / "data" / "cifar10_subset.npz"
     model = load_checkpoint(resnet20(), SHARED / "checkpoints" / "resnet20_cifar10.pth.tar")
     train, test = load_cifar10(npz, "train"), load_cifar10(npz, "test")
+    # 500 gradients / 500 validation samples for the step methods that use them (mp refuses
+    # both)
+    step = fp.defaults(method)
+    per_method = {k: 500 for k in ("n_gradients", "n_validation")
+                  if getattr(step, k) is not None}
     t = time.perf_counter()
-    r = fp.gradual(model.eval(), TensorDataset(*train.tensors), flops=flops, method=method,
-                   stages=a.stages, epochs_per_stage=a.epochs_per_stage,
-                   final_epochs=a.final_epochs, lr=a.lr, batch_size=128, n_gradients=500,
-                   n_validation=500, seed=seed, progress=False)
+    r = fp.gradual(model.eval(), train.tensors, flops=flops, method=method,
+                   schedule=fp.Schedule(a.stages, "cubic"), epochs_per_stage=a.epochs_per_stage,
+                   final_epochs=a.final_epochs, lr=a.lr, batch_size=128, seed=seed,
+                   progress=False, **per_method)
     seconds = time.perf_counter() - t
-    kept, dense = fp.count_macs(fp.make_permanent(fp.api.clone_model(r.model)),
-                                train.tensors[0][:1])
+    kept, dense = fp.count_macs(r.model, train.tensors[0][:1])  # folds the masks in a copy
     return {
         "method": method, "flops_budget": flops, "seed": seed,
         "accuracy": accuracy(r.model, test.tensors), "flops_fraction": r.flops_fraction,
         "flops_recount": kept / dense, "nnz_fraction": r.nnz_fraction, "seconds": seconds,
-        "times": r.times, "peak_rss_mb": fp.api.peak_rss_mb(), "history": r.history,
+        "times": r.times, "peak_rss_mb": peak_rss_mb(), "history": r.history,
         "protocol": {"stages": a.stages, "epochs_per_stage": a.epochs_per_stage,
                      "final_epochs": a.final_epochs, "lr": a.lr, "batch_size": 128,
                      "schedule": "cubic", "optimizer": "SGD momentum 0.9 wd 5e-4, cosine"},
+        "config": r.config.to_dict(),
     }
 
 
@@ -75,6 +82,7 @@ def main() -> None:
         return
     if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
         sys.exit(f"{SHARED} is absent: this benchmark needs the project's shared data")
+    prov = provenance()
     rows = []
     forward = ["--stages", str(a.stages), "--epochs-per-stage", str(a.epochs_per_stage),
                "--final-epochs", str(a.final_epochs), "--lr", str(a.lr)]
@@ -87,7 +95,7 @@ def main() -> None:
                 print(f"{flops:.2f} seed {seed} {method:<7} acc {row['accuracy']:.4f} FLOPs "
                       f"{row['flops_fraction']:.4f} (recount {row['flops_recount']:.4f}) NNZ "
                       f"{row['nnz_fraction']:.4f} {row['seconds']:.0f}s", flush=True)
-                save_rows(a.out, rows)
+                save_rows(a.out, rows, prov=prov)
     print(f"wrote {a.out}")
 
 

@@ -9,6 +9,9 @@ Scores are w^2 of ResNet50's (seeded) initial weights; budgets: 20 % of the FLOP
 of the weights kept.
 
     python benchmarks/ilp_scale.py --repeats 7 --reference-repeats 3
+
+The result is written to ``--out`` with the command and the provenance of the run (commit,
+torch, Python, CPU, cores, date; ``isolated.provenance``).
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from isolated import provenance, write_results
 
 from falcon_prune import CostGroups, CostModel, solve_ilp
 from falcon_prune.costs import flatten_weights
@@ -83,6 +85,7 @@ def main() -> None:
     ap.add_argument("--nnz", type=float, default=0.3)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ilp_scale.json"))
     a = ap.parse_args()
+    prov = provenance()
     torch.manual_seed(0)
     model = resnet50().eval()
     cm = CostModel.from_model(model, torch.zeros(1, 3, 224, 224))
@@ -115,14 +118,8 @@ def main() -> None:
     }
     row["speedup"] = row["reference_seconds_median"] / row["ours_seconds_median"]
     print(json.dumps(row, indent=1))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"command": "python benchmarks/ilp_scale.py "
-                                 + " ".join(sys.argv[1:]), "machine": machine(),
-                                 "result": row}, indent=1))
-
-
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    write_results(a.out, {"command": "python benchmarks/ilp_scale.py " + " ".join(sys.argv[1:]),
+                          "result": row}, prov)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,23 @@
 """One-shot pruning of the shared CIFAR-10 ResNet20 at FLOP budgets, every method.
 
 Each (method, budget) runs in its own process so that its peak memory is its own. The
-pruned network is recounted independently (a fresh forward-hook cost model over the
-non-zero weights of the plain, mask-folded copy) and tested on the 846 shared test images.
+pruned network is recounted independently (``falcon_prune.count_macs``: torch's FLOP
+counter over the non-zero weights of the mask-folded copy; non-zeros counted in that copy)
+and tested on the 846 shared test images.
 
     python benchmarks/oneshot_resnet20.py --budgets 0.4 0.3 \
         --out benchmarks/results/oneshot_resnet20.json
 
-With ``--sampling random`` each seed draws its own random gradient and validation samples
-from the training images (``first``: the first ones, whatever the seed). With
-``--recalibrate-bn N`` every method re-estimates the BatchNorm statistics on N training
-samples after pruning (``prune(recalibrate_bn=N)``). ``--kwargs JSON`` passes further
-``prune`` keyword arguments (e.g. an earlier default's settings) and ``--label TEXT`` tags
-those rows' method as ``METHOD (TEXT)``; ``--append`` adds the rows to an existing file.
+``--sampling`` is passed on as ``prune(sampling=...)``: ``random`` lets each seed draw its
+own random gradient and validation samples from the training images, ``first`` takes the
+first ones whatever the seed. ``--n-gradients`` applies to the methods that use gradients
+(the others would refuse it). With ``--recalibrate-bn N`` every method re-estimates the
+BatchNorm statistics on N training samples after pruning (``prune(recalibrate_bn=N)``).
+``--kwargs JSON`` passes further settings (e.g. an earlier default's), mapped onto ``prune``
+arguments by ``isolated.prune_kwargs``, and ``--label TEXT`` tags those rows' method as
+``METHOD (TEXT)``; ``--append`` adds the rows to an existing file. Every row records the
+settings the run actually used (``config``: ``PruneResult.config.to_dict()``); the file
+starts with the provenance of the run (``isolated.provenance``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from isolated import commands_of, prune_kwargs, run_isolated, save_rows
+from isolated import previous, provenance, prune_kwargs, run_isolated, save_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 METHODS = ["mp", "mp_flops", "woodfisher", "chita", "falcon", "falcon++"]
@@ -33,28 +38,31 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
             sampling: str, recalibrate_bn: int = 0, kwargs: dict | None = None,
             label: str | None = None) -> dict:
     import torch
-    from torch.utils.data import TensorDataset
 
     import falcon_prune as fp
     from falcon_prune.data import load_cifar10
     from falcon_prune.evaluation import accuracy
+    from falcon_prune.masks import plain_copy
     from falcon_prune.models import load_checkpoint, resnet20
+    from falcon_prune.results import peak_rss_mb
 
     torch.manual_seed(seed)
     npz = SHARED / "data" / "cifar10_subset.npz"
     model = load_checkpoint(resnet20(), SHARED / "checkpoints" / "resnet20_cifar10.pth.tar")
     train, test = load_cifar10(npz, "train"), load_cifar10(npz, "test")
-    data = TensorDataset(*train.tensors) if sampling == "random" else train.tensors
-    extra = prune_kwargs({**({} if n_gradients is None else {"n_gradients": n_gradients}),
-                          **(kwargs or {})})
+    x = train.tensors[0]
+    # n_gradients only for the methods that use gradients (the others refuse it)
+    uses_gradients = fp.defaults(method).n_gradients is not None
+    extra = prune_kwargs({**({"n_gradients": n_gradients}
+                             if n_gradients is not None and uses_gradients else {}),
+                          **(kwargs or {})}, method)
     t = time.perf_counter()
-    r = fp.prune(model.eval(), data, flops=flops, method=method, seed=seed, progress=False,
-                 recalibrate_bn=recalibrate_bn, **extra)
+    r = fp.prune(model.eval(), train.tensors, flops=flops, method=method, seed=seed,
+                 sampling=sampling, progress=False, recalibrate_bn=recalibrate_bn, **extra)
     seconds = time.perf_counter() - t
-    plain = fp.make_permanent(fp.api.clone_model(r.model))
-    kept, dense = fp.count_macs(plain, train.tensors[0][:1])
-    layers = fp.CostModel.from_model(plain, train.tensors[0][:1]).layers
-    weights = [lay.module.weight for lay in layers]
+    kept, dense = fp.count_macs(r.model, x[:1])  # folds the masks in a copy
+    plain = plain_copy(r.model)
+    weights = [lay.module.weight for lay in fp.CostModel.from_model(plain, x[:1]).layers]
     nnz = sum(int(w.count_nonzero()) for w in weights) / sum(w.numel() for w in weights)
     return {
         "method": method + (f" ({label})" if label else "")
@@ -64,9 +72,10 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
         "accuracy": accuracy(r.model, test.tensors),
         "flops_fraction": r.flops_fraction, "flops_recount": kept / dense,
         "nnz_fraction": r.nnz_fraction, "nnz_recount": nnz,
-        "seconds": seconds, "times": r.times, "peak_rss_mb": fp.api.peak_rss_mb(),
-        "ilp_gap": r.ilp_gap, "sampling": sampling, "stages": r.stages,
+        "seconds": seconds, "times": r.times, "peak_rss_mb": peak_rss_mb(),
+        "ilp_gap": r.ilp_gap, "sampling": r.config.sampling, "stages": r.stages,
         "details": {k: v for k, v in r.details.items() if k != "candidates"},
+        "config": r.config.to_dict(),
     }
 
 
@@ -96,9 +105,11 @@ def main() -> None:
         return
     if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
         sys.exit(f"{SHARED} is absent: this benchmark needs the project's shared data")
-    appending = a.append and a.out.exists()
-    rows = json.loads(a.out.read_text())["rows"] if appending else []
-    earlier = commands_of(a.out) if appending else None
+    prov = provenance()
+    before = previous(a.out) if a.append and a.out.exists() else None
+    rows = before["rows"] if before else []
+    earlier = before["commands"] if before else None
+    earlier_prov = before["provenance"] if before else None
     for flops in a.budgets:
         for method in a.methods:
             for seed in a.seeds:
@@ -115,7 +126,7 @@ def main() -> None:
                       f"{row['flops_fraction']:.4f} (recount {row['flops_recount']:.4f}) NNZ "
                       f"{row['nnz_fraction']:.4f} {row['seconds']:.1f}s "
                       f"{row['peak_rss_mb']:.0f} MiB", flush=True)
-                save_rows(a.out, rows, earlier)
+                save_rows(a.out, rows, earlier, prov, earlier_prov)
     print(f"wrote {a.out}")
 
 

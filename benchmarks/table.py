@@ -1,5 +1,6 @@
 """Markdown table (medians over seeds, accuracy range) from a benchmark JSON file, and
-optionally the accuracy-versus-FLOPs plot.
+optionally the accuracy-versus-FLOPs plot; a line under the table says where the rows come
+from (the file's ``provenance``).
 
     python benchmarks/table.py benchmarks/results/oneshot_resnet20.json \
         --plot benchmarks/results/oneshot_resnet20.png
@@ -18,7 +19,8 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, help="also plot accuracy versus FLOPs kept (PNG)")
     ap.add_argument("--methods", nargs="+", help="only these methods (rows' exact labels)")
     a = ap.parse_args()
-    rows = json.loads(a.results.read_text())["rows"]
+    saved = json.loads(a.results.read_text())
+    rows = saved["rows"]
     if a.methods:
         rows = [r for r in rows if r["method"] in a.methods]
         if not rows:
@@ -38,10 +40,23 @@ def main() -> None:
         print(f"| {budget:.0%} | {method} | {m('accuracy'):.1%}{spread} "
               f"| {m('flops_fraction'):.4f} ({m('flops_recount'):.4f}) | {m('nnz_fraction'):.4f} "
               f"| {m('seconds'):.1f} | {m('peak_rss_mb'):.0f} | {len(rs)} |")
+    if "provenance" in saved:
+        print(f"\n{describe(saved['provenance'])}")
     if a.plot:
         from falcon_prune.reports import plot_accuracy_vs_flops
 
         print(f"wrote {plot_accuracy_vs_flops(rows, a.plot, title=a.results.stem)}")
+
+
+def describe(prov: dict) -> str:
+    """One line of a results file's provenance."""
+    commit = str(prov.get("commit", "?"))[:12] + (" (dirty)" if prov.get("dirty") is True else "")
+    text = (f"commit {commit}, {prov.get('date', '?')}; torch {prov.get('torch', '?')}, "
+            f"Python {prov.get('python', '?')}; {prov.get('cpu', '?')}, "
+            f"{prov.get('cores', '?')} cores")
+    if prov.get("backfilled"):
+        text += f" (backfilled {prov['backfilled']})"
+    return text
 
 
 if __name__ == "__main__":

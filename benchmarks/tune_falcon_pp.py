@@ -9,13 +9,19 @@ images are never read. Each (setting, budget, seed) runs in its own process.
     python benchmarks/tune_falcon_pp.py --budgets 0.4 0.3 0.2 --seeds 0 \
         --out benchmarks/results/tune_falcon_pp.json
 
-A setting is a JSON object of ``prune`` keyword arguments (``stages``, ``schedule``,
+A setting is a JSON object of falcon++ settings (fields of ``falcon_prune.PruneConfig``:
 ``n_gradients``, ``samples_per_gradient``, ``n_validation``, ``ridge``, ``alpha``,
-``resample``), ``start`` (the schedule's first kept fraction), plus ``ridges``, ``max_iter``,
-``cost_exponents``, ``step``, ``step_scale``, ``rounds``, ``active_factor``, ``saliencies``
-and ``obs_steps`` for
-:class:`falcon_prune.SolverOptions`; ``--settings`` takes a JSON file with a list of them
-(default: the grid below).
+``resample``, ``revive``, ``recalibrate_bn``, ...), of its schedule (``schedule``, ``stages``,
+``start``: the first stage's kept fraction, ``min_step``: one ``falcon_prune.Schedule``) and
+of :class:`falcon_prune.SolverOptions` (``ridges``, ``max_iter``, ``cost_exponents``,
+``step``, ``step_scale``, ``rounds``, ``active_factor``, ``saliencies``, ``obs_steps``: one
+``solver`` on falcon++'s defaults), mapped onto ``prune`` arguments by
+``isolated.prune_kwargs``. Settings not named keep the library's current falcon++ defaults.
+``--settings`` takes a JSON file with a list of them (default: the grid below; the grids of
+the tuning rounds are in benchmarks/tune_grids/, those that no longer run in
+benchmarks/archive/tune_grids/). ``--check`` only validates every setting of the grid
+(``falcon_prune.config.resolve``, nothing is pruned). Each row records the settings the run
+actually used (``config``); the file starts with the provenance of the run.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from isolated import prune_kwargs, run_isolated, save_rows
+from isolated import provenance, prune_kwargs, run_isolated, save_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -42,10 +48,30 @@ GRID = [
 ]
 
 
+def setting_kwargs(setting: dict) -> dict:
+    """The ``prune`` keyword arguments of a setting (seeded random samples of the split
+    unless the setting says otherwise)."""
+    return {"sampling": "random", **prune_kwargs(setting, "falcon++")}
+
+
+def check(grid: list[dict]) -> list[tuple[dict, str | None]]:
+    """(setting, None) for each setting falcon++ accepts, (setting, why) for the others;
+    validated by ``falcon_prune.config.resolve`` without pruning anything."""
+    from falcon_prune.config import resolve
+    from falcon_prune.errors import FalconPruneError
+
+    out = []
+    for setting in grid:
+        try:
+            resolve("falcon++", None, {**setting_kwargs(setting), "seed": 0})
+            out.append((setting, None))
+        except (FalconPruneError, ValueError, TypeError) as e:
+            out.append((setting, f"{type(e).__name__}: {e}"))
+    return out
+
+
 def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
     import torch
-    import torch.nn.functional as F
-    from torch.utils.data import TensorDataset
 
     import falcon_prune as fp
     from falcon_prune.data import load_cifar10
@@ -58,21 +84,20 @@ def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
     tr, va = split[:prune_images], split[prune_images:]
     # options not named keep falcon++'s defaults (round 2 and earlier used SolverOptions'
     # own defaults for them, e.g. max_iter=30, whenever a setting named any option)
-    kw = prune_kwargs(setting)
+    kw = setting_kwargs(setting)
     t = time.perf_counter()
-    r = fp.prune(model.eval(), TensorDataset(x[tr], y[tr]), flops=flops, method="falcon++",
-                 seed=seed, progress=False, **kw)
+    r = fp.prune(model.eval(), (x[tr], y[tr]), flops=flops, method="falcon++", seed=seed,
+                 progress=False, **kw)
     seconds = time.perf_counter() - t
-    with torch.no_grad():
-        out = r.model.eval()(x[va])
+    ev = fp.evaluate(r.model, (x[va], y[va]))
     return {
         "setting": setting, "flops_budget": flops, "seed": seed,
-        "val_accuracy": float((out.argmax(1) == y[va]).float().mean()),
-        "val_loss": float(F.cross_entropy(out, y[va])),
+        "val_accuracy": ev.metric, "val_loss": ev.loss,
         "flops_fraction": r.flops_fraction, "seconds": seconds,
         "stages": [{k: v for k, v in row.items()
                     if k in ("stage", "held_out_loss", "saliency", "cost_exponent", "ridge",
                              "seconds")} for row in r.stages],
+        "config": r.config.to_dict(),
     }
 
 
@@ -83,6 +108,8 @@ def main() -> None:
     ap.add_argument("--prune-images", type=int, default=3000)
     ap.add_argument("--settings", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/tune_falcon_pp.json"))
+    ap.add_argument("--check", action="store_true",
+                    help="only check that every setting of the grid can run; prune nothing")
     ap.add_argument("--single", nargs=3, metavar=("SETTING", "FLOPS", "SEED"),
                     help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -91,9 +118,16 @@ def main() -> None:
                       a.prune_images)
         print("RESULT " + json.dumps(row))
         return
+    grid = json.loads(a.settings.read_text()) if a.settings else GRID
+    if a.check:
+        bad = 0
+        for setting, why in check(grid):
+            bad += why is not None
+            print(f"{json.dumps(setting):<70} {'ok' if why is None else why}")
+        sys.exit(f"{bad} of {len(grid)} settings cannot run" if bad else None)
     if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
         sys.exit(f"{SHARED} is absent: this benchmark needs the project's shared data")
-    grid = json.loads(a.settings.read_text()) if a.settings else GRID
+    prov = provenance()
     rows = []
     for setting in grid:
         for flops in a.budgets:
@@ -105,7 +139,7 @@ def main() -> None:
                 print(f"{json.dumps(setting):<70} {flops:.2f} seed {seed} val acc "
                       f"{row['val_accuracy']:.4f} loss {row['val_loss']:.4f} "
                       f"{row['seconds']:.1f}s", flush=True)
-                save_rows(a.out, rows)
+                save_rows(a.out, rows, prov=prov)
     print("\nmedian validation accuracy per setting and budget:")
     for setting in grid:
         cells = []
