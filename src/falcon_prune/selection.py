@@ -76,6 +76,17 @@ def per_weight_costs(groups: CostGroups, device) -> torch.Tensor:
     return f
 
 
+def meets_floors(mask: torch.Tensor, budget: Budget) -> bool:
+    """Whether ``mask`` (p,) keeps at least each layer's floor."""
+    if not budget.has_floors:
+        return True
+    ends = torch.cumsum(mask.to(torch.int64), 0)
+    at = torch.tensor(budget.bounds[1:], device=mask.device) - 1
+    kept = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int64, device=mask.device),
+                                 ends[at.clamp_min(0)] * (at >= 0)]))
+    return bool((kept >= torch.tensor(budget.floors, device=mask.device)).all())
+
+
 def forced(rank: torch.Tensor, budget: Budget) -> torch.Tensor:
     """(p,) bool: the ``floors[l]`` best weights of every layer l by ``rank`` (higher is
     better)."""
@@ -98,10 +109,13 @@ def _remaining(budget: Budget, keep: torch.Tensor, groups: CostGroups
 
 
 def select_ilp(scores: torch.Tensor, groups: CostGroups, budget: Budget) -> ILPResult:
-    """The ILP support of ``scores`` (p,) >= 0 under ``budget``, floors included; the gap
-    and bound are those of the problem with floors."""
-    if not budget.has_floors:
-        return solve_ilp(scores, groups, budget.count, budget.cost)
+    """The ILP support of ``scores`` (p,) >= 0 under ``budget``, floors included. When the
+    support without floors already meets them it is the answer (its bound bounds the
+    problem with floors too); otherwise each layer's best weights up to its floor are kept
+    first and the rest is solved under the remaining budgets."""
+    r = solve_ilp(scores, groups, budget.count, budget.cost)
+    if meets_floors(r.mask, budget):
+        return r
     keep = forced(scores, budget)
     count, cost = _remaining(budget, keep, groups)
     rest = ~keep
