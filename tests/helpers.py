@@ -80,3 +80,98 @@ def trained_bn_cnn(seed=0, steps=150):
         loss.backward()
         opt.step()
     return model.eval()
+
+
+class TinyResNet(nn.Module):
+    """Stem conv+BN, one residual block (conv-BN-ReLU-conv-BN plus identity skip), global
+    pool and a linear head: residual channels (6) and the block's internal channels (5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 6, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(6)
+        self.conv1 = nn.Conv2d(6, 5, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(5)
+        self.conv2 = nn.Conv2d(5, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        h = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(x + self.bn2(self.conv2(h)))
+        return self.fc(x.mean((2, 3)))
+
+
+class DepthwiseNet(nn.Module):
+    """conv 3->8, BN, depthwise conv (groups=8), BN, pointwise 8->4, BN, pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.b2 = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 4, 1, bias=False)
+        self.b3 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.dw(x)))
+        x = F.relu(self.b3(self.pw(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class FixedHeadNet(nn.Module):
+    """A classifier that reads the raw inputs besides one convolution's pooled channels:
+    its input columns for the raw pixels can never be removed (256 of its 848 MACs),
+    and keeping one channel of the convolution needs 404."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4 + 64, 4)
+
+    def forward(self, x):
+        return self.fc(torch.cat([F.relu(self.c1(x)).mean((2, 3)), x.flatten(1)], 1))
+
+
+class NoGradCNN(SmallCNN):
+    """SmallCNN whose forward runs under torch.no_grad: its output has no autograd graph."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            return super().forward(x)
+
+
+class GroupedConvNet(nn.Module):
+    """conv 1->8, BN, grouped conv 8->8 (groups=4, not depthwise), BN, pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False)
+        self.b2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class NoBiasCNN(nn.Module):
+    """SmallCNN without convolution biases: its channels own weights only."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 6, 3, padding=1, bias=False)
+        self.c2 = nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.relu(self.c2(x))
+        return self.fc(x.mean((2, 3)))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from falcon_prune import oneshot
+from falcon_prune import channels, oneshot
 from falcon_prune.config import PruneConfig, check_fraction, resolve
 from falcon_prune.errors import ModelError
 from falcon_prune.masks import plain_copy
@@ -67,8 +67,9 @@ def prune(
     run = {k: v for k, v in (("task", task), ("seed", seed), ("device", device))
            if v is not None}
     cfg, given = resolve(method, config, {**settings, **run})
+    pipeline = channels.run if cfg.structure == "channels" else oneshot.run
     with torch.random.fork_rng(devices=_rng_devices(cfg.device)):
-        return oneshot.run(model, data, flops, nnz, cfg, given, progress)
+        return pipeline(model, data, flops, nnz, cfg, given, progress)
 
 
 def count_macs(model: nn.Module, inputs: object, task: Task | str | None = None

@@ -64,16 +64,23 @@ def check_plots(*paths: Path | None) -> None:
 def _load(a: argparse.Namespace, split: str = "train"):
     """The zoo model with the checkpoint loaded, and the data split (both checked)."""
     from falcon_prune.data import load_dataset
-    from falcon_prune.models import create_model, load_checkpoint
+    from falcon_prune.models import load_model
 
-    model = load_checkpoint(create_model(a.model), a.checkpoint).eval()
+    model = load_model(a.model, a.checkpoint).eval()
     return model, load_dataset(a.dataset, a.data, split)
 
 
-def _save_model(path: Path, name: str, model, report: dict) -> None:
+def _save_model(path: Path, name: str, model, report: dict, structure: str = "weights"
+                ) -> None:
+    """The pruned weights (and masks) as a state dict; a network made physically smaller
+    (structure='channels') is saved whole under ``"module"`` as well, since its shapes
+    are no longer the zoo's."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": name, "state_dict": plain_copy(model).state_dict(),
-                "masks": masks_of(model), "report": report}, path)
+    state = {"model": name, "state_dict": plain_copy(model).state_dict(),
+             "masks": masks_of(model), "report": report}
+    if structure == "channels":
+        state["module"] = plain_copy(model)
+    torch.save(state, path)
     print(f"saved {path}")
 
 
@@ -95,6 +102,13 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="every layer keeps at least this fraction of its weights")
     p.add_argument("--allow-empty-layers", action="store_true",
                    help="let a layer lose every weight (by default each keeps one)")
+    p.add_argument("--structure", choices=["weights", "channels"], default="weights",
+                   help="weights: unstructured masks (default); channels: remove whole "
+                        "channels, a physically smaller network (needs torch-pruning)")
+    p.add_argument("--round-to", type=int, help="channels: keep multiples of this many "
+                   "channels per group")
+    p.add_argument("--keep-layers", nargs="+", metavar="NAME",
+                   help="channels: modules whose output channels stay whole")
 
 
 def _add_prune(sub) -> None:
@@ -213,7 +227,16 @@ def _prune_settings(a: argparse.Namespace) -> dict:
         "scratch_dir": a.scratch_dir, "memory_limit": limit, "sampling": a.sampling,
         "min_density": a.min_density, "allow_empty_layers": a.allow_empty_layers or None,
         "recalibrate_bn": a.recalibrate_bn or None, **_multistage_settings(a),
+        **_structure_settings(a),
     }
+
+
+def _structure_settings(a: argparse.Namespace) -> dict:
+    out = {"structure": a.structure if a.structure != "weights" else None,
+           "round_to": a.round_to, "keep_layers": a.keep_layers}
+    if a.structure == "weights" and (a.round_to or a.keep_layers):
+        raise ConfigError("--round-to and --keep-layers apply to --structure channels")
+    return out
 
 
 def _write_prune_outputs(a: argparse.Namespace, r) -> None:
@@ -255,7 +278,7 @@ def cmd_prune(a: argparse.Namespace) -> int:
               device=a.device, progress=not a.no_progress, **settings)
     print(r.table())
     print(r.summary())
-    _save_model(a.output, a.model, r.model, r.to_dict())
+    _save_model(a.output, a.model, r.model, r.to_dict(), a.structure)
     _write_prune_outputs(a, r)
     return 0
 
@@ -284,7 +307,8 @@ def cmd_gradual(a: argparse.Namespace) -> int:
         batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
         bn_batches=a.bn_batches, eval_data=test, n_gradients=a.n_gradients,
         n_validation=a.n_validation, min_density=a.min_density,
-        allow_empty_layers=a.allow_empty_layers or None, checkpoint_dir=a.checkpoint_dir,
+        allow_empty_layers=a.allow_empty_layers or None, **_structure_settings(a),
+        checkpoint_dir=a.checkpoint_dir,
         resume=a.resume, seed=a.seed, device=a.device, progress=not a.no_progress)
     last = r.history[-1]
     acc = (f", {a.eval_split} accuracy {last['eval_accuracy']:.4f}"
@@ -292,7 +316,8 @@ def cmd_gradual(a: argparse.Namespace) -> int:
     print(f"gradual {a.method}: FLOPs kept {r.flops_fraction:.4f}, weights kept "
           f"{r.nnz_fraction:.4f}{acc}; {r.times['total']:.0f}s")
     _save_model(a.output, a.model, r.model, {"config": r.config.to_dict(),
-                                              "history": r.history, "times": r.times})
+                                              "history": r.history, "times": r.times},
+                a.structure)
     if a.history:
         print(f"wrote {r.write_history(a.history)}")
     if a.plot:
@@ -312,15 +337,21 @@ def cmd_gradual(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    """Accuracy on the split, and FLOPs and weights kept against the zoo's dense model
+    (so a physically smaller network is measured against the network it came from)."""
     from falcon_prune.api import count_macs
     from falcon_prune.costs import find_prunable_modules
     from falcon_prune.evaluation import evaluate
-    from falcon_prune.models import INPUT_SHAPES
+    from falcon_prune.models import INPUT_SHAPES, create_model
 
     model, data = _load(a, a.split)
-    kept, dense = count_macs(model, torch.zeros(1, *INPUT_SHAPES[a.model]))
+    example = torch.zeros(1, *INPUT_SHAPES[a.model])
+    kept, _ = count_macs(model, example)
+    dense_model = create_model(a.model).eval()
+    _, dense = count_macs(dense_model, example)
     weights = [m.weight for _, m in find_prunable_modules(model)]
-    nnz = sum(int(w.count_nonzero()) for w in weights) / sum(w.numel() for w in weights)
+    total = sum(m.weight.numel() for _, m in find_prunable_modules(dense_model))
+    nnz = sum(int(w.count_nonzero()) for w in weights) / total
     ev = evaluate(model, data)
     print(f"accuracy {ev.metric:.4f} on {a.split} ({ev.samples} samples); FLOPs kept "
           f"{kept / dense:.4f} ({kept:,.0f} of {dense:,.0f} MACs); weights kept {nnz:.4f}")

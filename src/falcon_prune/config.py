@@ -27,6 +27,9 @@ from falcon_prune.tasks import Task, as_task
 
 METHODS = ("mp", "mp_flops", "woodfisher", "chita", "falcon", "falcon++")
 GRADIENT_METHODS = ("woodfisher", "chita", "falcon", "falcon++")
+STRUCTURES = ("weights", "channels")
+#: the methods that choose channel units (structure='channels')
+CHANNEL_METHODS = ("mp", "mp_flops", "falcon", "falcon++")
 #: samples whose BatchNorm statistics ``recalibrate_bn=True`` re-estimates
 BN_SAMPLES = 1000
 
@@ -48,7 +51,13 @@ class PruneConfig:
       weights), ``allow_empty_layers`` (let a layer lose every weight; by default each
       keeps at least one), ``recalibrate_bn`` (re-estimate BatchNorm statistics on that
       many samples after pruning; 0: keep them), ``sampling`` ('random', 'first', or None:
-      random where the data allows).
+      random where the data allows), ``structure``: 'weights' (unstructured masks) or
+      'channels' (whole coupled channels removed: a physically smaller network).
+    - structure='channels': ``keep_layers`` (modules whose output channels stay whole,
+      besides the output layers), ``obs_rank`` (leading eigen-directions of the Fisher
+      the group OBS saliency uses; None: all n), ``round_to`` (every group keeps a
+      multiple of this many channels, or all: CPU and GPU kernels run faster on such
+      counts).
 
     A field the method does not use is None."""
 
@@ -74,6 +83,10 @@ class PruneConfig:
     storage: str | None = "auto"
     memory_limit: int | None = None
     scratch_dir: str | None = None
+    structure: str = "weights"
+    keep_layers: tuple[str, ...] | None = None
+    obs_rank: int | None = None
+    round_to: int | None = None
 
     def replace(self, **changes: Any) -> PruneConfig:
         """A copy with some settings changed (validated by ``prune``)."""
@@ -125,10 +138,37 @@ def _table() -> dict[str, PruneConfig]:
 DEFAULTS: dict[str, PruneConfig] = _table()
 
 
-def defaults(method: str = "falcon") -> PruneConfig:
-    """The default :class:`PruneConfig` of ``method``."""
+def _channel_table() -> dict[str, PruneConfig]:
+    """structure='channels' defaults: warm starts from group magnitude and group OBS."""
+    out = {}
+    for m in CHANNEL_METHODS:
+        cfg = DEFAULTS[m].replace(structure="channels", keep_layers=())
+        if m == "falcon":
+            cfg = cfg.replace(solver=SolverOptions(max_iter=0, saliencies=(
+                "magnitude", "obs", "fisher")), obs_rank=256, n_gradients=500, n_validation=500)
+        if m == "falcon++":  # tuning round 'channels 1' on the validation split
+            cfg = cfg.replace(solver=MULTISTAGE_SOLVER.replace(saliencies=(
+                "magnitude", "obs", "fisher")), obs_rank=256, revive=None, n_gradients=500,
+                samples_per_gradient=1, schedule=Schedule(4, "cubic", min_step=0.01))
+        out[m] = cfg
+    return out
+
+
+CHANNEL_DEFAULTS: dict[str, PruneConfig] = _channel_table()
+
+
+def defaults(method: str = "falcon", structure: str = "weights") -> PruneConfig:
+    """The default :class:`PruneConfig` of ``method`` (for ``structure`` 'weights' or
+    'channels')."""
     if method not in DEFAULTS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if structure not in STRUCTURES:
+        raise ConfigError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+    if structure == "channels":
+        if method not in CHANNEL_DEFAULTS:
+            raise ConfigError(f"structure='channels' supports {', '.join(CHANNEL_METHODS)}; "
+                              f"{method!r} chooses single weights only")
+        return CHANNEL_DEFAULTS[method]
     return DEFAULTS[method]
 
 
@@ -206,6 +246,13 @@ def _bn(name: str, v: object) -> int:
     return _integer(0)(name, v)
 
 
+def _names(name: str, v: object) -> tuple[str, ...]:
+    if isinstance(v, str) or not isinstance(v, (list, tuple)) or not all(
+            isinstance(x, str) for x in v):
+        raise ConfigTypeError(f"{name} must be a list of module names, got {v!r}")
+    return tuple(v)
+
+
 def _choice(options: Sequence):
     def check(name: str, v: object) -> object:
         if v not in options:
@@ -227,6 +274,9 @@ CHECKS = {
     "memory_limit": _optional(lambda n, v: int(_real(lambda x: x > 0, "> 0 bytes")(n, v))),
     "scratch_dir": _optional(lambda name, v: str(v)),
     "device": lambda name, v: check_device(v), "task": lambda name, v: as_task(v),
+    "structure": _choice(STRUCTURES), "obs_rank": _optional(_integer(1)),
+    "round_to": _optional(_integer(1)),
+    "keep_layers": lambda name, v: _names(name, v),
 }
 
 _WHY_UNUSED = {
@@ -259,6 +309,26 @@ def _check_keys(method: str, settings: dict) -> None:
                           "; drop it")
 
 
+def _check_structure(structure: str, method: str, settings: dict) -> None:
+    only = [k for k in ("keep_layers", "obs_rank", "round_to") if k in settings]
+    if structure == "weights" and only:
+        raise ConfigError(f"{', '.join(only)} apply to structure='channels'; drop them or "
+                          "pass structure='channels'")
+    if structure == "channels":
+        bad = [k for k in ("revive", "block_size") if k in settings]
+        if bad:
+            raise ConfigError(f"structure='channels' does not take {', '.join(bad)}: units "
+                              "are removed for good, and the group saliency needs the full "
+                              "Hessian model")
+        if settings.get("allow_empty_layers"):
+            raise ConfigError("structure='channels' keeps at least one channel of every "
+                              "group (a layer with no channel cannot run); drop "
+                              "allow_empty_layers")
+        if "obs_rank" in settings and method not in ("falcon", "falcon++"):
+            raise ConfigError(f"obs_rank is the rank of falcon's group OBS saliency; "
+                              f"method={method!r} does not use it")
+
+
 def _schedule(base: PruneConfig, settings: dict) -> Schedule | None:
     """falcon++'s schedule from ``schedule`` (a Schedule, a shape name or a list of kept
     fractions) and ``stages``; a named shape gets the default ``min_step``."""
@@ -288,16 +358,23 @@ def resolve(method: str | None, config: PruneConfig | None, settings: dict
     if config is not None and not isinstance(config, PruneConfig):
         raise ConfigTypeError(f"config must be a falcon_prune.PruneConfig, got {config!r}")
     method = method if method is not None else (config.method if config else "falcon")
-    base = defaults(method)
+    settings = {k: v for k, v in settings.items() if v is not None}
+    structure = CHECKS["structure"]("structure", settings.get(
+        "structure", config.structure if config is not None else "weights"))
+    base = defaults(method, structure)
     if config is not None:
         if config.method != method:
             raise ConfigError(f"method={method!r} but config.method={config.method!r}; give "
                               "the method in one place")
+        if config.structure != structure:
+            raise ConfigError(f"structure={structure!r} but config.structure="
+                              f"{config.structure!r}; give the structure in one place")
         base = config
-    settings = {k: v for k, v in settings.items() if v is not None}
     _check_keys(method, settings)
+    _check_structure(structure, method, settings)
     given = {f.name for f in dataclasses.fields(PruneConfig)
-             if getattr(base, f.name) != getattr(DEFAULTS[method], f.name)} | set(settings)
+             if getattr(base, f.name) != getattr(defaults(method, structure), f.name)}
+    given |= set(settings)
     values = {k: v for k, v in settings.items() if k not in ("schedule", "stages")}
     out = base.replace(**values, schedule=_schedule(base, settings))
     for f in dataclasses.fields(out):

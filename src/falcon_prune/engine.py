@@ -21,19 +21,28 @@ from tqdm.auto import tqdm
 
 from falcon_prune import solvers
 from falcon_prune.batches import Batch, Samples, map_tensors, to_device
+from falcon_prune.batchnorm import recalibrate_batchnorm
 from falcon_prune.config import GRADIENT_METHODS, PruneConfig
 from falcon_prune.costs import CostModel, flatten_weights
 from falcon_prune.errors import BudgetError, BudgetViolation
 from falcon_prune.evaluation import Evaluation, evaluate_batches
 from falcon_prune.fisher import gradient_store
+from falcon_prune.group_solvers import (
+    UnitBudget,
+    UnitCosts,
+    UnitProblem,
+    group_falcon,
+    group_magnitude,
+)
 from falcon_prune.ilp import CostGroups
-from falcon_prune.masks import plain_copy
+from falcon_prune.masks import clone_model, plain_copy
 from falcon_prune.quadratic import QuadraticModel
 from falcon_prune.recount import recount
 from falcon_prune.results import LayerReport
 from falcon_prune.selection import Budget
 from falcon_prune.solvers import SolverResult, SolverTrace
 from falcon_prune.storage import compute_dtype_of
+from falcon_prune.structure import ChannelUnits, channel_units
 from falcon_prune.tasks import Task, TaskRunner
 
 
@@ -98,10 +107,12 @@ def check_floors(cm: CostModel, budget: Budget, config: PruneConfig) -> None:
 class HeldOutScorer:
     """The task's mean loss on the held-out samples of the network with flat prunable
     weights w (p,) (eval mode); remembers the metric that went with each loss it returned,
-    so the stage record of the chosen candidate needs no second pass."""
+    so the stage record of the chosen candidate needs no second pass. With ``bn_inputs``
+    (model inputs), each candidate's BatchNorm statistics are re-estimated on them first
+    (in a scratch copy of the model), so candidates are judged as they will be used."""
 
     def __init__(self, model: nn.Module, cm: CostModel, held: Samples, task: Task,
-                 device: torch.device, batch: int = 256):
+                 device: torch.device, batch: int = 256, bn_inputs: Batch | None = None):
         self.runner, self.cm, self.task = TaskRunner(model, task), cm, task
         self.names = ["model." + lay.name + ".weight" for lay in cm.layers]
         self.dtypes = [lay.module.weight.dtype for lay in cm.layers]
@@ -109,16 +120,34 @@ class HeldOutScorer:
         self.batches = [map_tensors(to_device(b, device), _channels_last)
                         for b in held.chunks(batch)]
         self.metric: dict[float, float | None] = {}
+        self.bn_inputs, self.device = bn_inputs, device
+        self.scratch = clone_model(model) if bn_inputs is not None else None
 
-    def evaluation(self, w: torch.Tensor) -> Evaluation:
+    def _params(self, w: torch.Tensor, overrides: dict | None) -> dict[str, torch.Tensor]:
         params = {n: t.to(d) for n, t, d in zip(self.names, self.cm.split(w), self.dtypes,
                                                 strict=True)}
-        with torch.inference_mode():
-            return evaluate_batches(lambda b: functional_call(self.runner, params, (b,)),
-                                    self.batches, self.task)
+        params.update({"model." + k: v for k, v in (overrides or {}).items()})
+        return params
 
-    def __call__(self, w: torch.Tensor) -> float:
-        ev = self.evaluation(w)
+    def evaluation(self, w: torch.Tensor, overrides: dict | None = None) -> Evaluation:
+        """Loss and metric with flat weights ``w`` (p,) and, optionally, other parameters
+        replaced (``overrides``: {parameter name: tensor})."""
+        params = self._params(w, overrides)
+        if self.scratch is None:
+            with torch.inference_mode():
+                return evaluate_batches(lambda b: functional_call(self.runner, params, (b,)),
+                                        self.batches, self.task)
+        own = dict(self.scratch.named_parameters())
+        with torch.no_grad():
+            for name, value in params.items():
+                own[name.removeprefix("model.")].copy_(value)
+        recalibrate_batchnorm(self.scratch, self.bn_inputs, self.device, call=self.task.call)
+        with torch.inference_mode():
+            return evaluate_batches(lambda b: self.task.run(self.scratch, b), self.batches,
+                                    self.task)
+
+    def __call__(self, w: torch.Tensor, overrides: dict | None = None) -> float:
+        ev = self.evaluation(w, overrides)
         self.metric[ev.loss] = ev.metric
         return ev.loss
 
@@ -178,6 +207,7 @@ class Step:
     w: torch.Tensor
     mask: torch.Tensor
     held_out: tuple[float, float | None] | None = None
+    keep: torch.Tensor | None = None  # structure='channels': the units kept (m,) bool
 
 
 def solve_step(model: nn.Module, cm: CostModel, groups: CostGroups, budget: Budget,
@@ -260,3 +290,139 @@ def verify(model: nn.Module, cm: CostModel, budget: Budget, task: Task, inputs: 
     reports = [LayerReport(lay.name, lay.kind, lay.numel, k, lay.dense_macs, k * lay.cost)
                for k, lay in zip(kept, cm.layers, strict=True)]
     return count.kept / count.dense, sum(kept) / cm.num_weights, reports
+
+
+# -- structure='channels' ---------------------------------------------------------------------
+@dataclass
+class UnitState:
+    """The channel units of a run and which are still alive, with what a unit choice does
+    to the parameters that are not prunable weights (biases, norms): their ``originals``
+    and ranges in the global parameter space."""
+
+    units: ChannelUnits
+    costs: UnitCosts
+    floors: torch.Tensor
+    alive: torch.Tensor
+    total_params: int
+    originals: dict[str, tuple[int, torch.Tensor]]
+
+    @classmethod
+    def build(cls, model: nn.Module, cm: CostModel, inputs: Batch, task: Task,
+              config: PruneConfig) -> UnitState:
+        units = channel_units(model, cm, inputs, task.call, config.keep_layers or ())
+        space = units.space
+        entry_cost = torch.zeros(space.size, dtype=torch.float64)
+        sel = space.flat >= 0
+        entry_cost[sel] = cm.per_weight_costs()[space.flat[sel]]
+        sizes = torch.bincount(units.group, minlength=len(units.groups))
+        least = 0 if config.allow_empty_layers else 1
+        floors = torch.clamp(torch.maximum(
+            torch.full_like(sizes, least), torch.ceil(config.min_density * sizes - 1e-9).long()),
+            max=sizes)
+        prunable = {lay.name + ".weight" for lay in cm.layers}
+        originals = {}
+        for name, p in model.named_parameters():
+            a = space.start(name)
+            if name not in prunable and bool((units.cover[a:a + p.numel()] > 0).any()):
+                originals[name] = (a, p.detach().clone())
+        return cls(units, UnitCosts(units, entry_cost), floors,
+                   torch.ones(units.m, dtype=torch.bool), space.size, originals)
+
+    def budget(self, cm: CostModel, flops: float | None, nnz: float | None) -> UnitBudget:
+        """Absolute budgets: kept MACs of the prunable weights and kept parameters."""
+        return UnitBudget(None if flops is None else flops * cm.dense_macs,
+                          None if nnz is None else math.floor(nnz * self.total_params + 1e-9),
+                          self.floors)
+
+    def overrides(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{name: value} of the non-weight parameters with the dead units' entries zeroed."""
+        alive = self.units.alive_entries(keep)
+        return {name: v * alive[a:a + v.numel()].view_as(v).to(v.dtype)
+                for name, (a, v) in self.originals.items()}
+
+    def alive_params(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{name: bool mask} of the non-weight parameters' entries that survive ``keep``."""
+        alive = self.units.alive_entries(keep)
+        return {name: alive[a:a + v.numel()].view_as(v) for name, (a, v) in
+                self.originals.items()}
+
+    def alive_from_weights(self, cm: CostModel, mask: torch.Tensor) -> torch.Tensor:
+        """(m,) bool: the units that still own a kept prunable weight under the flat weight
+        mask (p,) bool (dead units' weights are all pruned)."""
+        flat = self.units.space.flat[self.units.entries]
+        ok = flat >= 0
+        hit = torch.zeros(self.units.m, dtype=torch.int64)
+        hit.index_add_(0, self.units.unit_of_entries()[ok], mask[flat[ok]].to(torch.int64))
+        return hit > 0
+
+    def apply(self, model: nn.Module, keep: torch.Tensor) -> None:
+        """Zero, in place, the non-weight parameters of the units not in ``keep``."""
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, v in self.overrides(keep).items():
+                params[name].copy_(v.to(params[name].device))
+        self.alive = keep.clone()
+
+    def check(self, cm: CostModel, budget: UnitBudget, round_to: int | None = None) -> None:
+        """Refuse budgets below what the layers kept whole and the least channels of every
+        group (in multiples of ``round_to``) need."""
+        least = torch.zeros(self.units.m, dtype=torch.bool)
+        c, _ = self.costs.marginal(torch.ones(self.units.m, dtype=torch.bool))
+        k = round_to or 1
+        for g in range(len(self.floors)):  # each group's cheapest channels
+            idx = (self.units.group == g).nonzero().reshape(-1)
+            n = min(len(idx), -(-int(self.floors[g]) // k) * k)
+            least[idx[torch.argsort(c[idx])[:n]]] = True
+        cost, size = self.costs.exact(least)
+        why = "the layers kept whole and the least channels of every group" + (
+            f" ({k} per group with round_to={k})" if k > 1 else "")
+        if budget.cost is not None and cost > budget.cost * (1 + 1e-12):
+            raise BudgetError(
+                f"the FLOP budget keeps {budget.cost:,.0f} MACs per sample but {why} need "
+                f"{cost:,.0f} ({cost / cm.dense_macs:.2%}); raise the budget, lower "
+                "min_density or round_to, or name fewer keep_layers")
+        if budget.size is not None and size > budget.size:
+            raise BudgetError(
+                f"the parameter budget keeps {budget.size:,} but {why} need {size:,.0f} "
+                f"({size / self.total_params:.2%}); raise the budget or lower min_density")
+
+
+def solve_unit_step(model: nn.Module, cm: CostModel, state: UnitState, budget: UnitBudget,
+                    fit: Samples, held: Samples, problem: Problem, times: dict | None = None,
+                    bn_inputs: Batch | None = None) -> Step:
+    """Remove channel units from the model's current weights down to ``budget`` with the
+    problem's method; the alive units' weights are the solver's variables. With
+    ``bn_inputs`` the held-out scores are taken after re-estimating BatchNorm statistics
+    on them (``recalibrate_bn``): without it a network missing channels is not judged as
+    it will be used."""
+    times = times if times is not None else {}
+    method, cfg = problem.step_method, problem.config
+    allowed = state.units.weight_mask(state.alive)
+    idx = allowed.nonzero().reshape(-1)
+    w_all = flatten_weights(cm)
+    wdtype = torch.float64 if w_all.dtype == torch.float64 else torch.float32
+    w_bar = w_all.to(wdtype if cfg.dtype is None else compute_dtype_of(cfg.dtype))[idx]
+    up = UnitProblem.build(state.units, state.costs, budget, state.alive, allowed,
+                           cfg.round_to)
+    t = time.perf_counter()
+    if method in ("mp", "mp_flops"):
+        out = group_magnitude(w_bar, up, flop_aware=method == "mp_flops")
+    else:
+        X = _gradients(model, cm, fit, problem, idx, times)
+        qm = QuadraticModel(X, w_bar.to(problem.device), cfg.ridge, cfg.alpha)
+        scorer = (HeldOutScorer(model, cm, held, problem.task, problem.device,
+                                bn_inputs=bn_inputs) if len(held) else None)
+        evaluate = None if scorer is None else (
+            lambda v, keep: scorer(_scatter(v, idx, cm.num_weights), state.overrides(keep)))
+        t = time.perf_counter()
+        out = group_falcon(qm, up, cfg.solver, problem.trace, evaluate, cfg.obs_rank)
+    times["solver"] = times.get("solver", 0.0) + time.perf_counter() - t
+    for phase, seconds in problem.trace.timings.items():
+        times[f"solver:{phase}"] = seconds
+    res = out.result
+    w = _scatter(res.w.detach().to("cpu", wdtype), idx, cm.num_weights)
+    mask = state.units.weight_mask(out.keep)
+    known = None
+    if method == "falcon" and len(held) and res.score in scorer.metric:
+        known = (res.score, scorer.metric[res.score])
+    return Step(res, w * mask, mask, known, out.keep)

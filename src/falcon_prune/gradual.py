@@ -52,10 +52,19 @@ from falcon_prune.config import (
     defaults,
     resolve,
 )
-from falcon_prune.costs import CostModel
-from falcon_prune.engine import Problem, budget_of, check_floors, solve_step, verify
+from falcon_prune.costs import CostModel, flatten_weights
+from falcon_prune.engine import (
+    Problem,
+    UnitState,
+    budget_of,
+    check_floors,
+    solve_step,
+    solve_unit_step,
+    verify,
+)
 from falcon_prune.errors import (
     BudgetError,
+    BudgetViolation,
     CheckpointError,
     ConfigError,
     ConfigTypeError,
@@ -67,15 +76,17 @@ from falcon_prune.errors import (
 )
 from falcon_prune.evaluation import evaluate
 from falcon_prune.ilp import CostGroups
-from falcon_prune.masks import clone_model, masks_of
+from falcon_prune.masks import clone_model, make_permanent, masks_of
 from falcon_prune.oneshot import (
     check_model,
     check_task,
     float32_samples,
     working_copy,
 )
+from falcon_prune.recount import recount
 from falcon_prune.results import write_rows
 from falcon_prune.schedules import Schedule, as_schedule, stage_budgets
+from falcon_prune.structure import remove_channels
 from falcon_prune.tasks import Task, batch_mean, metric_key
 
 CHECKPOINT_NAME = "gradual.pt"
@@ -125,13 +136,13 @@ NOT_IN_GRADUAL = {"recalibrate_bn": "gradual re-estimates BatchNorm statistics a
                   "sampling": "each step draws a seeded random subset of train_data"}
 
 
-def gradual_defaults(method: str = "falcon") -> GradualConfig:
-    """The default :class:`GradualConfig` of ``method`` (any single-stage method); its
-    steps use 500 gradients and 500 held-out samples."""
+def gradual_defaults(method: str = "falcon", structure: str = "weights") -> GradualConfig:
+    """The default :class:`GradualConfig` of ``method`` (any single-stage method) and
+    ``structure``; its steps use 500 gradients and 500 held-out samples."""
     if method == "falcon++":
         raise ConfigError("falcon++ is multi-stage one-shot pruning; gradual's steps use a "
                           "single-stage method (e.g. method='falcon')")
-    step = defaults(method)
+    step = defaults(method, structure)
     if method in GRADIENT_METHODS:
         step = step.replace(n_gradients=500)
     if step.n_validation is not None:
@@ -162,7 +173,8 @@ def resolve_gradual(method: str | None, config: GradualConfig | None, settings: 
         raise ConfigTypeError(f"config must be a falcon_prune.gradual.GradualConfig, got "
                               f"{config!r}")
     method = method if method is not None else (config.step.method if config else "falcon")
-    base = config if config is not None else gradual_defaults(method)
+    structure = settings.get("structure") or "weights"
+    base = config if config is not None else gradual_defaults(method, structure)
     if config is not None and config.step.method != method:
         raise ConfigError(f"method={method!r} but config.step.method={config.step.method!r}")
     settings = {k: v for k, v in settings.items() if v is not None}
@@ -346,12 +358,24 @@ def _write_back(model: nn.Module, cm: CostModel, w: torch.Tensor, mask: torch.Te
             m.weight_mask.copy_(ml.to(m.weight_mask.dtype))
 
 
-def _kept_fractions(model: nn.Module, cm: CostModel) -> tuple[float, float]:
+def _kept_fractions(model: nn.Module, cm: CostModel, structure: str = "weights"
+                    ) -> tuple[float, float]:
+    """(FLOPs, NNZ) kept by the masks: NNZ of the prunable weights, or with
+    structure='channels' of all parameters (what the smaller network will hold)."""
     modules = dict(model.named_modules())
     kept = torch.tensor([float(modules[lay.name].weight_mask.sum()) for lay in cm.layers],
                         dtype=torch.float64)
     macs = float((kept * cm.layer_costs()).sum())
-    return macs / cm.dense_macs, float(kept.sum()) / cm.num_weights
+    if structure != "channels":
+        return macs / cm.dense_macs, float(kept.sum()) / cm.num_weights
+    params = total = 0
+    for name, p in model.named_parameters():
+        mname, _, pname = name.rpartition(".")
+        mask = getattr(modules[mname], pname.removesuffix("_orig") + "_mask", None)
+        params += int(mask.sum()) if mask is not None and pname.endswith("_orig") \
+            else p.numel()
+        total += p.numel()
+    return macs / cm.dense_macs, params / total
 
 
 @dataclass
@@ -378,12 +402,45 @@ def _prune_step(run: _Run, f_k: float | None, s_k: float | None, seed: int) -> d
     allowed = torch.cat([masks[lay.name].reshape(-1) for lay in run.cm.layers])
     samples = float32_samples(run.feed.samples(min(run.need, len(run.feed.dataset)), seed))
     n_fit = cfg.n_gradients if cfg.method in GRADIENT_METHODS else 0
-    step = solve_step(plain, cm_plain, run.groups, budget_of(run.cm, f_k, s_k, cfg),
-                      samples.take(slice(0, n_fit)), samples.take(slice(n_fit, len(samples))),
-                      run.problem, allowed)
+    fit, held = samples.take(slice(0, n_fit)), samples.take(slice(n_fit, len(samples)))
+    row = {"flops_budget": f_k, "nnz_budget": s_k}
+    if cfg.structure == "channels":
+        state = UnitState.build(plain, cm_plain, run.probe, run.problem.task, cfg)
+        state.alive = state.alive_from_weights(cm_plain, allowed)
+        step = solve_unit_step(plain, cm_plain, state, state.budget(cm_plain, f_k, s_k), fit,
+                               held, run.problem)
+        _mask_params(run.work, state.alive_params(step.keep), state.overrides(step.keep))
+        row["units_kept"] = int(step.keep.sum())
+    else:
+        step = solve_step(plain, cm_plain, run.groups, budget_of(run.cm, f_k, s_k, cfg), fit,
+                          held, run.problem, allowed)
     _write_back(run.work, run.cm, step.w, step.mask)
     recalibrate_on(run.work, run.feed, run.config.bn_batches, seed, run.problem.task)
-    return {"flops_budget": f_k, "nnz_budget": s_k}
+    return row
+
+
+def _attach_param_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Give the non-weight parameters of channel units (biases, norms) masks, all kept."""
+    modules = dict(model.named_modules())
+    for name, keep in masks.items():
+        mname, _, pname = name.rpartition(".")
+        if not hasattr(modules[mname], pname + "_mask"):
+            torch_prune.custom_from_mask(modules[mname], pname, torch.ones_like(keep))
+
+
+def _mask_params(model: nn.Module, alive: dict[str, torch.Tensor],
+                 values: dict[str, torch.Tensor]) -> None:
+    """Mask (``torch.nn.utils.prune``) the non-weight parameters of dead channels (biases,
+    norms) in the training model, so fine-tuning keeps them at zero."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, keep in alive.items():
+            mname, _, pname = name.rpartition(".")
+            module = modules[mname]
+            if not hasattr(module, pname + "_mask"):
+                torch_prune.custom_from_mask(module, pname, torch.ones_like(keep))
+            getattr(module, pname + "_orig").copy_(values[name].to(module.weight.device))
+            getattr(module, pname + "_mask").copy_(keep.to(getattr(module, pname + "_mask")))
 
 
 def _train_epoch(model: nn.Module, opt, feed: Feed, seed: int, epoch: int, task: Task) -> float:
@@ -536,12 +593,19 @@ def _setup(model, train_data, flops, nnz, config: GradualConfig) -> _Run:
     probe = check_task(plain, float32_samples(first), step.task, device)
     raw = step.task.inputs(to_device(first.take(slice(0, 2)).batch, device))
     cm = CostModel.from_model(plain, probe, step.task.call)
-    check_floors(cm, budget_of(cm, flops, nnz, step), step)
+    extra = {}
+    if step.structure == "channels":
+        state = UnitState.build(plain, cm, probe, step.task, step)
+        state.check(cm, state.budget(cm, flops, nnz), step.round_to)
+        extra = state.alive_params(state.alive)  # masks from the start: resume needs them
+    else:
+        check_floors(cm, budget_of(cm, flops, nnz, step), step)
     grads = step.method in GRADIENT_METHODS
     if grads and len(feed.dataset) < step.n_gradients:
         raise DataError(f"n_gradients={step.n_gradients} but train_data has "
                         f"{len(feed.dataset)} samples; lower it")
     _attach_masks(work, cm)
+    _attach_param_masks(work, extra)
     groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes(), device=device)
     need = (step.n_gradients if grads else 1) + (step.n_validation or 0)
     return _Run(work, cm, groups, feed, probe, raw, Problem(step, step.task, device), config,
@@ -564,7 +628,8 @@ def _event_row(run: _Run, event: tuple[str, int, int], i: int, plan, opt, lrs,
     row = {"event": i + 1,
            "phase": kind if kind == "prune" else ("final" if k > len(plan) else "finetune"),
            "stage": min(k, len(plan)), "epoch": e, **row}
-    row["flops_fraction"], row["nnz_fraction"] = _kept_fractions(run.work, run.cm)
+    row["flops_fraction"], row["nnz_fraction"] = _kept_fractions(
+        run.work, run.cm, run.config.step.structure)
     if eval_data is not None:
         ev = evaluate(run.work, eval_data, run.problem.task)
         row["eval_loss"] = ev.loss
@@ -665,8 +730,31 @@ def _gradual(model, train_data, flops, nnz, cfg: GradualConfig, plan, total_epoc
             callback(row)
     bar.close()
     run.work.eval()
-    final = budget_of(run.cm, flops, nnz, cfg.step)
-    flops_kept, nnz_kept, _ = verify(run.work, run.cm, final, cfg.step.task,
-                                     run.recount_inputs)
+    if cfg.step.structure == "channels":
+        flops_kept, nnz_kept = _remove_dead_channels(run, flops, nnz)
+    else:
+        final = budget_of(run.cm, flops, nnz, cfg.step)
+        flops_kept, nnz_kept, _ = verify(run.work, run.cm, final, cfg.step.task,
+                                         run.recount_inputs)
     times["total"] = time.perf_counter() - t_start
     return GradualResult(run.work, cfg, flops, nnz, flops_kept, nnz_kept, history, times)
+
+
+def _remove_dead_channels(run: _Run, flops: float | None, nnz: float | None
+                          ) -> tuple[float, float]:
+    """structure='channels': fold the masks, remove the dead channels physically, and
+    check the smaller network against the budgets (recount and parameter count)."""
+    work, task = run.work, run.problem.task
+    make_permanent(work)
+    total = sum(p.numel() for p in work.parameters())
+    cm = CostModel.from_model(work, run.probe, task.call)
+    state = UnitState.build(work, cm, run.probe, task, run.config.step)
+    state.alive = state.alive_from_weights(cm, flatten_weights(cm) != 0)
+    remove_channels(state.units, state.alive)
+    count = recount(work, run.recount_inputs, task.call, {e.name for e in cm.excluded})
+    params = sum(p.numel() for p in work.parameters())
+    if (flops is not None and count.dense > flops * cm.dense_macs * (1 + 1e-12)) or (
+            nnz is not None and params > math.floor(nnz * total + 1e-9)):
+        raise BudgetViolation(f"internal error: gradual ended with {count.dense:,.0f} MACs "
+                              f"and {params:,} parameters, over the budgets; please report")
+    return count.dense / cm.dense_macs, params / total

@@ -275,6 +275,19 @@ def read_checkpoint(path: Path) -> object:
             "truncated or not a PyTorch checkpoint") from e
 
 
+def load_model(name: str, path: str | Path) -> nn.Module:
+    """The zoo model ``name`` with the checkpoint at ``path`` loaded; a checkpoint that
+    holds a whole module (a network made physically smaller by structured pruning, saved
+    by the command line under ``"module"``) is returned as it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint {path} does not exist")
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and isinstance(obj.get("module"), nn.Module):
+        return obj["module"]
+    return load_checkpoint(create_model(name), path)
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a checkpoint file into ``model`` (strict), accepting the shared checkpoints'
     layouts. Raises ``ValueError`` naming missing/unexpected keys when they do not match."""

@@ -215,7 +215,7 @@ def solver_details(step: Step, history: list | None = None) -> dict:
     return d
 
 
-def _bn_note(model: nn.Module, samples: int) -> str:
+def bn_note(model: nn.Module, samples: int) -> str:
     if not batchnorm_layers(model):
         return "no BatchNorm layers"
     if not samples:
@@ -236,13 +236,29 @@ def _finish(work: nn.Module, cm: CostModel, mask: torch.Tensor, d: Draw, problem
     if dtype in HALF:
         work.to(dtype)
     apply_weights(cm, flatten_weights(cm, dtype), mask)
-    return _bn_note(work, seen)
+    return bn_note(work, seen)
 
 
-def run(model: nn.Module, data: object, flops: float | None, nnz: float | None,
-        cfg: PruneConfig, given: frozenset, progress: bool) -> PruneResult:
-    """Prune a copy of ``model`` (see ``falcon_prune.prune``); ``cfg`` is resolved."""
-    t_start = time.perf_counter()
+@dataclass
+class Run:
+    """What the stages of one run share once it is set up."""
+
+    work: nn.Module
+    dtype: torch.dtype
+    draw: Draw
+    config: PruneConfig
+    problem: Problem
+    cm: CostModel
+    probe: Batch
+    recount_inputs: Batch
+    plan: list
+    times: dict
+
+
+def setup(model: nn.Module, data: object, flops: float | None, nnz: float | None,
+          cfg: PruneConfig, given: frozenset, progress: bool) -> Run:
+    """Check the model, draw the samples, make the working copy, check the task and probe
+    the cost model."""
     if flops is None and nnz is None:
         raise BudgetError("give at least one budget: flops=<fraction kept> and/or nnz=<fraction>")
     check_model(model)
@@ -256,26 +272,41 @@ def run(model: nn.Module, data: object, flops: float | None, nnz: float | None,
     d = d.in_float32() if dtype in HALF else d
     problem = Problem(cfg, cfg.task, device, progress)
     problem.trace.progress = progress
-    times: dict[str, float] = {}
     t = time.perf_counter()
     probe = check_task(work, d.samples, cfg.task, device)
     cm = CostModel.from_model(work, probe, cfg.task.call)
-    groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes(), device=device)
+    times = {"costs": time.perf_counter() - t}
+    return Run(work, dtype, d, cfg, problem, cm, probe, recount_inputs, plan, times)
+
+
+def run(model: nn.Module, data: object, flops: float | None, nnz: float | None,
+        cfg: PruneConfig, given: frozenset, progress: bool) -> PruneResult:
+    """Prune a copy of ``model`` (see ``falcon_prune.prune``); ``cfg`` is resolved."""
+    t_start = time.perf_counter()
+    r = setup(model, data, flops, nnz, cfg, given, progress)
+    cm, cfg, problem, times = r.cm, r.config, r.problem, r.times
+    groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes(), device=problem.device)
     final = budget_of(cm, flops, nnz, cfg)
     check_floors(cm, final, cfg)
-    times["costs"] = time.perf_counter() - t
-    step, mask, trajectory = run_stages(work, cm, groups, plan, d, problem, times)
-    bn_note = _finish(work, cm, mask, d, problem, dtype, times)
-    flops_kept, nnz_kept, layers = verify(work, cm, final, cfg.task, recount_inputs)
+    step, mask, trajectory = run_stages(r.work, cm, groups, r.plan, r.draw, problem, times)
+    bn_note = _finish(r.work, cm, mask, r.draw, problem, r.dtype, times)
+    flops_kept, nnz_kept, layers = verify(r.work, cm, final, cfg.task, r.recount_inputs)
     times["total"] = time.perf_counter() - t_start
-    details = {**solver_details(step, problem.trace.history), **problem.notes,
-               "batchnorm": bn_note}
-    if problem.step_method == "falcon":
-        details["selection"] = (f"held-out loss on {len(d.held)} samples" if len(d.held)
-                                else "quadratic model (no held-out samples left in the data)")
     return PruneResult(
-        model=work, config=cfg, flops_budget=flops, nnz_budget=nnz,
+        model=r.work, config=cfg, flops_budget=flops, nnz_budget=nnz,
         flops_fraction=flops_kept, nnz_fraction=nnz_kept, dense_macs=cm.dense_macs,
         num_weights=cm.num_weights, layers=layers, ilp_gap=step.result.ilp_gap,
         ilp_upper_bound=step.result.ilp_upper_bound, times=times, peak_rss_mb=peak_rss_mb(),
-        excluded=cm.excluded, details=details, stages=trajectory)
+        excluded=cm.excluded, details=run_details(r, step, bn_note), stages=trajectory)
+
+
+def run_details(r: Run, step: Step, bn_note: str) -> dict:
+    """``result.details``: the solver's choices, storage and gradient notes, BatchNorm,
+    and how falcon chose among its candidates."""
+    details = {**solver_details(step, r.problem.trace.history), **r.problem.notes,
+               "batchnorm": bn_note}
+    if r.problem.step_method == "falcon":
+        held = len(r.draw.held)
+        details["selection"] = (f"held-out loss on {held} samples" if held
+                                else "quadratic model (no held-out samples left in the data)")
+    return details

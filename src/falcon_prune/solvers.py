@@ -42,7 +42,7 @@ from falcon_prune.selection import (
 )
 
 STEPS = ("lipschitz", "linesearch")
-SALIENCIES = ("magnitude", "obs")
+SALIENCIES = ("magnitude", "obs", "fisher")
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,12 @@ class SolverOptions:
     |w_bar| (None: all weights). falcon's projection weights v_i^2 by f_i^beta: with
     held-out data beta is chosen from ``cost_exponents`` and the ridge from ``ridges`` by
     held-out loss; otherwise beta = ``cost_exponent``. ``saliencies`` are the weight
-    importances the warm starts are built from: 'magnitude' (w^2) and/or 'obs' (the optimal
+    importances the warm starts are built from: 'magnitude' (w^2), 'obs' (the optimal
     brain surgeon saliency w_i^2 / [H^-1]_ii of the quadratic model: the increase of Q when
-    w_i alone is removed and the others compensate); each is tried with every exponent.
+    w_i alone is removed and the others compensate) and/or 'fisher' (w_i^2 times the
+    diagonal of the Fisher: no compensation); each is tried with every exponent. For
+    structure='channels' they score whole units (normalised group norm, group OBS, group
+    Fisher).
     ``obs_steps`` > 1 adds one more candidate: the OBS warm start of the chosen exponent and
     ridge reached in that many steps, the saliencies recomputed on the shrinking support
     (:func:`obs_steps`); it replaces the one-step start when its held-out loss is lower.
@@ -195,6 +198,15 @@ def obs_saliency(qm: QuadraticModel) -> torch.Tensor:
     return qm.w_bar.double() ** 2 / inverse_hessian_diagonal(qm)
 
 
+def fisher_saliency(qm: QuadraticModel) -> torch.Tensor:
+    """Diagonal Fisher saliency w_i² (1/n) Σ_j x_ji² (p,) float64: the Fisher part of the
+    increase of Q when w_i alone is removed and nothing compensates."""
+    diag = torch.empty(qm.p, dtype=torch.float64, device=qm.device)
+    for a, b in qm.X.ranges():
+        diag[a:b] = qm.X.columns(a, b).square().mean(0).double()
+    return qm.w_bar.double() ** 2 * diag
+
+
 def inverse_hessian_diagonal(qm: QuadraticModel, mask: torch.Tensor | None = None
                              ) -> torch.Tensor:
     """diag((X^T X / n + lam I)^-1) (p,) float64 via Woodbury (or per block). With ``mask``
@@ -311,7 +323,7 @@ def iht(qm: QuadraticModel, w0: torch.Tensor, project: Projection, opts: SolverO
     return w, mask, info, it
 
 
-def _refine(qm: QuadraticModel, w0: torch.Tensor, project: Projection, opts: SolverOptions,
+def refine(qm: QuadraticModel, w0: torch.Tensor, project: Projection, opts: SolverOptions,
             trace: SolverTrace, desc: str) -> SolverResult:
     """Rounds of IHT followed by the back-solve on the support; keeps the best Q."""
     best: SolverResult | None = None
@@ -383,6 +395,9 @@ def _warm_starts(search: _Search) -> tuple[float, SolverResult, dict]:
     if "obs" in opts.saliencies:
         with timed(search.trace, "saliency"):
             saliency["obs"] = obs_saliency(qm)
+    if "fisher" in opts.saliencies:
+        with timed(search.trace, "saliency"):
+            saliency["fisher"] = fisher_saliency(qm)
     keys = [(k, b) for k in opts.saliencies for b in betas]
     with timed(search.trace, "projection"):
         starts = {(k, b): select_ilp(weighted_scores(qm.w_bar, search.groups, b, saliency[k]),
@@ -441,7 +456,7 @@ def falcon(qm: QuadraticModel, groups: CostGroups, budget: Budget, opts: SolverO
         # the ILP's greedy fill may add zero-score weights: keep the support inside the set
         return (r.mask if active is None else r.mask & (active > 0)), r
 
-    refined = _refine(qm.with_ridge(lam), qm.w_bar * best.mask, project, opts, trace, "falcon")
+    refined = refine(qm.with_ridge(lam), qm.w_bar * best.mask, project, opts, trace, "falcon")
     s1 = search.score(refined.w, refined.objective)
     trace.history.append({"phase": "iht", "beta": beta, "ridge": lam, "score": s1,
                           "objective": refined.objective, "iterations": refined.iterations})
@@ -473,7 +488,7 @@ def chita(qm: QuadraticModel, groups: CostGroups, budget: Budget, opts: SolverOp
             return select_top(v, S, budget), None
 
         start = magnitude(qm.w_bar, groups, Budget(S, None, budget.floors, budget.bounds))
-        return _refine(qm, qm.solve_on_support(start.mask), project, opts, trace,
+        return refine(qm, qm.solve_on_support(start.mask), project, opts, trace,
                        f"chita S={S}")
 
     return search_sparsity(run, qm.w_bar, groups, budget)
