@@ -156,7 +156,8 @@ def fine_tune(model, train, epochs: int, lr: float, seed: int) -> None:
 # -- latency ---------------------------------------------------------------------------------
 def onnx_session(model, x):
     """An ONNX Runtime session of ``model`` exported with a dynamic batch (None when the
-    onnx extras are missing)."""
+    onnx extras are missing); its threads do not spin between runs, so that they do not
+    steal the CPU from the next measurement."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -166,34 +167,41 @@ def onnx_session(model, x):
                       dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def _timer(run, x, calls: int) -> float:
+    t = time.perf_counter()
+    for _ in range(calls):
+        run(x)
+    return (time.perf_counter() - t) / calls
+
+
 def latencies(models: dict, shape: tuple, batches: tuple[int, ...], repeats: int) -> dict:
-    """{name: {"eager_b1": seconds, "ort_b1": ..., ...}}: medians of ``repeats``, every
-    network measured in turn inside each repeat (interleaved, one process)."""
+    """{name: {"eager_b1": seconds, "ort_b1": ..., ...}}: per engine and batch, every
+    network measured in turn inside each of ``repeats`` repeats (interleaved, one
+    process), median of the repeats; a repeat times enough calls to last about 20 ms."""
     sessions = {k: onnx_session(m, torch.randn(1, *shape)) for k, m in models.items()}
-    out = {k: {} for k in models}
-    for b in batches:
-        x = torch.randn(b, *shape)
-        runs = {k: {"eager": [], "ort": []} for k in models}
-        with torch.inference_mode():
-            for k, m in models.items():  # warm-up
-                m(x)
-                if sessions[k] is not None:
-                    sessions[k].run(None, {"x": x.numpy()})
-            for _ in range(repeats):
-                for k, m in models.items():
-                    t = time.perf_counter()
-                    m(x)
-                    runs[k]["eager"].append(time.perf_counter() - t)
-                    if sessions[k] is not None:
-                        t = time.perf_counter()
-                        sessions[k].run(None, {"x": x.numpy()})
-                        runs[k]["ort"].append(time.perf_counter() - t)
-        for k in models:
-            for engine, ts in runs[k].items():
-                if ts:
+    engines = {"eager": {k: m for k, m in models.items()},
+               "ort": {k: (lambda x, s=s: s.run(None, {"x": x.numpy()}))
+                       for k, s in sessions.items() if s is not None}}
+    out: dict = {k: {} for k in models}
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, *shape)
+            for engine, runs in engines.items():
+                for _ in range(3):  # warm-up: allocators, thread pools, kernels
+                    for run in runs.values():
+                        run(x)
+                calls = {k: max(1, round(0.02 / max(_timer(run, x, 1), 1e-6)))
+                         for k, run in runs.items()}
+                times = {k: [] for k in runs}
+                for _ in range(repeats):
+                    for k, run in runs.items():
+                        times[k].append(_timer(run, x, calls[k]))
+                for k, ts in times.items():
                     out[k][f"{engine}_b{b}"] = statistics.median(ts)
     return out
 
@@ -219,7 +227,7 @@ def resnet20_budget(flops: float, a: argparse.Namespace, train, test, base, dens
                  "config": r.config.to_dict(), "details": r.details,
                  **accuracies(r.model, train, test, a.ft_epochs, a.ft_lr, a.seed)})
     print(_line(rows[-1]), flush=True)
-    models = {"dense": base, "ours": r.model}
+    models = {"ours": r.model}
     for name in tp_criteria():
         for glob in (True, False):
             t = time.perf_counter()
@@ -233,13 +241,19 @@ def resnet20_budget(flops: float, a: argparse.Namespace, train, test, base, dens
                          "seconds": time.perf_counter() - t,
                          **accuracies(m, train, test, a.ft_epochs, a.ft_lr, a.seed)})
             print(_line(rows[-1]), flush=True)
+    return rows, models
+
+
+def add_latency(rows: list, models: dict, a: argparse.Namespace) -> None:
+    """Measure every network of ``models`` ({row index: network}, with "dense") side by
+    side and store the latencies (and ratios to dense) in their rows."""
     lat = latencies(models, (3, 32, 32), (1, 64), a.repeats)
-    for row, key in zip(rows, ["ours", *list(models)[2:]], strict=True):
-        row["latency"], row["latency_dense"] = lat[key], lat["dense"]
-        row["latency_ratio"] = {k: lat[key][k] / lat["dense"][k] for k in lat[key]}
-        print(f"   {row['method']:<32} latency ratio",
-              {k: round(v, 3) for k, v in row["latency_ratio"].items()}, flush=True)
-    return rows
+    for i, row in enumerate(rows):
+        if i in lat:
+            row["latency"], row["latency_dense"] = lat[i], lat["dense"]
+            row["latency_ratio"] = {k: lat[i][k] / lat["dense"][k] for k in lat[i]}
+            print(f"{row.get('flops_budget', 0):.2f} {row['method']:<32} latency ratio",
+                  {k: round(v, 3) for k, v in row["latency_ratio"].items()}, flush=True)
 
 
 def _line(row: dict) -> str:
@@ -249,17 +263,15 @@ def _line(row: dict) -> str:
             f"params {row['params_fraction']:.4f} {acc} {row['seconds']:.0f}s")
 
 
-def unstructured_row(base, train, dense, a: argparse.Namespace) -> dict:
-    """An unstructured network at 30 % of the FLOPs: same shapes, zeros; latency."""
+def unstructured(base, train, test, a: argparse.Namespace) -> tuple[dict, torch.nn.Module]:
+    """An unstructured network at 30 % of the FLOPs: the same shapes with zeros."""
     import falcon_prune as fp
 
     r = fp.prune(base, train, flops=0.3, method="falcon", seed=a.seed, progress=False)
     model = fp.make_permanent(r.model)
-    lat = latencies({"dense": base, "masked": model}, (3, 32, 32), (1, 64), a.repeats)
     return {"network": "resnet20", "flops_budget": 0.3, "method": "falcon-prune falcon "
             "(structure='weights', unstructured)", "flops_fraction": r.flops_fraction,
-            "latency": lat["masked"], "latency_dense": lat["dense"],
-            "latency_ratio": {k: lat["masked"][k] / lat["dense"][k] for k in lat["masked"]}}
+            "accuracy_oneshot": fp.evaluate(model, test).metric}, model
 
 
 def imagenet_rows(a: argparse.Namespace) -> list:
@@ -346,10 +358,16 @@ def main() -> None:
     rows = [{"network": "resnet20", "method": "dense", "macs": dense[0], "params": dense[1],
              **accuracies(base, train, test, 0, a.ft_lr, a.seed)}]
     record = {"command": " ".join(["python", *sys.argv]), "rows": rows}
+    timed = {"dense": base}
     for flops in a.budgets:
-        rows += resnet20_budget(flops, a, train, test, base, dense)
+        new, models = resnet20_budget(flops, a, train, test, base, dense)
+        timed.update({len(rows) + i: m for i, m in enumerate(models.values())})
+        rows += new
         write_results(a.out, record, prov)
-    rows.append(unstructured_row(base, train, dense, a))
+    row, masked = unstructured(base, train, test, a)
+    timed[len(rows)] = masked
+    rows.append(row)
+    add_latency(rows, timed, a)  # last, in a quiet process: nothing else runs meanwhile
     write_results(a.out, record, prov)
     if not a.skip_imagenet:
         rows += imagenet_rows(a)
