@@ -113,7 +113,10 @@ def test_multihead_attention_is_never_free():
     model = nn.Sequential()
     model.mha = nn.MultiheadAttention(8, 2, batch_first=True)
     cm = fp.CostModel.from_model(model.mha, (torch.randn(1, 5, 8),) * 3)
-    assert [lay.name for lay in cm.layers] == ["out_proj"] and cm.layers[0].cost == 5
+    names = [lay.name for lay in cm.layers]
+    assert names == ["in_proj_weight", "out_proj.weight"]
+    assert [lay.cost for lay in cm.layers] == [5, 5]  # one MAC per token, 5 tokens
+    assert cm.fixed_macs == 2 * 5 * 5 * 8  # Q K^T and A V: (5 x 5) scores x 8 channels
 
 
 # -- data ----------------------------------------------------------------------------------

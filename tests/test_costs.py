@@ -112,7 +112,7 @@ def flop_counter_macs(model, inputs, cm: CostModel) -> float:
     counts = fc.get_flop_counts()
     total = 0
     for lay in cm.layers:
-        key = f"{type(model).__name__}.{lay.name}"
+        key = f"{type(model).__name__}.{lay.name.rpartition('.')[0]}"
         assert key in counts, f"FlopCounterMode saw no FLOPs for {lay.name}"
         total += sum(counts[key].values())
     return total / 2
@@ -148,7 +148,7 @@ def test_dense_macs_match_flop_counter(make, inputs):
     assert cm.excluded == []
     prunable = [(n, m) for n, m in model.named_modules()
                 if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    assert [lay.name for lay in cm.layers] == [n for n, _ in prunable]
+    assert [lay.name for lay in cm.layers] == [f"{n}.weight" for n, _ in prunable]
     assert cm.num_weights == sum(m.weight.numel() for _, m in prunable)
 
 
@@ -161,14 +161,14 @@ def test_resnet20_numbers():
 
 def test_layer_called_twice_counts_twice():
     cm = CostModel.from_model(Conv1d3dNet(), (torch.randn(1, 4, 30), torch.randn(1, 2, 5, 8, 8)))
-    fc = next(lay for lay in cm.layers if lay.name == "fc")
+    fc = next(lay for lay in cm.layers if lay.name == "fc.weight")
     assert fc.calls == 2 and fc.cost == 2
 
 
 def test_conv_costs_are_output_positions_times_uses():
     x = torch.randn(2, 4, 11, 13)
     cm = CostModel.from_model(StridedGroupedCNN(), x)
-    cost = {lay.name: lay.cost for lay in cm.layers}
+    cost = {lay.name.removesuffix(".weight"): lay.cost for lay in cm.layers}
     # a: (11 + 4 - 2*2 - 1) // 2 + 1 = 6 rows, (13 + 4 - 4 - 1) // 2 + 1 = 7 columns
     assert cost["a"] == 6 * 7
     assert cost["dw"] == 6 * 7  # depthwise, same padding: every output position once
@@ -186,7 +186,7 @@ def test_depthwise_cost_is_output_positions():
 def test_linear_on_sequences_costs_one_mac_per_token():
     cm = CostModel.from_model(TinyTransformerBlock(), torch.randn(2, 7, 32))
     assert {lay.name: lay.cost for lay in cm.layers} == dict.fromkeys(
-        ("q", "k", "v", "o", "mlp1", "mlp2"), 7.0)
+        ("q.weight", "k.weight", "v.weight", "o.weight", "mlp1.weight", "mlp2.weight"), 7.0)
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
@@ -195,17 +195,20 @@ def test_multihead_attention_out_proj_is_counted(need_weights):
     model = Attention(d, need_weights=need_weights).eval()
     x = torch.randn(2, tokens, d)
     cm = CostModel.from_model(model, x)
-    out = next(lay for lay in cm.layers if lay.name == "attn.out_proj")
+    out = next(lay for lay in cm.layers if lay.name == "attn.out_proj.weight")
     assert out.cost == tokens and out.calls == 1
     assert out.dense_macs == tokens * d * d
-    assert cm.dense_macs == tokens * d * d + d * 3
+    qkv = next(lay for lay in cm.layers if lay.name == "attn.in_proj_weight")
+    assert qkv.shape == (3 * d, d) and qkv.cost == tokens
+    assert cm.dense_macs == 4 * tokens * d * d + d * 3
+    assert cm.fixed_macs == 2 * tokens * tokens * d  # scores and their average of values
     assert cm.excluded == []
 
 
 def test_weight_read_by_an_uncountable_op_is_excluded():
     cm = CostModel.from_model(ScaledWeight(), torch.randn(3, 4))
-    assert [lay.name for lay in cm.layers] == ["head"]
-    assert [(e.name, e.kind, e.weights) for e in cm.excluded] == [("fc", "Linear", 12)]
+    assert [lay.name for lay in cm.layers] == ["head.weight"]
+    assert [(e.name, e.kind, e.weights) for e in cm.excluded] == [("fc.weight", "Linear", 12)]
     assert "aten.mul" in cm.excluded[0].reason
     assert cm.num_weights == 6 and cm.dense_macs == 6
 
@@ -221,8 +224,8 @@ def test_weight_used_in_part_is_excluded():
             return self.head(F.linear(x, self.fc.weight[:2]))
 
     cm = CostModel.from_model(Sliced(), torch.randn(3, 4))
-    assert [lay.name for lay in cm.layers] == ["head"]
-    assert [e.name for e in cm.excluded] == ["fc"]
+    assert [lay.name for lay in cm.layers] == ["head.weight"]
+    assert [e.name for e in cm.excluded] == ["fc.weight"]
     assert "only part of it" in cm.excluded[0].reason
 
 
@@ -232,7 +235,7 @@ def test_weights_read_through_views_are_counted():
     x = torch.randn(2, tokens, 4)
     cm = CostModel.from_model(model, x)
     assert cm.excluded == []
-    assert {lay.name: lay.cost for lay in cm.layers} == {"fc": tokens, "g": tokens}
+    assert {lay.name: lay.cost for lay in cm.layers} == {"fc.weight": tokens, "g.weight": tokens}
     assert cm.dense_macs == pytest.approx(total_macs(model, x) / 2)  # per sample of 2
 
 
@@ -254,27 +257,36 @@ class Tied(nn.Module):
         return self.c(self.b(self.a(x)))
 
 
-@pytest.mark.parametrize("alias", [True, False])
-def test_tied_weights_are_left_dense_and_named(alias):
-    cm = CostModel.from_model(Tied(alias), torch.randn(2, 4))
-    assert [lay.name for lay in cm.layers] == ["c"]
-    assert sorted(e.name for e in cm.excluded) == ["a", "b"]
-    assert all("tied to" in e.reason for e in cm.excluded)
+def test_a_tied_weight_is_one_prunable_weight_costed_with_every_use():
+    cm = CostModel.from_model(Tied(alias=True), torch.randn(2, 4))
+    assert [lay.name for lay in cm.layers] == ["a.weight", "c.weight"]
+    tied = cm.layers[0]
+    assert tied.calls == 2 and tied.cost == 2  # used by a and by b
+    assert [(m, a) for m, a in tied.holders] == [(cm.layers[0].module, "weight"),
+                                                 (tied.aliases[0][0], "weight")]
+    assert cm.num_weights == 16 + 8 and cm.excluded == []
 
 
-def test_a_model_whose_only_layers_are_tied_is_refused_with_the_reason():
-    class OnlyTied(nn.Module):
+def test_a_copy_sharing_storage_is_left_dense_and_named():
+    cm = CostModel.from_model(Tied(alias=False), torch.randn(2, 4))
+    assert [lay.name for lay in cm.layers] == ["c.weight"]
+    assert sorted(e.name for e in cm.excluded) == ["a.weight", "b.weight"]
+    assert all("shares its storage" in e.reason for e in cm.excluded)
+
+
+def test_a_model_whose_only_layers_share_storage_is_refused_with_the_reason():
+    class OnlyShared(nn.Module):
         def __init__(self):
             super().__init__()
             self.a = nn.Linear(4, 4)
             self.b = nn.Linear(4, 4)
-            self.b.weight = self.a.weight
+            self.b.weight = nn.Parameter(self.a.weight.data)
 
         def forward(self, x):
             return self.b(self.a(x))
 
-    with pytest.raises(ModelError, match="tied"):
-        CostModel.from_model(OnlyTied(), torch.randn(2, 4))
+    with pytest.raises(ModelError, match="shares its storage"):
+        CostModel.from_model(OnlyShared(), torch.randn(2, 4))
 
 
 def test_channels_last_weights_are_counted_like_contiguous_ones():
@@ -296,7 +308,7 @@ def test_a_product_of_two_prunable_weights_is_excluded():
             return self.out(F.linear(x, self.u.weight @ self.v.weight))
 
     cm = CostModel.from_model(Factored(), torch.randn(4, 4))
-    assert [lay.name for lay in cm.layers] == ["out"]
+    assert [lay.name for lay in cm.layers] == ["out.weight"]
     assert all("another prunable weight" in e.reason for e in cm.excluded)
 
 
@@ -323,7 +335,7 @@ def test_probe_restores_mode_and_requires_grad():
 
 
 def test_no_prunable_layers():
-    with pytest.raises(ModelError, match="no prunable layers"):
+    with pytest.raises(ModelError, match="no prunable parameters"):
         CostModel.from_model(nn.Sequential(nn.ReLU()), torch.randn(1, 3))
 
 
@@ -336,13 +348,13 @@ def test_only_uncountable_layers_names_them():
         def forward(self, x):
             return x @ (self.fc.weight * 2).T
 
-    with pytest.raises(ModelError, match=r"left out: fc \(read by aten.mul"):
+    with pytest.raises(ModelError, match=r"left out: fc.weight \(read by aten.mul"):
         CostModel.from_model(OnlyScaled(), torch.randn(2, 4))
 
 
 def test_flat_order_split_and_mask_costs():
     cm = CostModel.from_model(SmallCNN(), torch.randn(2, 1, 8, 8))
-    assert [lay.name for lay in cm.layers] == ["c1", "c2", "fc"]
+    assert [lay.name for lay in cm.layers] == ["c1.weight", "c2.weight", "fc.weight"]
     assert cm.offsets == [0, 54, 54 + 432, 54 + 432 + 32]
     assert cm.layer_costs().tolist() == [64.0, 16.0, 1.0]  # 8x8, 4x4 outputs, one vector
     f = cm.per_weight_costs()

@@ -140,7 +140,7 @@ def test_small_limit_forces_disk_and_gives_the_in_memory_support(cnn, data, bloc
     assert "on disk" in disk.details["storage"]
     assert disk.config.memory_limit == _disk_limit(40, p)
     m1, m2 = fp.masks_of(mem.model), fp.masks_of(disk.model)
-    assert set(m1) == {"c1", "c2", "fc"} and set(m1) == set(m2)
+    assert set(m1) == {"c1.weight", "c2.weight", "fc.weight"} and set(m1) == set(m2)
     assert all(torch.equal(m1[k], m2[k]) for k in m1)
     assert disk.flops_fraction <= 0.4
 

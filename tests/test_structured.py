@@ -137,7 +137,7 @@ def test_param_space_is_every_parameter_in_order():
     flat = space.flat
     assert sorted(flat[flat >= 0].tolist()) == list(range(cm.num_weights))
     for lay, a in zip(cm.layers, cm.offsets[:-1], strict=True):
-        s = space.start(lay.name + ".weight")
+        s = space.start(lay.name)
         assert torch.equal(flat[s:s + lay.numel], torch.arange(a, a + lay.numel))
     assert (flat[space.start("bn0.weight"):space.start("conv1.weight")] == -1).all()
 

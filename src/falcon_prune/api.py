@@ -82,6 +82,6 @@ def count_macs(model: nn.Module, inputs: object, task: Task | str | None = None
     count = recount(plain_copy(model).eval(), inputs, t.call)
     if count.uncounted:
         name, op = next(iter(count.uncounted.items()))
-        raise ModelError(f"{name}.weight is read by {op}, which has no FLOP formula; its "
+        raise ModelError(f"{name} is read by {op}, which has no FLOP formula; its "
                          "MACs cannot be counted")
     return count.kept, count.dense

@@ -101,7 +101,8 @@ def verify_units(r: Run, state: UnitState, budget: UnitBudget
     parameters; both must agree with the exact unit totals and fit the budgets."""
     cm, small = r.cm, r.work
     excluded = {e.name for e in cm.excluded}
-    count = recount(small, r.recount_inputs, r.problem.task.call, exclude=excluded)
+    count = recount(small, r.recount_inputs, r.problem.task.call, excluded,
+                    r.config.include, r.config.exclude)
     params = sum(p.numel() for p in small.parameters())
     cost, size = state.costs.exact(state.alive)
     unseen = sorted(set(count.uncounted) - excluded)
@@ -115,10 +116,9 @@ def verify_units(r: Run, state: UnitState, budget: UnitBudget
         raise BudgetViolation(
             f"internal error: the pruned network keeps {count.dense:,.0f} MACs and {params:,} "
             f"parameters, over the budgets ({budget.cost}, {budget.size}); please report this")
-    modules = dict(small.named_modules())
-    layers = [LayerReport(lay.name, lay.kind, lay.numel, modules[lay.name].weight.numel(),
-                          lay.dense_macs, modules[lay.name].weight.numel() * lay.cost)
-              for lay in cm.layers]
+    sizes = [small.get_parameter(lay.name).numel() for lay in cm.layers]
+    layers = [LayerReport(lay.name, lay.kind, lay.numel, k, lay.dense_macs, k * lay.cost)
+              for k, lay in zip(sizes, cm.layers, strict=True)]
     return count.dense / cm.dense_macs, params / state.total_params, layers
 
 
@@ -161,4 +161,4 @@ def run(model: nn.Module, data: object, flops: float | None, nnz: float | None,
         flops_fraction=flops_kept, nnz_fraction=nnz_kept, dense_macs=r.cm.dense_macs,
         num_weights=r.cm.num_weights, layers=layers, ilp_gap=step.result.ilp_gap,
         ilp_upper_bound=None, times=r.times, peak_rss_mb=peak_rss_mb(), excluded=r.cm.excluded,
-        details=details, stages=trajectory)
+        fixed_macs=r.cm.fixed_macs, details=details, stages=trajectory)

@@ -340,7 +340,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     """Accuracy on the split, and FLOPs and weights kept against the zoo's dense model
     (so a physically smaller network is measured against the network it came from)."""
     from falcon_prune.api import count_macs
-    from falcon_prune.costs import find_prunable_modules
+    from falcon_prune.costs import prunable_parameters
     from falcon_prune.evaluation import evaluate
     from falcon_prune.models import INPUT_SHAPES, create_model
 
@@ -349,9 +349,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     kept, _ = count_macs(model, example)
     dense_model = create_model(a.model).eval()
     _, dense = count_macs(dense_model, example)
-    weights = [m.weight for _, m in find_prunable_modules(model)]
-    total = sum(m.weight.numel() for _, m in find_prunable_modules(dense_model))
-    nnz = sum(int(w.count_nonzero()) for w in weights) / total
+    nnz = sum(int(getattr(m, p).count_nonzero()) for _, m, p, _ in prunable_parameters(model))
+    nnz /= sum(getattr(m, p).numel() for _, m, p, _ in prunable_parameters(dense_model))
     ev = evaluate(model, data)
     print(f"accuracy {ev.metric:.4f} on {a.split} ({ev.samples} samples); FLOPs kept "
           f"{kept / dense:.4f} ({kept:,.0f} of {dense:,.0f} MACs); weights kept {nnz:.4f}")

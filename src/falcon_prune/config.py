@@ -52,7 +52,12 @@ class PruneConfig:
       keeps at least one), ``recalibrate_bn`` (re-estimate BatchNorm statistics on that
       many samples after pruning; 0: keep them), ``sampling`` ('random', 'first', or None:
       random where the data allows), ``structure``: 'weights' (unstructured masks) or
-      'channels' (whole coupled channels removed: a physically smaller network).
+      'channels' (whole coupled channels removed: a physically smaller network);
+      ``include``/``exclude`` (parameter or module names as globs, module types, or
+      predicates ``(name, module) -> bool``, or lists of them) change which parameters
+      are prunable; ``flops_of``: 'prunable' (the FLOP budget is a fraction of the
+      prunable parameters' MACs) or 'model' (of the whole network's, fixed MACs
+      included).
     - structure='channels': ``keep_layers`` (modules whose output channels stay whole,
       besides the output layers), ``obs_rank`` (leading eigen-directions of the Fisher
       the group OBS saliency uses; None: all n), ``round_to`` (every group keeps a
@@ -84,6 +89,9 @@ class PruneConfig:
     memory_limit: int | None = None
     scratch_dir: str | None = None
     structure: str = "weights"
+    include: Any = None
+    exclude: Any = None
+    flops_of: str = "prunable"
     keep_layers: tuple[str, ...] | None = None
     obs_rank: int | None = None
     round_to: int | None = None
@@ -99,6 +107,8 @@ class PruneConfig:
             v = getattr(self, f.name)
             if isinstance(v, Task):
                 v = v.name
+            elif f.name in ("include", "exclude") and v is not None:
+                v = _describe(v)
             elif isinstance(v, torch.dtype):
                 v = str(v).replace("torch.", "")
             elif isinstance(v, (SolverOptions, Schedule)):
@@ -246,6 +256,28 @@ def _bn(name: str, v: object) -> int:
     return _integer(0)(name, v)
 
 
+def _selector(name: str, v: object) -> object:
+    """A parameter selector: a glob, a module type, a predicate, or a list of them."""
+    items = v if isinstance(v, (list, tuple, set, frozenset)) else [v]
+    for item in items:
+        if not (isinstance(item, (str, type)) or callable(item)):
+            raise ConfigTypeError(f"{name} takes parameter or module names (globs), module "
+                                  "types, predicates (name, module) -> bool, or lists of "
+                                  f"them; got {item!r}")
+    return tuple(v) if isinstance(v, (list, set, frozenset)) else v
+
+
+def _describe(v: object) -> object:
+    """A JSON-ready description of a selector."""
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [_describe(x) for x in v]
+    if isinstance(v, type):
+        return f"type {v.__module__}.{v.__qualname__}"
+    if isinstance(v, str):
+        return v
+    return f"function {getattr(v, '__qualname__', repr(v))}"
+
+
 def _names(name: str, v: object) -> tuple[str, ...]:
     if isinstance(v, str) or not isinstance(v, (list, tuple)) or not all(
             isinstance(x, str) for x in v):
@@ -275,6 +307,8 @@ CHECKS = {
     "scratch_dir": _optional(lambda name, v: str(v)),
     "device": lambda name, v: check_device(v), "task": lambda name, v: as_task(v),
     "structure": _choice(STRUCTURES), "obs_rank": _optional(_integer(1)),
+    "include": lambda name, v: _selector(name, v), "exclude": lambda name, v: _selector(name, v),
+    "flops_of": _choice(("prunable", "model")),
     "round_to": _optional(_integer(1)),
     "keep_layers": lambda name, v: _names(name, v),
 }
@@ -320,6 +354,10 @@ def _check_structure(structure: str, method: str, settings: dict) -> None:
             raise ConfigError(f"structure='channels' does not take {', '.join(bad)}: units "
                               "are removed for good, and the group saliency needs the full "
                               "Hessian model")
+        if settings.get("flops_of", "prunable") != "prunable":
+            raise ConfigError("structure='channels' counts the FLOP budget on the prunable "
+                              "layers' MACs (flops_of='prunable'); removing channels also "
+                              "changes the operations without weights")
         if settings.get("allow_empty_layers"):
             raise ConfigError("structure='channels' keeps at least one channel of every "
                               "group (a layer with no channel cannot run); drop "

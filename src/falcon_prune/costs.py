@@ -1,8 +1,15 @@
 """FLOP cost model: the multiply-accumulates (MACs) each prunable weight takes part in.
 
-A *prunable weight* is an entry of the ``weight`` of a ``Conv1d``/``Conv2d``/``Conv3d`` or
-``Linear`` module. Its cost ``f_i`` is the number of MACs it takes part in for one input
-sample, summed over every use in one forward pass.
+A *prunable weight* is an entry of a prunable parameter. By default those are the weight
+matrices of ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d``, ``Linear``, recurrent layers
+(``RNN``/``LSTM``/``GRU``: ``weight_ih_l*``, ``weight_hh_l*``), ``nn.MultiheadAttention``'s
+input projections (``in_proj_weight``, or ``q/k/v_proj_weight``) and HuggingFace's
+``Conv1D``; :func:`register_prunable` adds a module type, and ``include``/``exclude``
+(names, types or predicates) change the set for one run. ``Embedding`` tables (a lookup
+takes no MACs) and 1-D parameters are not prunable by default. A parameter shared by
+several modules (tied) is one prunable weight, pruned once and costed with every use. Its
+cost ``f_i`` is the number of MACs it takes part in for one input sample, summed over every
+use in one forward pass.
 
 Costs are read at the level of the operations, not of the modules: one forward pass runs
 under a ``TorchDispatchMode`` that sees every aten operation, maps its operands back to the
@@ -18,24 +25,80 @@ budget, and the reason is reported (:attr:`CostModel.excluded`).
 MAC rules (per call, from the operand shapes): ``mm``/``addmm`` m·k·n, ``bmm``/``baddbmm``
 b·m·k·n, ``mv``/``addmv`` m·k, ``dot`` k, convolutions (any dimension, groups, transposed)
 output positions x kernel volume x input channels per group. ``embedding`` reads a weight
-with no MACs.
+with no MACs. Operations that use no prunable weight (attention's products of queries,
+keys and values, any ``bmm`` or ``matmul`` of activations) are the network's *fixed* MACs
+(:attr:`CostModel.fixed_macs`); the probe runs attention through PyTorch's math backend so
+that its products are seen as such.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import prune as torch_prune
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from falcon_prune.batches import batch_size
-from falcon_prune.errors import ModelError
+from falcon_prune.errors import BudgetError, ConfigError, ConfigTypeError, ModelError
 
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 aten = torch.ops.aten
+Params = Callable[[nn.Module], list[str]]
+
+
+def _weight(module: nn.Module) -> list[str]:
+    return ["weight"]
+
+
+def _recurrent(module: nn.Module) -> list[str]:
+    return [n for n, p in module.named_parameters(recurse=False)
+            if n.startswith("weight_") and p.dim() >= 2]
+
+
+def _attention(module: nn.Module) -> list[str]:
+    return [n for n in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+            if getattr(module, n, None) is not None]
+
+
+#: module type -> the names of its prunable parameters (see :func:`register_prunable`)
+PRUNABLE: dict[type, Params] = {
+    **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                     nn.ConvTranspose3d, nn.Linear), _weight),
+    **dict.fromkeys((nn.RNN, nn.LSTM, nn.GRU), _recurrent),
+    nn.MultiheadAttention: _attention,
+}
+#: class names of other libraries' layers that are prunable like a Linear
+PRUNABLE_NAMES = {"transformers.pytorch_utils.Conv1D": _weight}
+
+
+def register_prunable(module_type: type, params: Params | tuple[str, ...] = ("weight",)
+                      ) -> None:
+    """Make the parameters ``params`` (names, or a function of the module returning them)
+    of every module of ``module_type`` prunable by default. Their MACs are read from the
+    operations that use them, so no cost rule is needed for layers built from matrix
+    products and convolutions."""
+    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
+        raise ConfigTypeError(f"register_prunable needs an nn.Module subclass, got "
+                              f"{module_type!r}")
+    names = params if callable(params) else (lambda m, names=tuple(params): list(names))
+    PRUNABLE[module_type] = names
+
+
+def _default_params(module: nn.Module) -> list[str]:
+    for kind in type(module).__mro__:
+        if kind in PRUNABLE:
+            return PRUNABLE[kind](module)
+        key = f"{kind.__module__}.{kind.__name__}"
+        if key in PRUNABLE_NAMES:
+            return PRUNABLE_NAMES[key](module)
+    return []
 
 
 def _mm(a, b, *_: object) -> float:
@@ -78,15 +141,19 @@ def _macs(func, args, out) -> float | None:
 
 @dataclass(frozen=True)
 class PrunableLayer:
-    """One prunable weight tensor: ``cost`` is the MACs per weight per input sample (one
-    value for the whole tensor), ``calls`` the operations that used it in the probe."""
+    """One prunable parameter: ``name`` is its full name (``"layer1.0.conv1.weight"``),
+    ``module`` and ``param`` where it lives (and ``aliases``, the other (module, attribute)
+    pairs that hold the same tied parameter); ``cost`` is the MACs per entry per input
+    sample (one value for the whole tensor), ``calls`` the operations that used it."""
 
     name: str
     module: nn.Module = field(repr=False, compare=False)
+    param: str
     kind: str
     shape: tuple[int, ...]
     cost: float
     calls: int
+    aliases: tuple = field(default=(), repr=False, compare=False)
 
     @property
     def numel(self) -> int:
@@ -95,6 +162,16 @@ class PrunableLayer:
     @property
     def dense_macs(self) -> float:
         return self.numel * self.cost
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The parameter itself."""
+        return getattr(self.module, self.param)
+
+    @property
+    def holders(self) -> list[tuple[nn.Module, str]]:
+        """Every (module, attribute) that holds the parameter, this one first."""
+        return [(self.module, self.param), *self.aliases]
 
 
 @dataclass(frozen=True)
@@ -107,9 +184,67 @@ class ExcludedLayer:
     reason: str
 
 
-def find_prunable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """All (qualified name, module) pairs of prunable layers, in registration order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+Selector = str | type | Callable[[str, nn.Module], bool] | Sequence
+
+
+def matches(selector: Selector | None, name: str, module: nn.Module) -> bool:
+    """Whether the parameter ``name`` (full name) of ``module`` is selected: by a glob on
+    the parameter's or the module's name, by module type, by a predicate
+    ``(name, module) -> bool``, or by any of a list of those."""
+    if selector is None:
+        return False
+    if isinstance(selector, (list, tuple, set, frozenset)):
+        return any(matches(s, name, module) for s in selector)
+    if isinstance(selector, str):
+        return fnmatch(name, selector) or fnmatch(name.rpartition(".")[0], selector)
+    if isinstance(selector, type):
+        return isinstance(module, selector)
+    if callable(selector):
+        return bool(selector(name, module))
+    raise ConfigTypeError(f"include/exclude take names (globs), module types, predicates "
+                          f"(name, module) -> bool or lists of them; got {selector!r}")
+
+
+def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """id(parameter) -> every (full name, module, attribute) that holds it."""
+    out: dict[int, list] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append(
+                    (f"{mname}.{attr}" if mname else attr, module, attr))
+    return out
+
+
+def _refuse_masked(model: nn.Module) -> None:
+    for mname, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                raise ModelError(
+                    f"{mname}.{hook._tensor_name} carries a torch.nn.utils.prune mask; fold "
+                    "it first, e.g. with falcon_prune.make_permanent")
+
+
+def prunable_parameters(model: nn.Module, include: Selector | None = None,
+                        exclude: Selector | None = None) -> list[tuple[str, nn.Module, str, tuple]]:
+    """[(full name, module, attribute, aliases)] of the prunable parameters, in module
+    order: the registered ones and those ``include`` selects, less those ``exclude``
+    selects, 2-D or more, each tied parameter once (``aliases``: its other holders)."""
+    _refuse_masked(model)
+    holders = parameter_holders(model)
+    out, seen = [], set()
+    for mname, module in model.named_modules():
+        registered = set(_default_params(module))
+        for attr, p in module._parameters.items():
+            name = f"{mname}.{attr}" if mname else attr
+            if p is None or p.dim() < 2 or id(p) in seen:
+                continue
+            if (attr in registered or matches(include, name, module)) and not matches(
+                    exclude, name, module):
+                seen.add(id(p))
+                aliases = tuple((m, a) for n, m, a in holders[id(p)] if n != name)
+                out.append((name, module, attr, aliases))
+    return out
 
 
 def _coverage(operand: torch.Tensor, weight: torch.Tensor) -> float | None:
@@ -148,6 +283,8 @@ class _UseCounter(TorchDispatchMode):
         self.macs = dict.fromkeys(weights, 0.0)
         self.calls = dict.fromkeys(weights, 0)
         self.problems: dict[str, str] = {}
+        self.fixed = 0.0  # MACs of operations that use no prunable weight
+        self.uncounted = 0  # operations on excluded weights whose MACs are unknown
 
     def _users(self, args) -> list[tuple[torch.Tensor, str]]:
         out = []
@@ -161,6 +298,7 @@ class _UseCounter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         users = self._users(args)
         if not users:
+            self.fixed += _macs(func, args, out) or 0.0
             return out
         ptrs = {a.untyped_storage().data_ptr() for a, _ in users}
         outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -169,6 +307,12 @@ class _UseCounter(TorchDispatchMode):
             return out  # a view (or in-place) of the weight: its later uses are counted
         macs = _macs(func, args, out)
         names = {name for _, name in users}
+        self._settle(func, args, macs, users, names)
+        return out
+
+    def _settle(self, func, args, macs, users, names) -> None:
+        """Attribute one operation's MACs to its prunable operands, or note why not."""
+        counted = False
         for operand, name in users:
             cover = _coverage(operand, self.weights[name]) if macs is not None else None
             if macs is None:
@@ -184,7 +328,10 @@ class _UseCounter(TorchDispatchMode):
             elif cover > 0:
                 self.macs[name] += macs * cover / operand.numel() * self.weights[name].numel()
                 self.calls[name] += 1
-        return out
+                counted = True
+        if not counted:  # the MACs of a weight left dense: fixed (when they are known)
+            self.fixed += macs or 0.0
+            self.uncounted += macs is None
 
 
 def _probe(model: nn.Module, weights: dict[str, torch.Tensor], run: Callable[[], object]
@@ -207,35 +354,50 @@ def _probe(model: nn.Module, weights: dict[str, torch.Tensor], run: Callable[[],
     return counter
 
 
-def prunable_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[ExcludedLayer]]:
-    """({module name: weight} of the prunable layers, the tied ones left out). A weight
-    shared with another parameter name (tied, as GPT-2's output layer and its token
-    embedding) is excluded; masked (``torch.nn.utils.prune``) or meta-device weights are
-    refused with the fix."""
-    names: dict[tuple[int, int], list[str]] = {}  # by storage and offset: ties and copies
+@contextmanager
+def plain_kernels(model: nn.Module) -> Iterator[None]:
+    """Run attention through PyTorch's math backend and, in a model with recurrent layers,
+    those layers without oneDNN: the decomposed matrix products are what cost counting
+    sees and what ``torch.func.vmap`` batches without a slow per-sample fallback."""
+    recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # oneDNN's flags warn about TF32 on Intel GPUs
+        with ExitStack() as stack:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            if recurrent:
+                stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+            yield
+
+
+def prunable_weights(model: nn.Module, include: Selector | None = None,
+                     exclude: Selector | None = None
+                     ) -> tuple[dict[str, tuple], list[ExcludedLayer]]:
+    """({full name: (module, attribute, aliases)} of the prunable parameters, the ones
+    left out): a parameter that shares its storage with another parameter object (a copy
+    made with ``nn.Parameter(other.data)``, which cannot be pruned consistently) is left
+    out; meta-device weights are refused with the fix."""
+    found = prunable_parameters(model, include, exclude)
+    storage: dict[tuple[int, int], list[str]] = {}
+    objects: dict[tuple[int, int], set[int]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if p.device.type != "meta" and p.numel():
             key = (p.untyped_storage().data_ptr(), p.storage_offset())
-            names.setdefault(key, []).append(name)
-    weights: dict[str, torch.Tensor] = {}
-    excluded: list[ExcludedLayer] = []
-    for name, module in find_prunable_modules(model):
-        w = module.weight
-        if not isinstance(w, nn.Parameter):
-            raise ModelError(
-                f"{name}.weight is not a plain parameter (a torch.nn.utils.prune mask or a "
-                "parametrization); fold it first, e.g. with falcon_prune.make_permanent")
+            storage.setdefault(key, []).append(name)
+            objects.setdefault(key, set()).add(id(p))
+    weights, excluded = {}, []
+    for name, module, attr, aliases in found:
+        w = getattr(module, attr)
         if w.device.type == "meta":
             raise ModelError(
-                f"the model is on the meta device ({name}.weight has no data); load its "
-                "weights first (e.g. model.to_empty(device='cpu') and load_state_dict)")
+                f"the model is on the meta device ({name} has no data); load its weights "
+                "first (e.g. model.to_empty(device='cpu') and load_state_dict)")
         key = (w.untyped_storage().data_ptr(), w.storage_offset())
-        others = [n for n in names.get(key, []) if n != f"{name}.weight"]
-        if others:
+        if len(objects.get(key, ())) > 1:
+            others = [n for n in storage[key] if n != name]
             excluded.append(ExcludedLayer(name, type(module).__name__, w.numel(),
-                                          f"tied to {', '.join(others)} (a shared weight)"))
+                                          f"shares its storage with {', '.join(others)}"))
             continue
-        weights[name] = w
+        weights[name] = (module, attr, aliases)
     return weights, excluded
 
 
@@ -253,42 +415,76 @@ class CostModel:
                 "; the only candidates were left out: " + "; ".join(
                     f"{e.name} ({e.reason})" for e in excluded))
             raise ModelError(
-                "the model has no prunable layers (Conv1d/Conv2d/Conv3d/Linear weights) whose "
-                f"cost can be counted{why}"
-            )
+                f"the model has no prunable parameters whose cost can be counted{why}")
         self.layers = layers
         self.excluded = list(excluded or [])
+        self.fixed_macs = 0.0  # MACs per sample of operations without a prunable weight
+        self.uncounted_ops = 0  # operations on excluded weights with no MAC rule
         self.offsets = [0]
         for lay in layers:
             self.offsets.append(self.offsets[-1] + lay.numel)
 
     @classmethod
     def from_model(cls, model: nn.Module, inputs: object,
-                   call: Callable[[nn.Module, object], object] | None = None) -> CostModel:
+                   call: Callable[[nn.Module, object], object] | None = None,
+                   include: Selector | None = None, exclude: Selector | None = None
+                   ) -> CostModel:
         """Probe ``model`` once on ``inputs`` (a batch of model inputs: a tensor, or a
         tuple/dict of them) run by ``call(model, inputs)`` (default: ``model(x)``,
-        ``model(*x)`` or ``model(**x)``) and record every prunable weight's cost."""
+        ``model(*x)`` or ``model(**x)``) and record every prunable weight's cost and the
+        fixed MACs; ``include``/``exclude`` change the prunable set."""
         from falcon_prune.tasks import call_model
 
         call = call or call_model
-        weights, excluded = prunable_weights(model)
+        weights, excluded = prunable_weights(model, include, exclude)
         if not weights and not excluded:
-            raise ModelError(
-                f"{type(model).__name__} has no prunable layers (Conv1d/Conv2d/Conv3d/Linear); "
-                "nothing to prune"
-            )
+            raise ModelError(f"{type(model).__name__} has no prunable parameters (Conv, "
+                             "Linear, recurrent or attention weights); nothing to prune")
         n = batch_size(inputs)
-        counter = _probe(model, weights, lambda: call(model, inputs))
-        modules = dict(find_prunable_modules(model))
+        tensors = {name: getattr(m, a) for name, (m, a, _) in weights.items()}
+        with plain_kernels(model):
+            counter = _probe(model, tensors, lambda: call(model, inputs))
         layers = []
-        for name, w in weights.items():
-            kind = type(modules[name]).__name__
+        for name, (module, attr, aliases) in weights.items():
+            w = tensors[name]
+            kind = type(module).__name__
             if name in counter.problems:
                 excluded.append(ExcludedLayer(name, kind, w.numel(), counter.problems[name]))
                 continue
-            layers.append(PrunableLayer(name, modules[name], kind, tuple(w.shape),
-                                        counter.macs[name] / w.numel() / n, counter.calls[name]))
-        return cls(layers, excluded)
+            layers.append(PrunableLayer(name, module, attr, kind, tuple(w.shape),
+                                        counter.macs[name] / w.numel() / n,
+                                        counter.calls[name], aliases))
+        out = cls(layers, excluded)
+        out.fixed_macs = counter.fixed / n
+        out.uncounted_ops = counter.uncounted
+        return out
+
+    def budget_macs(self, fraction: float, of: str = "prunable") -> float:
+        """Kept MACs of the prunable weights allowed by a FLOP budget ``fraction`` of the
+        prunable MACs (``of='prunable'``) or of the whole network's (``of='model'``: the
+        fixed MACs stay, so they come out of the budget)."""
+        if of == "prunable":
+            return fraction * self.dense_macs
+        if self.uncounted_ops:
+            raise ConfigError(
+                "flops_of='model' needs every MAC of the network, but a weight left dense is "
+                f"read by an operation this cost model cannot count ({self.excluded[0].name}: "
+                f"{self.excluded[0].reason}); use flops_of='prunable'")
+        total = self.dense_macs + self.fixed_macs
+        allowed = fraction * total - self.fixed_macs
+        if allowed < 0:
+            raise BudgetError(
+                f"flops={fraction} of the whole network is {fraction * total:,.0f} MACs per "
+                f"sample, below its fixed part ({self.fixed_macs:,.0f} MACs, "
+                f"{self.fixed_macs / total:.2%}: operations with no prunable weight, or "
+                f"weights left dense); keep at least {self.fixed_macs / total:.4f}")
+        return allowed
+
+    def fraction(self, kept_macs: float, of: str = "prunable") -> float:
+        """The FLOP fraction kept, in the convention of ``of`` (see :meth:`budget_macs`)."""
+        if of == "prunable":
+            return kept_macs / self.dense_macs
+        return (kept_macs + self.fixed_macs) / (self.dense_macs + self.fixed_macs)
 
     @property
     def num_weights(self) -> int:
@@ -328,5 +524,5 @@ class CostModel:
 def flatten_weights(cost_model: CostModel, dtype: torch.dtype | None = None) -> torch.Tensor:
     """(p,) vector of the current prunable weights, in ``dtype`` (default: the weights' own,
     promoted to one)."""
-    flat = torch.cat([lay.module.weight.detach().reshape(-1) for lay in cost_model.layers])
+    flat = torch.cat([lay.tensor.detach().reshape(-1) for lay in cost_model.layers])
     return flat if dtype is None else flat.to(dtype)

@@ -79,7 +79,7 @@ def budget_of(cm: CostModel, flops: float | None, nnz: float | None,
     """Absolute budgets (kept weights, kept MACs) from kept fractions, with the floors."""
     return Budget(
         None if nnz is None else int(math.floor(nnz * cm.num_weights + 1e-9)),
-        None if flops is None else flops * cm.dense_macs,
+        None if flops is None else cm.budget_macs(flops, config.flops_of),
         floors_of(cm, config), tuple(cm.offsets))
 
 
@@ -114,8 +114,8 @@ class HeldOutScorer:
     def __init__(self, model: nn.Module, cm: CostModel, held: Samples, task: Task,
                  device: torch.device, batch: int = 256, bn_inputs: Batch | None = None):
         self.runner, self.cm, self.task = TaskRunner(model, task), cm, task
-        self.names = ["model." + lay.name + ".weight" for lay in cm.layers]
-        self.dtypes = [lay.module.weight.dtype for lay in cm.layers]
+        self.names = ["model." + lay.name for lay in cm.layers]
+        self.dtypes = [lay.tensor.dtype for lay in cm.layers]
         # on the device once; images channels-last (convolutions ~1.6x faster on CPU)
         self.batches = [map_tensors(to_device(b, device), _channels_last)
                         for b in held.chunks(batch)]
@@ -254,17 +254,19 @@ def solve_step(model: nn.Module, cm: CostModel, groups: CostGroups, budget: Budg
     return Step(res, w * mask, mask, known)
 
 
-def kept_fractions(cm: CostModel, w: torch.Tensor | None = None) -> tuple[float, float]:
+def kept_fractions(cm: CostModel, w: torch.Tensor | None = None, flops_of: str = "prunable"
+                   ) -> tuple[float, float]:
     """(FLOP fraction, weight fraction) kept by the non-zeros of flat weights ``w`` (p,)
     (default: the layers' current weights)."""
     w = flatten_weights(cm) if w is None else w
     kept = torch.stack([wl.count_nonzero() for wl in cm.split(w)]).to("cpu", torch.float64)
     macs = float((kept * cm.layer_costs()).sum())
-    return macs / cm.dense_macs, float(kept.sum()) / cm.num_weights
+    return cm.fraction(macs, flops_of), float(kept.sum()) / cm.num_weights
 
 
 # -- verification ------------------------------------------------------------------------
-def verify(model: nn.Module, cm: CostModel, budget: Budget, task: Task, inputs: Batch
+def verify(model: nn.Module, cm: CostModel, budget: Budget, task: Task, inputs: Batch,
+           selection: tuple = (None, None), flops_of: str = "prunable"
            ) -> tuple[float, float, list[LayerReport]]:
     """Check the finished network against ``budget`` through the independent recount of
     :mod:`falcon_prune.recount`; returns (kept FLOP fraction, kept weight fraction,
@@ -272,24 +274,27 @@ def verify(model: nn.Module, cm: CostModel, budget: Budget, task: Task, inputs: 
     cost model or a budget is exceeded."""
     plain = plain_copy(model)
     excluded = {e.name for e in cm.excluded}
-    count = recount(plain, inputs, task.call, exclude=excluded)
+    count = recount(plain, inputs, task.call, excluded, *selection)
     unseen = sorted(set(count.uncounted) - excluded)
-    modules = dict(plain.named_modules())
-    kept = [int(modules[lay.name].weight.detach().count_nonzero()) for lay in cm.layers]
+    kept = [int(plain.get_parameter(lay.name).detach().count_nonzero()) for lay in cm.layers]
     model_macs = sum(k * lay.cost for k, lay in zip(kept, cm.layers, strict=True))
-    if unseen or not math.isclose(count.dense, cm.dense_macs, rel_tol=1e-6) or \
-            not math.isclose(count.kept, model_macs, rel_tol=1e-6, abs_tol=1e-6):
+    same = math.isclose(count.dense, cm.dense_macs, rel_tol=1e-6) and math.isclose(
+        count.kept, model_macs, rel_tol=1e-6, abs_tol=1e-6)
+    if flops_of == "model":
+        same = same and math.isclose(count.fixed, cm.fixed_macs, rel_tol=1e-6, abs_tol=1e-6)
+    if unseen or not same:
         raise BudgetViolation(
             f"internal error: the independent recount ({count.kept:,.0f} of {count.dense:,.0f}"
-            f" MACs; uncounted {unseen}) disagrees with the cost model ({model_macs:,.0f} of "
-            f"{cm.dense_macs:,.0f}); please report this")
+            f" MACs, {count.fixed:,.0f} fixed; uncounted {unseen}) disagrees with the cost "
+            f"model ({model_macs:,.0f} of {cm.dense_macs:,.0f}, {cm.fixed_macs:,.0f} fixed); "
+            "please report this")
     if not budget.fits(sum(kept), count.kept):
         raise BudgetViolation(
             f"internal error: the result keeps {sum(kept)} weights / {count.kept:,.0f} MACs, "
             f"over the budgets ({budget.count}, {budget.cost}); please report this")
     reports = [LayerReport(lay.name, lay.kind, lay.numel, k, lay.dense_macs, k * lay.cost)
                for k, lay in zip(kept, cm.layers, strict=True)]
-    return count.kept / count.dense, sum(kept) / cm.num_weights, reports
+    return cm.fraction(count.kept, flops_of), sum(kept) / cm.num_weights, reports
 
 
 # -- structure='channels' ---------------------------------------------------------------------
@@ -319,7 +324,7 @@ class UnitState:
         floors = torch.clamp(torch.maximum(
             torch.full_like(sizes, least), torch.ceil(config.min_density * sizes - 1e-9).long()),
             max=sizes)
-        prunable = {lay.name + ".weight" for lay in cm.layers}
+        prunable = {lay.name for lay in cm.layers}
         originals = {}
         for name, p in model.named_parameters():
             a = space.start(name)

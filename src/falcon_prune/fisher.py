@@ -6,13 +6,16 @@ The rows of X define the empirical Fisher ``X^T X / n`` of the quadratic model
 (docs/method.md). The model runs in eval mode (BatchNorm uses its running statistics,
 dropout is off), so a row depends on its own samples only. vmap maps over the first
 dimension of every tensor of the batch (inputs and targets alike, integer token ids
-included). A model that cannot run under vmap (Python control flow on tensor values,
-``.item()``) gets its rows from a plain backward pass per row instead, and the run says so.
+included). Attention runs through PyTorch's math backend and recurrent layers unrolled
+(:mod:`falcon_prune.recurrent`) while gradients are taken, so that vmap batches them
+instead of looping over samples. A model that cannot run under vmap (Python control flow
+on tensor values, ``.item()``) gets its rows from a plain backward pass per row instead,
+and the run says so.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -20,8 +23,9 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from falcon_prune.batches import Batch, Samples, leaves, map_tensors, rebuild, to_device
-from falcon_prune.costs import CostModel
+from falcon_prune.costs import CostModel, plain_kernels
 from falcon_prune.errors import ConfigError, DataError, ModelError
+from falcon_prune.recurrent import unrolled_recurrent
 from falcon_prune.storage import GradientStore, StoragePlan, plan_storage
 from falcon_prune.tasks import Task, TaskRunner, as_task, batch_mean
 
@@ -41,14 +45,16 @@ class _Rows:
     def __init__(self, model: nn.Module, names: list[str], task: Task):
         self.model, self.names, self.task = model, names, task
         self.runner = TaskRunner(model, task)
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))  # tied: every name
         missing = [n for n in names if n not in params]
         if missing:
             raise ModelError(
                 f"prunable weights {missing[:3]} are not plain parameters of the model (fold "
                 "torch.nn.utils.prune masks first, e.g. with falcon_prune.make_permanent)")
         self.weights = {"model." + k: params[k].detach() for k in names}
-        self.fixed = {"model." + k: v.detach() for k, v in params.items() if k not in names}
+        variables = {id(params[k]) for k in names}  # a tied weight: one name, tied by call
+        self.fixed = {"model." + k: v.detach() for k, v in model.named_parameters()
+                      if id(v) not in variables}
         self.fixed.update({"model." + k: v for k, v in model.named_buffers()})
         self.mode = VMAP
 
@@ -83,12 +89,16 @@ class _Rows:
         return torch.stack(out)
 
     def __call__(self, rows: Batch, m: int) -> torch.Tensor:
-        if self.mode == VMAP:
-            try:
-                return self.by_vmap(rows, m)
-            except (RuntimeError, ValueError, TypeError, IndexError) as vmap_error:
+        with plain_kernels(self.model), unrolled_recurrent(self.model):
+            if self.mode == VMAP:
+                lean = _without_full_mask(rows)
+                for batch in ((lean, rows) if lean is not rows else (rows,)):
+                    try:
+                        return self.by_vmap(batch, m)
+                    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                        vmap_error = e
                 self._fall_back(rows, m, vmap_error)
-        return self.by_loop(rows, m)
+            return self.by_loop(rows, m)
 
     def _fall_back(self, rows: Batch, m: int, vmap_error: Exception) -> None:
         """vmap failed: if a plain backward pass works, use loops from now on (the model
@@ -102,6 +112,16 @@ class _Rows:
             ) from e
         first = str(vmap_error).strip().splitlines()[0][:200]
         self.mode = f"a backward pass per row (the model does not run under vmap: {first})"
+
+
+def _without_full_mask(batch: Batch) -> Batch:
+    """A dict batch without its ``attention_mask`` when that attends to every position:
+    the same computation (no mask means attend everywhere), and HuggingFace models then
+    skip the Python check on the mask's values that ``vmap`` cannot run."""
+    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor) \
+            and bool(batch["attention_mask"].all()):
+        return {k: v for k, v in batch.items() if k != "attention_mask"}
+    return batch
 
 
 def gradient_store(
@@ -144,7 +164,7 @@ def gradient_store(
     p = cost_model.num_weights if columns is None else int(columns.numel())
     if plan is None:
         plan = plan_storage(n_gradients, p, dtype, storage, memory_limit, scratch_dir)
-    rows_fn = _Rows(model, [lay.name + ".weight" for lay in cost_model.layers],
+    rows_fn = _Rows(model, [lay.name for lay in cost_model.layers],
                     as_task(task))
     # a vmap call holds its per-sample gradients twice (the dict and the assembled rows)
     per_chunk = max(1, min(max(1, chunk // m),

@@ -52,7 +52,7 @@ from falcon_prune.config import (
     defaults,
     resolve,
 )
-from falcon_prune.costs import CostModel, flatten_weights
+from falcon_prune.costs import CostModel, flatten_weights, parameter_holders
 from falcon_prune.engine import (
     Problem,
     UnitState,
@@ -338,24 +338,46 @@ def recalibrate_on(model: nn.Module, feed: Feed, batches: int, seed: int, task: 
 
 
 # -- masks and steps -------------------------------------------------------------------------
+def _holders(model: nn.Module, cm: CostModel) -> list[list[tuple[nn.Module, str]]]:
+    """Per prunable parameter of ``cm`` (by name), every (module, attribute) of ``model``
+    that holds it (a tied parameter has several)."""
+    found = parameter_holders(model)
+    by_name = {n: holders for holders in found.values() for n, _, _ in holders}
+    return [[(m, a) for _, m, a in by_name[lay.name]] for lay in cm.layers]
+
+
 def _attach_masks(model: nn.Module, cm: CostModel) -> None:
-    """Give every prunable layer a ``torch.nn.utils.prune`` mask (its non-zero pattern if it
-    has none), so that parameters (``weight_orig``) stay the same objects all run long."""
-    modules = dict(model.named_modules())
-    for lay in cm.layers:
-        module = modules[lay.name]
-        if not torch_prune.is_pruned(module):
-            torch_prune.custom_from_mask(module, "weight", module.weight.detach() != 0)
+    """Give every prunable parameter a ``torch.nn.utils.prune`` mask (its non-zero
+    pattern), so that the parameters (``<name>_orig``) stay the same objects all run long
+    and tied ones stay tied."""
+    for holders in _holders(model, cm):
+        module, attr = holders[0]
+        mask = getattr(module, attr).detach() != 0
+        for module, attr in holders:
+            torch_prune.custom_from_mask(module, attr, mask)
 
 
 def _write_back(model: nn.Module, cm: CostModel, w: torch.Tensor, mask: torch.Tensor) -> None:
     """Copy a step's flat weights/mask into the masked training model, in place."""
-    modules = dict(model.named_modules())
     with torch.no_grad():
-        for lay, wl, ml in zip(cm.layers, cm.split(w), cm.split(mask), strict=True):
-            m = modules[lay.name]
-            m.weight_orig.copy_(wl.to(m.weight_orig.dtype))
-            m.weight_mask.copy_(ml.to(m.weight_mask.dtype))
+        for wl, ml, holders in zip(cm.split(w), cm.split(mask), _masked_holders(model, cm),
+                                   strict=True):
+            for module, attr in holders:
+                orig, keep = getattr(module, attr + "_orig"), getattr(module, attr + "_mask")
+                orig.copy_(wl.to(orig.dtype))
+                keep.copy_(ml.to(keep.dtype))
+
+
+def _masked_holders(model: nn.Module, cm: CostModel) -> list[list[tuple[nn.Module, str]]]:
+    """Per prunable parameter of ``cm``, the (module, attribute) pairs of the masked
+    training model that carry its mask."""
+    out = []
+    for lay in cm.layers:
+        mname, _, attr = lay.name.rpartition(".")
+        orig = getattr(model.get_submodule(mname), attr + "_orig")
+        out.append([(m, n.removesuffix("_orig")) for m in model.modules()
+                    for n, p in m._parameters.items() if p is orig and n.endswith("_orig")])
+    return out
 
 
 def _kept_fractions(model: nn.Module, cm: CostModel, structure: str = "weights"
@@ -363,8 +385,8 @@ def _kept_fractions(model: nn.Module, cm: CostModel, structure: str = "weights"
     """(FLOPs, NNZ) kept by the masks: NNZ of the prunable weights, or with
     structure='channels' of all parameters (what the smaller network will hold)."""
     modules = dict(model.named_modules())
-    kept = torch.tensor([float(modules[lay.name].weight_mask.sum()) for lay in cm.layers],
-                        dtype=torch.float64)
+    kept = torch.tensor([float(model.get_buffer(lay.name + "_mask").sum())
+                         for lay in cm.layers], dtype=torch.float64)
     macs = float((kept * cm.layer_costs()).sum())
     if structure != "channels":
         return macs / cm.dense_macs, float(kept.sum()) / cm.num_weights
@@ -397,7 +419,8 @@ def _prune_step(run: _Run, f_k: float | None, s_k: float | None, seed: int) -> d
     """Prune the masked training model in place to the stage budgets (never reviving)."""
     cfg = run.config.step
     plain, _ = working_copy(run.work, run.problem.device)  # float32 for half models
-    cm_plain = CostModel.from_model(plain, run.probe, run.problem.task.call)
+    cm_plain = CostModel.from_model(plain, run.probe, run.problem.task.call, cfg.include,
+                                    cfg.exclude)
     masks = masks_of(run.work)
     allowed = torch.cat([masks[lay.name].reshape(-1) for lay in run.cm.layers])
     samples = float32_samples(run.feed.samples(min(run.need, len(run.feed.dataset)), seed))
@@ -583,8 +606,8 @@ def _events(stages: int, epochs_per_stage: int, final_epochs: int) -> list[tuple
 def _setup(model, train_data, flops, nnz, config: GradualConfig) -> _Run:
     """Validate model and data, and build the training copy (masks attached), its cost
     model and the solver problem."""
-    check_model(model)
     step = config.step
+    check_model(model, step.include, step.exclude)
     device = torch.device(step.device)
     feed = as_feed(train_data, config.batch_size)
     first = feed.samples(min(len(feed.dataset), 8), step.seed)
@@ -592,7 +615,7 @@ def _setup(model, train_data, flops, nnz, config: GradualConfig) -> _Run:
     plain, _ = working_copy(work, device)
     probe = check_task(plain, float32_samples(first), step.task, device)
     raw = step.task.inputs(to_device(first.take(slice(0, 2)).batch, device))
-    cm = CostModel.from_model(plain, probe, step.task.call)
+    cm = CostModel.from_model(plain, probe, step.task.call, step.include, step.exclude)
     extra = {}
     if step.structure == "channels":
         state = UnitState.build(plain, cm, probe, step.task, step)
@@ -735,7 +758,8 @@ def _gradual(model, train_data, flops, nnz, cfg: GradualConfig, plan, total_epoc
     else:
         final = budget_of(run.cm, flops, nnz, cfg.step)
         flops_kept, nnz_kept, _ = verify(run.work, run.cm, final, cfg.step.task,
-                                         run.recount_inputs)
+                                         run.recount_inputs,
+                                         (cfg.step.include, cfg.step.exclude))
     times["total"] = time.perf_counter() - t_start
     return GradualResult(run.work, cfg, flops, nnz, flops_kept, nnz_kept, history, times)
 
@@ -747,11 +771,13 @@ def _remove_dead_channels(run: _Run, flops: float | None, nnz: float | None
     work, task = run.work, run.problem.task
     make_permanent(work)
     total = sum(p.numel() for p in work.parameters())
-    cm = CostModel.from_model(work, run.probe, task.call)
+    step = run.config.step
+    cm = CostModel.from_model(work, run.probe, task.call, step.include, step.exclude)
     state = UnitState.build(work, cm, run.probe, task, run.config.step)
     state.alive = state.alive_from_weights(cm, flatten_weights(cm) != 0)
     remove_channels(state.units, state.alive)
-    count = recount(work, run.recount_inputs, task.call, {e.name for e in cm.excluded})
+    count = recount(work, run.recount_inputs, task.call, {e.name for e in cm.excluded},
+                    step.include, step.exclude)
     params = sum(p.numel() for p in work.parameters())
     if (flops is not None and count.dense > flops * cm.dense_macs * (1 + 1e-12)) or (
             nnz is not None and params > math.floor(nnz * total + 1e-9)):

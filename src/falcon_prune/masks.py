@@ -46,27 +46,33 @@ def plain_copy(model: nn.Module) -> nn.Module:
 
 
 def write_weights(cm: CostModel, w: torch.Tensor) -> None:
-    """Copy flat weights ``w`` (p,) into the (plain, unmasked) prunable layers."""
+    """Copy flat weights ``w`` (p,) into the (plain, unmasked) prunable parameters."""
     with torch.no_grad():
         for lay, wl in zip(cm.layers, cm.split(w), strict=True):
-            lay.module.weight.copy_(wl.to(lay.module.weight.dtype))
+            lay.tensor.copy_(wl.to(lay.tensor.dtype))
 
 
 def apply_weights(cost_model: CostModel, w: torch.Tensor, mask: torch.Tensor) -> None:
-    """Write flat weights ``w`` (p,) into the layers and attach ``mask`` (p,) bool as
-    ``torch.nn.utils.prune`` masks, so fine-tuning keeps pruned weights at zero."""
+    """Write flat weights ``w`` (p,) into the prunable parameters and attach ``mask`` (p,)
+    bool as ``torch.nn.utils.prune`` masks (on every holder of a tied parameter, which
+    stays tied), so fine-tuning keeps pruned weights at zero."""
     for lay, wl, ml in zip(cost_model.layers, cost_model.split(w), cost_model.split(mask),
                            strict=True):
         with torch.no_grad():
-            lay.module.weight.copy_(wl.to(lay.module.weight.dtype) * ml)
-        torch_prune.custom_from_mask(lay.module, "weight", ml.to(lay.module.weight.device))
+            lay.tensor.copy_(wl.to(lay.tensor.dtype) * ml)
+        ml = ml.to(lay.tensor.device)
+        for module, attr in lay.holders:
+            torch_prune.custom_from_mask(module, attr, ml)
 
 
 def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{layer name: bool mask} of every layer that carries a ``torch.nn.utils.prune``
-    weight mask."""
+    """{parameter name: bool mask} of every parameter that carries a
+    ``torch.nn.utils.prune`` mask (e.g. ``"conv1.weight"``)."""
     out = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "weight_mask"):
-            out[name] = module.weight_mask.detach().bool().clone()
+    for mname, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                name = hook._tensor_name
+                key = f"{mname}.{name}" if mname else name
+                out[key] = getattr(module, name + "_mask").detach().bool().clone()
     return out

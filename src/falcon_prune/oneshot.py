@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from falcon_prune.batches import Batch, Samples, collect, map_tensors, to_device
 from falcon_prune.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from falcon_prune.config import GRADIENT_METHODS, PruneConfig
-from falcon_prune.costs import CostModel, find_prunable_modules, flatten_weights
+from falcon_prune.costs import CostModel, flatten_weights, prunable_parameters
 from falcon_prune.engine import (
     HeldOutScorer,
     Problem,
@@ -41,7 +41,14 @@ from falcon_prune.errors import (
     ModelTypeError,
 )
 from falcon_prune.ilp import CostGroups
-from falcon_prune.masks import apply_weights, clone_model, make_permanent, write_weights
+from falcon_prune.masks import (
+    apply_weights,
+    clone_model,
+    make_permanent,
+    masks_of,
+    plain_copy,
+    write_weights,
+)
 from falcon_prune.results import PruneResult, peak_rss_mb
 from falcon_prune.schedules import stage_budgets
 from falcon_prune.tasks import Task, metric_key
@@ -49,17 +56,20 @@ from falcon_prune.tasks import Task, metric_key
 HALF = (torch.float16, torch.bfloat16)
 
 
-def check_model(model: object) -> None:
-    """Refuse what cannot be pruned: not a Module, on the meta device, no prunable layer."""
+def check_model(model: object, include=None, exclude=None) -> None:
+    """Refuse what cannot be pruned: not a Module, on the meta device, no prunable
+    parameter (by the library's definition with ``include``/``exclude``)."""
     if not isinstance(model, nn.Module):
         raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ModelError(
             "the model is on the meta device (its parameters have no values); load its "
             "weights first, e.g. model.to_empty(device='cpu') then load_state_dict")
-    if not find_prunable_modules(model):
-        raise ModelError(f"{type(model).__name__} has no prunable layers "
-                         "(Conv1d/Conv2d/Conv3d/Linear); nothing to prune")
+    if not prunable_parameters(plain_copy(model) if masks_of(model) else model, include,
+                               exclude):
+        raise ModelError(f"{type(model).__name__} has no prunable layers (Conv, Linear, "
+                         "recurrent or attention weights, or what include= selects); nothing "
+                         "to prune")
 
 
 def float32_samples(s: Samples) -> Samples:
@@ -153,9 +163,10 @@ def check_task(model: nn.Module, samples: Samples, task: Task, device: torch.dev
 
 
 def _stage_row(k: int, cm: CostModel, f_k, s_k, step: Step, scorer: HeldOutScorer | None,
-               task: Task, seconds: float) -> dict:
+               problem: Problem, seconds: float) -> dict:
     """A row of the falcon++ trajectory: budgets, kept fractions, held-out loss/metric."""
-    flops, nnz = kept_fractions(cm)
+    task = problem.task
+    flops, nnz = kept_fractions(cm, flops_of=problem.config.flops_of)
     row = {"stage": k, "flops_budget": f_k, "nnz_budget": s_k, "flops_fraction": flops,
            "nnz_fraction": nnz}
     known = step.held_out
@@ -193,7 +204,7 @@ def run_stages(work: nn.Module, cm: CostModel, groups: CostGroups, plan: list, d
         write_weights(cm, step.w)
         mask = step.mask
         if multistage:
-            trajectory.append(_stage_row(k, cm, f_k, s_k, step, scorer, problem.task,
+            trajectory.append(_stage_row(k, cm, f_k, s_k, step, scorer, problem,
                                          time.perf_counter() - t))
             bar.update(1)
             bar.set_postfix(flops=f"{trajectory[-1]['flops_fraction']:.3f}",
@@ -261,7 +272,7 @@ def setup(model: nn.Module, data: object, flops: float | None, nnz: float | None
     the cost model."""
     if flops is None and nnz is None:
         raise BudgetError("give at least one budget: flops=<fraction kept> and/or nnz=<fraction>")
-    check_model(model)
+    check_model(model, cfg.include, cfg.exclude)
     device = torch.device(cfg.device)
     plan = (stage_budgets(cfg.schedule, flops, nnz) if cfg.method == "falcon++"
             else [(flops, nnz)])
@@ -274,7 +285,7 @@ def setup(model: nn.Module, data: object, flops: float | None, nnz: float | None
     problem.trace.progress = progress
     t = time.perf_counter()
     probe = check_task(work, d.samples, cfg.task, device)
-    cm = CostModel.from_model(work, probe, cfg.task.call)
+    cm = CostModel.from_model(work, probe, cfg.task.call, cfg.include, cfg.exclude)
     times = {"costs": time.perf_counter() - t}
     return Run(work, dtype, d, cfg, problem, cm, probe, recount_inputs, plan, times)
 
@@ -290,14 +301,16 @@ def run(model: nn.Module, data: object, flops: float | None, nnz: float | None,
     check_floors(cm, final, cfg)
     step, mask, trajectory = run_stages(r.work, cm, groups, r.plan, r.draw, problem, times)
     bn_note = _finish(r.work, cm, mask, r.draw, problem, r.dtype, times)
-    flops_kept, nnz_kept, layers = verify(r.work, cm, final, cfg.task, r.recount_inputs)
+    flops_kept, nnz_kept, layers = verify(r.work, cm, final, cfg.task, r.recount_inputs,
+                                          (cfg.include, cfg.exclude), cfg.flops_of)
     times["total"] = time.perf_counter() - t_start
     return PruneResult(
         model=r.work, config=cfg, flops_budget=flops, nnz_budget=nnz,
         flops_fraction=flops_kept, nnz_fraction=nnz_kept, dense_macs=cm.dense_macs,
         num_weights=cm.num_weights, layers=layers, ilp_gap=step.result.ilp_gap,
         ilp_upper_bound=step.result.ilp_upper_bound, times=times, peak_rss_mb=peak_rss_mb(),
-        excluded=cm.excluded, details=run_details(r, step, bn_note), stages=trajectory)
+        excluded=cm.excluded, fixed_macs=cm.fixed_macs, details=run_details(r, step, bn_note),
+        stages=trajectory)
 
 
 def run_details(r: Run, step: Step, bn_note: str) -> dict:

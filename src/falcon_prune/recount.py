@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from falcon_prune.batches import batch_size
-from falcon_prune.costs import find_prunable_modules
+from falcon_prune.costs import Selector, plain_kernels, prunable_parameters
 from falcon_prune.errors import ModelError
 
 
@@ -92,13 +92,17 @@ class _ReadAudit(TorchDispatchMode):
 
 
 def recount(model: nn.Module, inputs: object, call: Callable[[nn.Module, object], object],
-            exclude: Iterable[str] = ()) -> MacCount:
+            exclude: Iterable[str] = (), include_params: Selector | None = None,
+            exclude_params: Selector | None = None) -> MacCount:
     """Recount the MACs per sample of ``model`` on ``inputs`` (model inputs of a batch, run
     by ``call(model, inputs)``), counting a prunable weight entry as kept when it is
-    non-zero. ``exclude``: names of prunable modules whose weights count as fixed. The
+    non-zero. The prunable parameters are those of the library's definition
+    (:func:`~falcon_prune.costs.prunable_parameters` with ``include_params`` and
+    ``exclude_params``), less ``exclude`` (names of parameters left dense: fixed). The
     model must hold plain weights (no ``torch.nn.utils.prune`` masks)."""
     skip = set(exclude)
-    weights = {n: m.weight for n, m in find_prunable_modules(model) if n not in skip}
+    weights = {n: getattr(m, a) for n, m, a, _ in prunable_parameters(
+        model, include_params, exclude_params) if n not in skip}
     if any(w.device.type == "meta" for w in weights.values()):
         raise ModelError("the model is on the meta device; its weights have no values")
     count = MacCount()
@@ -112,7 +116,8 @@ def recount(model: nn.Module, inputs: object, call: Callable[[nn.Module, object]
     try:
         for p, _ in flags:
             p.requires_grad_(p.is_floating_point())
-        with torch.enable_grad(), FlopCounterMode(display=False, custom_mapping=mapping), \
+        with torch.enable_grad(), plain_kernels(model), \
+                FlopCounterMode(display=False, custom_mapping=mapping), \
                 _ReadAudit(storages, count):
             call(model, inputs)
     finally:

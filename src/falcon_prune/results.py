@@ -54,6 +54,7 @@ class PruneResult:
     times: dict[str, float]
     peak_rss_mb: float
     excluded: list[ExcludedLayer] = field(default_factory=list)
+    fixed_macs: float = 0.0
     details: dict = field(default_factory=dict)
     stages: list[dict] = field(default_factory=list)
 
@@ -73,6 +74,9 @@ class PruneResult:
         for e in self.excluded:
             rows.append(f"{e.name[:28]:<28} {e.kind[:10]:<10} {e.weights:>9,} left dense, outside "
                         f"the budgets: {e.reason}")
+        if self.fixed_macs:
+            rows.append(f"{'(fixed: no prunable weight)':<28} {'':<10} {'':>9} {'':>9} "
+                        f"{self.fixed_macs:>12,.0f} {self.fixed_macs:>12,.0f}")
         return "\n".join(rows)
 
     def summary(self) -> str:
@@ -95,7 +99,8 @@ class PruneResult:
             "method": self.method, "config": self.config.to_dict(),
             "flops_budget": self.flops_budget, "nnz_budget": self.nnz_budget,
             "flops_fraction": self.flops_fraction, "nnz_fraction": self.nnz_fraction,
-            "dense_macs": self.dense_macs, "num_weights": self.num_weights,
+            "dense_macs": self.dense_macs, "fixed_macs": self.fixed_macs,
+            "num_weights": self.num_weights,
             "ilp_gap": self.ilp_gap, "ilp_upper_bound": self.ilp_upper_bound,
             "times": self.times, "peak_rss_mb": self.peak_rss_mb, "details": self.details,
             "stages": self.stages, "layers": [asdict(r) for r in self.layers],

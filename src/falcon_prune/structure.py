@@ -64,7 +64,7 @@ class ParamSpace:
         flat = torch.full((offsets[-1],), -1, dtype=torch.int64)
         where = {n: k for k, n in enumerate(names)}
         for lay, a in zip(cm.layers, cm.offsets[:-1], strict=True):
-            k = where[lay.name + ".weight"]
+            k = where[lay.name]
             flat[offsets[k]:offsets[k + 1]] = torch.arange(a, a + lay.numel)
         return cls(names, offsets, flat)
 
@@ -207,7 +207,9 @@ def channel_units(model: nn.Module, cm: CostModel, inputs: object,
             "autograd graph (is the forward run under torch.no_grad?); structure='channels' "
             "needs a traceable model (use structure='weights' for unstructured pruning)")
     kept = _output_layers(graph, model) + [dict(model.named_modules())[n] for n in keep_layers]
-    kept += [dict(model.named_modules())[e.name] for e in cm.excluded]
+    modules = dict(model.named_modules())
+    kept += [modules[e.name.rpartition(".")[0]] for e in cm.excluded
+             if isinstance(modules.get(e.name.rpartition(".")[0]), ROOT_TYPES)]
     kept += _grouped_layers(model)
     groups = list(graph.get_all_groups(ignored_layers=kept, root_module_types=ROOT_TYPES))
     space = ParamSpace.of(model, cm)
@@ -228,7 +230,7 @@ def channel_units(model: nn.Module, cm: CostModel, inputs: object,
         channel_of += list(range(channels))
         labels += [f"{root}[{c}]" for c in range(channels)]
     fixed = [(names[id(m)] + ".weight", m.weight.numel()) for m in _grouped_layers(model)]
-    fixed += [(e.name + ".weight", e.weights) for e in cm.excluded]
+    fixed += [(e.name, e.weights) for e in cm.excluded]
     return _assemble(space, pairs, group_of, channel_of, labels, graph, groups, fixed)
 
 
