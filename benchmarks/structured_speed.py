@@ -332,6 +332,22 @@ def plot(rows: list, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def imagenet_only(a: argparse.Namespace, prov: dict) -> None:
+    """Replace the ImageNet-size rows of the file ``a.out`` by a new measurement."""
+    import json
+
+    old = json.loads(a.out.read_text())
+    rows = [r for r in old["rows"] if r["network"] == "resnet20"]
+    earlier = [old["provenance"], *old.get("earlier_provenance", [])]
+    record = {"command": old["command"], "imagenet_command": " ".join(["python", *sys.argv]),
+              "rows": rows}
+    rows += imagenet_rows(a)
+    write_results(a.out, record, prov, earlier)
+    if a.plot:
+        plot(rows, a.plot)
+    print(f"wrote {a.out}")
+
+
 def main() -> None:
     import json
 
@@ -345,6 +361,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--imagenet-repeats", type=int, default=10)
     ap.add_argument("--skip-imagenet", action="store_true")
+    ap.add_argument("--imagenet-only", action="store_true",
+                    help="only the ImageNet-size latency rows, appended to --out (its "
+                         "ResNet20 rows and their provenance are kept)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/structured_speed.json"))
     ap.add_argument("--plot", type=Path, default=None)
@@ -352,6 +371,8 @@ def main() -> None:
     if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
         sys.exit(f"{SHARED} is absent: this benchmark needs the project's shared data")
     prov = {**provenance(), "torch_threads": torch.get_num_threads()}
+    if a.imagenet_only:
+        return imagenet_only(a, prov)
     train, test = data()
     base = resnet20()
     dense = macs_params(base, train[0])

@@ -732,3 +732,29 @@ def test_cli_round_to_needs_channels(files, tmp_path, capsys):
     assert "--round-to and --keep-layers apply to --structure channels" in \
         capsys.readouterr().err
     assert not out.exists()
+
+
+def test_magnitude_prefix_is_the_longest_fitting_prefix():
+    """select_prefix_units bisects the prefix length: the same units as adding them one by
+    one in score order until the next one no longer fits."""
+    from falcon_prune.group_solvers import UnitBudget, UnitCosts, select_prefix_units
+
+    model, x = TinyResNet().eval(), small_data(2)[0]
+    u, cm = units_of(model, x)
+    flat = u.space.flat
+    entry_cost = torch.zeros(u.space.size, dtype=torch.float64)
+    entry_cost[flat >= 0] = cm.per_weight_costs()[flat[flat >= 0]]
+    costs = UnitCosts(u, entry_cost)
+    scores = torch.rand(u.m, generator=torch.Generator().manual_seed(0))
+    allowed = torch.ones(u.m, dtype=torch.bool)
+    dense_c, dense_s = costs.exact(allowed)
+    for frac in (0.9, 0.6, 0.3):
+        budget = UnitBudget(frac * dense_c, frac * dense_s + 1,
+                            torch.zeros(len(u.groups), dtype=torch.int64))
+        keep = torch.zeros(u.m, dtype=torch.bool)
+        for k in torch.argsort(scores, descending=True, stable=True).tolist():
+            keep[k] = True
+            if not costs.fits(keep, budget):
+                keep[k] = False
+                break
+        assert torch.equal(select_prefix_units(scores, costs, budget, allowed), keep)

@@ -170,14 +170,23 @@ def select_prefix_units(scores: torch.Tensor, costs: UnitCosts, budget: UnitBudg
                         allowed: torch.Tensor) -> torch.Tensor:
     """Group magnitude's rule: the floors, then the units by decreasing score while the
     exact totals fit (the longest fitting prefix, skipping none)."""
-    keep = _forced(scores, costs.units, budget.floors, allowed)
-    cand = (allowed & ~keep).nonzero().reshape(-1)
-    for u in cand[torch.argsort(scores[cand], descending=True, stable=True)].tolist():
-        keep[u] = True
-        if not costs.fits(keep, budget):
-            keep[u] = False
-            break
-    return keep
+    forced = _forced(scores, costs.units, budget.floors, allowed)
+    cand = (allowed & ~forced).nonzero().reshape(-1)
+    order = cand[torch.argsort(scores[cand], descending=True, stable=True)]
+
+    def prefix(k: int) -> torch.Tensor:
+        keep = forced.clone()
+        keep[order[:k]] = True
+        return keep
+
+    lo, hi = 0, len(order)  # prefix(lo) fits; kept totals only grow with k: bisect
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if costs.fits(prefix(mid), budget):
+            lo = mid
+        else:
+            hi = mid - 1
+    return prefix(lo)
 
 
 # -- a structured step -----------------------------------------------------------------------
