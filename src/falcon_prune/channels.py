@@ -21,7 +21,7 @@ from falcon_prune.batchnorm import recalibrate_batchnorm
 from falcon_prune.config import PruneConfig
 from falcon_prune.costs import CostModel, flatten_weights
 from falcon_prune.engine import HeldOutScorer, Step, UnitState, solve_unit_step
-from falcon_prune.errors import BudgetViolation
+from falcon_prune.errors import BudgetViolation, ModelError
 from falcon_prune.group_solvers import UnitBudget
 from falcon_prune.masks import write_weights
 from falcon_prune.oneshot import HALF, Run, bn_note, run_details, setup
@@ -90,6 +90,15 @@ def _finish(r: Run, state: UnitState) -> str:
     t = time.perf_counter()
     remove_channels(state.units, state.alive)
     r.times["surgery"] = time.perf_counter() - t
+    try:
+        with torch.no_grad():
+            r.problem.task.call(r.work, r.probe)
+    except RuntimeError as e:
+        raise ModelError(
+            f"removing the chosen channels broke the model's forward pass ({e}); a group's "
+            "channels are probably split into attention heads by a reshape, which "
+            "structure='channels' does not model: keep those layers whole with "
+            "keep_layers=[...] (globs, e.g. '*.attention.self.*')") from e
     if r.dtype in HALF:
         r.work.to(r.dtype)
     return bn_note(r.work, seen)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatch
 
 import torch
 from torch import nn
@@ -197,21 +198,24 @@ def channel_units(model: nn.Module, cm: CostModel, inputs: object,
     not removable."""
     tp = torch_pruning()
     names = {id(m): n for n, m in model.named_modules()}
-    unknown = [n for n in keep_layers if n not in dict(model.named_modules())]
+    modules = dict(model.named_modules())
+    unknown = [n for n in keep_layers if not any(fnmatch(m, n) for m in modules)]
     if unknown:
         raise ModelError(f"keep_layers names modules the model does not have: {unknown}")
+    keep_layers = tuple(m for m in modules if any(fnmatch(m, n) for n in keep_layers))
     graph = _graph(tp, model, inputs, call)
     if not _traceable(model, inputs, call):
         raise ModelError(
             "the model's channel dependencies could not be traced: its output has no "
             "autograd graph (is the forward run under torch.no_grad?); structure='channels' "
             "needs a traceable model (use structure='weights' for unstructured pruning)")
-    kept = _output_layers(graph, model) + [dict(model.named_modules())[n] for n in keep_layers]
-    modules = dict(model.named_modules())
+    kept = _output_layers(graph, model) + [modules[n] for n in keep_layers]
     kept += [modules[e.name.rpartition(".")[0]] for e in cm.excluded
              if isinstance(modules.get(e.name.rpartition(".")[0]), ROOT_TYPES)]
     kept += _grouped_layers(model)
-    groups = list(graph.get_all_groups(ignored_layers=kept, root_module_types=ROOT_TYPES))
+    groups = [g for g in graph.get_all_groups(ignored_layers=kept, root_module_types=ROOT_TYPES)
+              if not any(isinstance(it.dep.target.module, nn.MultiheadAttention)
+                         for it in g.items)]  # attention's width stays (heads must divide it)
     space = ParamSpace.of(model, cm)
     pairs, group_of, channel_of, labels = [], [], [], []
     for gi, g in enumerate(groups):
