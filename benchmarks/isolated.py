@@ -30,6 +30,33 @@ def run_isolated(script: str, args: list[str]) -> dict:
     return json.loads(proc.stdout.split("RESULT ", 1)[1])
 
 
+# -- machine-independent time ---------------------------------------------------------------
+def unit_seconds(model, x, y, n: int = 1000, batch: int = 100, repeats: int = 3) -> float:
+    """One *unit*: the seconds of a plain batched forward and backward pass (cross-entropy,
+    gradients of every parameter, no optimizer step) over the first ``n`` samples of
+    ``(x, y)`` in batches of ``batch``, median of ``repeats``; ``model`` is left as it was.
+    A run's seconds divided by the unit measured beside it is a time that does not depend
+    on the machine's speed."""
+    import statistics
+    import time
+
+    import torch
+
+    was = model.training
+    model.eval()
+    times = []
+    try:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for a in range(0, n, batch):
+                loss = torch.nn.functional.cross_entropy(model(x[a:a + batch]), y[a:a + batch])
+                torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+            times.append(time.perf_counter() - t)
+    finally:
+        model.train(was)
+    return statistics.median(times)
+
+
 # -- provenance ------------------------------------------------------------------------------
 def _git(*args: str) -> str | None:
     try:

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from isolated import previous, provenance, prune_kwargs, run_isolated, save_rows
+from isolated import previous, provenance, prune_kwargs, run_isolated, save_rows, unit_seconds
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 METHODS = ["mp", "mp_flops", "woodfisher", "chita", "falcon", "falcon++"]
@@ -56,13 +56,15 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
     extra = prune_kwargs({**({"n_gradients": n_gradients}
                              if n_gradients is not None and uses_gradients else {}),
                           **(kwargs or {})}, method)
+    units = [unit_seconds(model, *train.tensors)]  # measured before and after the run
     t = time.perf_counter()
     r = fp.prune(model.eval(), train.tensors, flops=flops, method=method, seed=seed,
                  sampling=sampling, progress=False, recalibrate_bn=recalibrate_bn, **extra)
     seconds = time.perf_counter() - t
+    units.append(unit_seconds(model, *train.tensors))
     kept, dense = fp.count_macs(r.model, x[:1])  # folds the masks in a copy
     plain = plain_copy(r.model)
-    weights = [lay.module.weight for lay in fp.CostModel.from_model(plain, x[:1]).layers]
+    weights = [lay.tensor for lay in fp.CostModel.from_model(plain, x[:1]).layers]
     nnz = sum(int(w.count_nonzero()) for w in weights) / sum(w.numel() for w in weights)
     return {
         "method": method + (f" ({label})" if label else "")
@@ -72,7 +74,8 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
         "accuracy": accuracy(r.model, test.tensors),
         "flops_fraction": r.flops_fraction, "flops_recount": kept / dense,
         "nnz_fraction": r.nnz_fraction, "nnz_recount": nnz,
-        "seconds": seconds, "times": r.times, "peak_rss_mb": peak_rss_mb(),
+        "seconds": seconds, "unit_seconds": units, "units": seconds / (sum(units) / 2),
+        "times": r.times, "peak_rss_mb": peak_rss_mb(),
         "ilp_gap": r.ilp_gap, "sampling": r.config.sampling, "stages": r.stages,
         "details": {k: v for k, v in r.details.items() if k != "candidates"},
         "config": r.config.to_dict(),
@@ -125,6 +128,7 @@ def main() -> None:
                 print(f"{flops:.2f} {method:<10} acc {row['accuracy']:.4f} FLOPs "
                       f"{row['flops_fraction']:.4f} (recount {row['flops_recount']:.4f}) NNZ "
                       f"{row['nnz_fraction']:.4f} {row['seconds']:.1f}s "
+                      f"({row['units']:.1f} units) "
                       f"{row['peak_rss_mb']:.0f} MiB", flush=True)
                 save_rows(a.out, rows, earlier, prov, earlier_prov)
     print(f"wrote {a.out}")

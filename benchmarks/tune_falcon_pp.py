@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from isolated import provenance, prune_kwargs, run_isolated, save_rows
+from isolated import provenance, prune_kwargs, run_isolated, save_rows, unit_seconds
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -85,15 +85,18 @@ def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
     # options not named keep falcon++'s defaults (round 2 and earlier used SolverOptions'
     # own defaults for them, e.g. max_iter=30, whenever a setting named any option)
     kw = setting_kwargs(setting)
+    units = [unit_seconds(model, x[tr], y[tr])]  # measured before and after the run
     t = time.perf_counter()
     r = fp.prune(model.eval(), (x[tr], y[tr]), flops=flops, method="falcon++", seed=seed,
                  progress=False, **kw)
     seconds = time.perf_counter() - t
+    units.append(unit_seconds(model, x[tr], y[tr]))
     ev = fp.evaluate(r.model, (x[va], y[va]))
     return {
         "setting": setting, "flops_budget": flops, "seed": seed,
         "val_accuracy": ev.metric, "val_loss": ev.loss,
         "flops_fraction": r.flops_fraction, "seconds": seconds,
+        "unit_seconds": units, "units": seconds / (sum(units) / 2), "times": r.times,
         "stages": [{k: v for k, v in row.items()
                     if k in ("stage", "held_out_loss", "saliency", "cost_exponent", "ridge",
                              "seconds")} for row in r.stages],
@@ -138,7 +141,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"{json.dumps(setting):<70} {flops:.2f} seed {seed} val acc "
                       f"{row['val_accuracy']:.4f} loss {row['val_loss']:.4f} "
-                      f"{row['seconds']:.1f}s", flush=True)
+                      f"{row['seconds']:.1f}s ({row['units']:.1f} units)", flush=True)
                 save_rows(a.out, rows, prov=prov)
     print("\nmedian validation accuracy per setting and budget:")
     for setting in grid:
