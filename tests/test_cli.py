@@ -56,6 +56,8 @@ def test_cli_errors_are_reported(tmp_path, capsys):
     assert "--no-resample only apply" in capsys.readouterr().err
     assert main([*base, "--flops", "0.3", "--method", "falcon", "--min-step", "0.1"]) == 2
     assert "--min-step only apply" in capsys.readouterr().err
+    assert main([*base, "--flops", "0.3", "--method", "falcon", "--effort", "fast"]) == 2
+    assert "--effort only apply" in capsys.readouterr().err
     assert not (tmp_path / "o.pt").exists()
 
 

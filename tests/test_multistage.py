@@ -158,3 +158,36 @@ def test_multistage_options_change_one_choice_and_keep_the_others(cnn, data, mon
     r = fp.prune(cnn, data, flops=0.5, method="falcon++", stages=2, n_gradients=60,
                  solver=opts, progress=False)
     assert r.config.solver.ridges == (1e-2,) and r.config.solver.saliencies == ("obs",)
+
+
+# -- effort presets ------------------------------------------------------------------------
+def test_effort_presets_are_named_defaults():
+    fast = fp.defaults("falcon++", effort="fast")
+    assert fast.effort == "fast" and fast.schedule.stages == 6
+    assert (fast.n_gradients, fast.samples_per_gradient) == (500, 2)
+    assert fp.defaults("falcon++").effort == "default" == fp.defaults("falcon++",
+                                                                       effort="default").effort
+    assert set(fp.EFFORTS) == {"default", "balanced", "fast"}
+    assert fp.defaults("falcon++", effort="balanced").n_gradients == 500
+
+
+def test_effort_fast_prunes_with_its_preset_and_settings_override_it(cnn, data):
+    r = fp.prune(cnn, data, flops=0.4, method="falcon++", effort="fast", n_gradients=60,
+                 n_validation=60, progress=False)
+    assert r.config.effort == "fast" and r.config.schedule.stages == 6
+    assert r.config.samples_per_gradient == 2 and r.config.n_gradients == 60
+    assert r.flops_fraction <= 0.4 and len(r.stages) <= 6
+    assert r.to_dict()["config"]["effort"] == "fast"
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"method": "falcon", "effort": "fast"}, "does not use effort"),
+    ({"method": "falcon++", "effort": "quick"}, "effort must be one of default, balanced, fast"),
+    ({"method": "falcon++", "effort": "fast", "structure": "channels"},
+     "preset of falcon\\+\\+ with structure='weights'"),
+    ({"method": "falcon++", "effort": "default", "config": fp.defaults("falcon++", effort="fast")},
+     "give the effort in one place"),
+])
+def test_bad_effort_is_refused(cnn, data, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        fp.prune(cnn, data, flops=0.4, progress=False, **kw)

@@ -4,7 +4,14 @@ at once, with FALCON (Meng et al., AISTATS 2024)."""
 from falcon_prune import errors, tasks
 from falcon_prune.api import count_macs, prune
 from falcon_prune.batchnorm import recalibrate_batchnorm
-from falcon_prune.config import DEFAULTS, METHODS, PruneConfig, defaults, multistage_options
+from falcon_prune.config import (
+    DEFAULTS,
+    EFFORTS,
+    METHODS,
+    PruneConfig,
+    defaults,
+    multistage_options,
+)
 from falcon_prune.costs import CostModel
 from falcon_prune.errors import FalconPruneError, MemoryBudgetError
 from falcon_prune.evaluation import Evaluation, evaluate
@@ -43,6 +50,7 @@ __all__ = [
     "clone_model",
     "count_macs",
     "defaults",
+    "EFFORTS",
     "errors",
     "evaluate",
     "gradient_matrix",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from falcon_prune.config import DEFAULTS, METHODS
+from falcon_prune.config import DEFAULTS, EFFORTS, METHODS, defaults
 from falcon_prune.errors import ConfigError, DependencyError, FalconPruneError, PathError
 from falcon_prune.masks import masks_of, plain_copy
 from falcon_prune.schedules import KINDS, Schedule
@@ -23,7 +23,7 @@ from falcon_prune.storage import STORAGES, check_scratch_dir
 
 DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32,
                "float16": torch.float16, "bfloat16": torch.bfloat16}
-MULTISTAGE_ONLY = ("stages", "schedule", "start", "min_step", "trajectory", "plot")
+MULTISTAGE_ONLY = ("effort", "stages", "schedule", "start", "min_step", "trajectory", "plot")
 
 
 # -- path checks -----------------------------------------------------------------------------
@@ -138,6 +138,10 @@ def _add_prune(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampling", choices=["random", "first"])
+    p.add_argument("--effort", choices=list(EFFORTS),
+                   help="falcon++: preset of stages and gradients (default: default, the "
+                        "most accurate; 'balanced' and 'fast' trade accuracy for time, "
+                        "docs/tuning.md)")
     p.add_argument("--stages", type=int, help=f"falcon++: stages (default {ms.schedule.stages})")
     p.add_argument("--schedule", choices=KINDS, help="falcon++: schedule shape (default cubic)")
     p.add_argument("--start", type=float, help="falcon++: kept fraction at the first stage")
@@ -210,9 +214,10 @@ def _multistage_settings(a: argparse.Namespace) -> dict:
         if given:
             raise ConfigError(f"{', '.join(given)} only apply to --method falcon++")
         return {}
-    out: dict = {"revive": a.revive or None, "resample": False if a.no_resample else None}
+    out: dict = {"revive": a.revive or None, "resample": False if a.no_resample else None,
+                 "effort": a.effort}
     if any(getattr(a, k) is not None for k in ("stages", "schedule", "start", "min_step")):
-        ms = DEFAULTS["falcon++"].schedule
+        ms = defaults("falcon++", effort=a.effort or "default").schedule
         out["schedule"] = Schedule(a.stages or ms.stages, a.schedule or "cubic", a.start,
                                    min_step=ms.min_step if a.min_step is None else a.min_step)
     return out

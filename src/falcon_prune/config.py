@@ -64,6 +64,10 @@ class PruneConfig:
       multiple of this many channels, or all: CPU and GPU kernels run faster on such
       counts).
 
+    - falcon++: ``effort``, the named preset the defaults came from ('default', the most
+      accurate; 'balanced'; 'fast': see :data:`EFFORTS`); settings given beside it are
+      applied over the preset.
+
     A field the method does not use is None."""
 
     method: str = "falcon"
@@ -95,6 +99,7 @@ class PruneConfig:
     keep_layers: tuple[str, ...] | None = None
     obs_rank: int | None = None
     round_to: int | None = None
+    effort: str | None = None
 
     def replace(self, **changes: Any) -> PruneConfig:
         """A copy with some settings changed (validated by ``prune``)."""
@@ -124,7 +129,7 @@ USED_BY: dict[str, tuple[str, ...]] = {
                      "dtype", "storage", "memory_limit", "scratch_dir"), GRADIENT_METHODS),
     "n_validation": ("falcon", "falcon++"),
     "solver": ("chita", "falcon", "falcon++"),
-    **dict.fromkeys(("schedule", "stages", "resample", "revive"), ("falcon++",)),
+    **dict.fromkeys(("schedule", "stages", "resample", "revive", "effort"), ("falcon++",)),
 }
 
 MULTISTAGE_SOLVER = SolverOptions(max_iter=0, ridges=(1e-4,), cost_exponents=(0.25, 0.5, 0.75),
@@ -141,11 +146,20 @@ def _table() -> dict[str, PruneConfig]:
         out[m] = base.replace(**{k: v for k, v in unused.items() if m not in USED_BY[k]})
     out["falcon++"] = out["falcon++"].replace(
         samples_per_gradient=2, n_validation=500, alpha=0.01, solver=MULTISTAGE_SOLVER,
-        schedule=Schedule(12, "cubic", min_step=0.01), resample=True, revive=False)
+        schedule=Schedule(12, "cubic", min_step=0.01), resample=True, revive=False,
+        effort="default")
     return out
 
 
 DEFAULTS: dict[str, PruneConfig] = _table()
+
+#: falcon++'s named presets of stages and gradients: the changes to its defaults
+#: (docs/tuning.md has the validation runs that chose them and their cost in units)
+EFFORTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "balanced": {"n_gradients": 500},
+    "fast": {"schedule": Schedule(6, "cubic", min_step=0.01), "n_gradients": 500},
+}
 
 
 def _channel_table() -> dict[str, PruneConfig]:
@@ -159,7 +173,8 @@ def _channel_table() -> dict[str, PruneConfig]:
         if m == "falcon++":  # tuning round 'channels 1' on the validation split
             cfg = cfg.replace(solver=MULTISTAGE_SOLVER.replace(saliencies=(
                 "magnitude", "obs", "fisher")), obs_rank=256, revive=None, n_gradients=500,
-                samples_per_gradient=1, schedule=Schedule(4, "cubic", min_step=0.01))
+                samples_per_gradient=1, schedule=Schedule(4, "cubic", min_step=0.01),
+                effort="default")
         out[m] = cfg
     return out
 
@@ -167,9 +182,17 @@ def _channel_table() -> dict[str, PruneConfig]:
 CHANNEL_DEFAULTS: dict[str, PruneConfig] = _channel_table()
 
 
-def defaults(method: str = "falcon", structure: str = "weights") -> PruneConfig:
+def defaults(method: str = "falcon", structure: str = "weights",
+             effort: str = "default") -> PruneConfig:
     """The default :class:`PruneConfig` of ``method`` (for ``structure`` 'weights' or
-    'channels')."""
+    'channels'); for falcon++, ``effort`` names a preset of :data:`EFFORTS`."""
+    if effort != "default":
+        if effort not in EFFORTS:
+            raise ConfigError(f"effort must be one of {', '.join(EFFORTS)}, got {effort!r}")
+        if method != "falcon++" or structure != "weights":
+            raise ConfigError(f"effort={effort!r} is a preset of falcon++ with "
+                              "structure='weights'; drop it")
+        return DEFAULTS[method].replace(effort=effort, **EFFORTS[effort])
     if method not in DEFAULTS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if structure not in STRUCTURES:
@@ -322,7 +345,7 @@ _WHY_UNUSED = {
 
 
 def _why(key: str) -> str:
-    if key in ("schedule", "stages", "resample", "revive"):
+    if key in ("schedule", "stages", "resample", "revive", "effort"):
         return _WHY_UNUSED["schedule"]
     return _WHY_UNUSED.get(key, _WHY_UNUSED["n_gradients"])
 
@@ -399,7 +422,11 @@ def resolve(method: str | None, config: PruneConfig | None, settings: dict
     settings = {k: v for k, v in settings.items() if v is not None}
     structure = CHECKS["structure"]("structure", settings.get(
         "structure", config.structure if config is not None else "weights"))
-    base = defaults(method, structure)
+    effort = settings.pop("effort", None) if method == "falcon++" else None
+    if effort is not None and config is not None and config.effort != effort:
+        raise ConfigError(f"effort={effort!r} but config.effort={config.effort!r}; give the "
+                          "effort in one place (or take the config from defaults(..., effort))")
+    base = defaults(method, structure, effort or "default")
     if config is not None:
         if config.method != method:
             raise ConfigError(f"method={method!r} but config.method={config.method!r}; give "
@@ -411,7 +438,8 @@ def resolve(method: str | None, config: PruneConfig | None, settings: dict
     _check_keys(method, settings)
     _check_structure(structure, method, settings)
     given = {f.name for f in dataclasses.fields(PruneConfig)
-             if getattr(base, f.name) != getattr(defaults(method, structure), f.name)}
+             if getattr(base, f.name) != getattr(defaults(method, structure, base.effort or
+                                                          "default"), f.name)}
     given |= set(settings)
     values = {k: v for k, v in settings.items() if k not in ("schedule", "stages")}
     out = base.replace(**values, schedule=_schedule(base, settings))
