@@ -105,6 +105,9 @@ def _item_entries(module: nn.Module, mname: str, space: ParamSpace, handler: str
         if handler == "prune_out_channels" and own.get("bias") is not None:
             out.append(space.start(f"{mname}.bias") + idx[:, None])
         return out
+    if isinstance(module, nn.Embedding) and "weight" in own:  # a column per channel
+        rows, dim = own["weight"].shape
+        return [space.start(f"{mname}.weight") + torch.arange(rows)[None] * dim + idx[:, None]]
     for pname, p in own.items():  # norms and the like: one entry per channel
         if p.dim() == 1 and p.numel() == channels:
             out.append(space.start(f"{mname}.{pname}") + idx[:, None])
