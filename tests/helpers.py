@@ -175,3 +175,33 @@ class NoBiasCNN(nn.Module):
         x = F.relu(self.c1(x))
         x = F.relu(self.c2(x))
         return self.fc(x.mean((2, 3)))
+
+
+class TinyAttention(nn.Module):
+    """A Linear, one nn.MultiheadAttention (16 wide, 2 heads) and a classifier over the
+    mean token: (N, T, 8) -> (N, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.fc(self.mha(h, h, h)[0].mean(1))
+
+
+class TinyEncoder(nn.Module):
+    """A Linear, a 2-layer nn.TransformerEncoder (``d`` wide, ``heads`` heads, MLP ``ff``)
+    and a classifier over the mean token: (N, T, 8) -> (N, 3)."""
+
+    def __init__(self, d=16, heads=2, ff=32):
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.fc = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.fc(self.enc(self.inp(x)).mean(1))

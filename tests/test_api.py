@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import SmallCNN, same_state, small_data, state
+from helpers import SmallCNN, TinyAttention, same_state, small_data, state
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 from torch.utils.data import DataLoader, TensorDataset
@@ -231,21 +231,10 @@ def test_budgets_below_the_floors_are_refused_before_any_work(cnn, data):
 
 
 def test_multihead_attention_weights_count_and_the_budget_holds():
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Linear(8, 16)
-            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
-            self.fc = nn.Linear(16, 3)
-
-        def forward(self, x):
-            h = self.inp(x)
-            h, _ = self.mha(h, h, h)
-            return self.fc(h.mean(1))
-
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 5, 8, generator=g), torch.randint(0, 3, (200,), generator=g)
-    r = fp.prune(Attn(), (x, y), flops=0.3, n_gradients=60, n_validation=60, progress=False)
+    r = fp.prune(TinyAttention(), (x, y), flops=0.3, n_gradients=60, n_validation=60,
+                 progress=False)
     out_proj = next(row for row in r.layers if row.name == "mha.out_proj.weight")
     assert out_proj.macs_dense == 16 * 16 * 5  # five tokens: never counted as free
     kept, dense = fp.count_macs(r.model, x[:1])

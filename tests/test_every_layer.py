@@ -5,6 +5,7 @@ prune's FLOP fraction equal to an independent recount on each model."""
 
 import pytest
 import torch
+from helpers import TinyAttention, TinyEncoder
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -36,30 +37,6 @@ class CNN(nn.Module):
         return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
 
 
-class Attention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(8, 16)
-        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
-        self.fc = nn.Linear(16, 3)
-
-    def forward(self, x):
-        h = self.inp(x)
-        return self.fc(self.mha(h, h, h)[0].mean(1))
-
-
-class Encoder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-        self.inp = nn.Linear(8, 16)
-        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.fc = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc(self.enc(self.inp(x)).mean(1))
-
-
 class Recurrent(nn.Module):
     def __init__(self, kind=nn.LSTM):
         super().__init__()
@@ -84,17 +61,22 @@ class UNet(nn.Module):
 
 
 MODELS = {
-    "mlp": (MLP, (1, 8, 8)), "cnn": (CNN, (1, 8, 8)), "attention": (Attention, (5, 8)),
-    "encoder": (Encoder, (5, 8)), "lstm": (Recurrent, (6, 8)),
+    "mlp": (MLP, (1, 8, 8)), "cnn": (CNN, (1, 8, 8)), "attention": (TinyAttention, (5, 8)),
+    "encoder": (TinyEncoder, (5, 8)), "lstm": (Recurrent, (6, 8)),
     "gru": (lambda: Recurrent(nn.GRU), (6, 8)), "unet": (UNet, (1, 8, 8)),
 }
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_dense_totals_match_flop_counter(name):
+def build(name):
+    """(the model MODELS[name] from seed 0 in eval mode, its input shape)."""
     make, shape = MODELS[name]
     torch.manual_seed(0)
-    model = make().eval()
+    return make().eval(), shape
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_dense_totals_match_flop_counter(name):
+    model, shape = build(name)
     x = torch.randn(2, *shape)
     cm = CostModel.from_model(model, x)
     assert cm.excluded == []
@@ -104,8 +86,8 @@ def test_dense_totals_match_flop_counter(name):
 def test_the_prunable_set():
     names = lambda m, shape: [lay.name for lay in CostModel.from_model(  # noqa: E731
         m.eval(), torch.randn(2, *shape)).layers]
-    assert "mha.in_proj_weight" in names(Attention(), (5, 8))
-    assert "mha.out_proj.weight" in names(Attention(), (5, 8))
+    assert "mha.in_proj_weight" in names(TinyAttention(), (5, 8))
+    assert "mha.out_proj.weight" in names(TinyAttention(), (5, 8))
     lstm = names(Recurrent(), (6, 8))
     assert {"rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1"} <= set(lstm)
     assert "up.weight" in names(UNet(), (1, 8, 8))
@@ -169,7 +151,7 @@ def test_a_tied_weight_is_one_prunable_weight_with_every_use():
 
 def test_fixed_macs_and_flops_of_model():
     torch.manual_seed(0)
-    model = Attention().eval()
+    model = TinyAttention().eval()
     x, y = torch.randn(150, 5, 8), torch.randint(0, 3, (150,))
     cm = CostModel.from_model(model, x[:2])
     assert cm.fixed_macs == 2 * 2 * 5 * 5 * 8  # QKᵀ and AV of two heads of 8 dimensions
@@ -187,9 +169,7 @@ def test_fixed_macs_and_flops_of_model():
 
 @pytest.mark.parametrize("name", MODELS)
 def test_prune_fraction_equals_an_independent_recount(name):
-    make, shape = MODELS[name]
-    torch.manual_seed(0)
-    model = make().eval()
+    model, shape = build(name)
     x = torch.randn(120, *shape)
     out = model(x[:1])
     task = "regression" if name == "unet" else "classification"

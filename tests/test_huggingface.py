@@ -150,3 +150,19 @@ def test_gradual_on_bert(bert, digits_tokens):
                    lr=1e-3, progress=False)
     assert r.flops_fraction <= 0.5
     assert all(math.isfinite(row.get("train_loss", 0.0)) for row in r.history)
+
+
+def test_bert_channels_need_its_attention_projections_kept_whole(bert, digits_tokens):
+    """Removing channels that BERT's attention splits into heads breaks its reshape: the
+    run says which layers to keep; with them kept (a glob) the MLP units and the residual
+    width, embedding columns included, are removed within the budget."""
+    data = {k: v[:300] for k, v in digits_tokens.items()}
+    with pytest.raises(fp.errors.ModelError, match=r"keep_layers=\[\.\.\.\]"):
+        fp.prune(bert, data, flops=0.6, structure="channels", method="mp", progress=False)
+    r = fp.prune(bert, data, flops=0.6, structure="channels", method="mp", progress=False,
+                 keep_layers=["*.attention.self.*"])
+    small = r.model.bert
+    assert r.flops_fraction <= 0.6
+    assert small.embeddings.word_embeddings.weight.shape[1] < 32  # residual width removed
+    assert small.encoder.layer[0].attention.self.query.out_features == 32  # kept whole
+    assert r.model(input_ids=data["input_ids"][:2]).logits.shape == (2, 10)

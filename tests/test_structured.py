@@ -18,6 +18,7 @@ from helpers import (
     NoBiasCNN,
     NoGradCNN,
     SmallCNN,
+    TinyEncoder,
     TinyResNet,
     same_state,
     small_data,
@@ -760,24 +761,12 @@ def test_magnitude_prefix_is_the_longest_fitting_prefix():
         assert torch.equal(select_prefix_units(scores, costs, budget, allowed), keep)
 
 
-class Encoder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(8, 32)
-        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.fc = nn.Linear(32, 3)
-
-    def forward(self, x):
-        return self.fc(self.enc(self.inp(x)).mean(1))
-
-
 @pytest.mark.parametrize("method", ["mp", "falcon"])
 def test_transformer_encoder_loses_mlp_units_and_keeps_its_attention_width(method):
     """MLP hidden units are removable groups; the residual stream that attention reads is
     kept whole (its heads must divide the width)."""
     torch.manual_seed(0)
-    model = Encoder().eval()
+    model = TinyEncoder(32, 4, 64).eval()
     x, y = torch.randn(200, 5, 8), torch.randint(0, 3, (200,))
     kw = {} if method == "mp" else {"n_gradients": 60, "n_validation": 60}
     r = fp.prune(model, (x, y), flops=0.6, structure="channels", method=method,

@@ -216,13 +216,20 @@ def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, 
     return out
 
 
-def _refuse_masked(model: nn.Module) -> None:
+def masked_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """(full name, module, attribute) of every parameter that carries a
+    ``torch.nn.utils.prune`` mask."""
     for mname, module in model.named_modules():
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, torch_prune.BasePruningMethod):
-                raise ModelError(
-                    f"{mname}.{hook._tensor_name} carries a torch.nn.utils.prune mask; fold "
-                    "it first, e.g. with falcon_prune.make_permanent")
+                attr = hook._tensor_name
+                yield (f"{mname}.{attr}" if mname else attr), module, attr
+
+
+def _refuse_masked(model: nn.Module) -> None:
+    for name, _, _ in masked_parameters(model):
+        raise ModelError(f"{name} carries a torch.nn.utils.prune mask; fold it first, e.g. "
+                         "with falcon_prune.make_permanent")
 
 
 def prunable_parameters(model: nn.Module, include: Selector | None = None,
@@ -358,7 +365,9 @@ def _probe(model: nn.Module, weights: dict[str, torch.Tensor], run: Callable[[],
 def plain_kernels(model: nn.Module) -> Iterator[None]:
     """Run attention through PyTorch's math backend and, in a model with recurrent layers,
     those layers without oneDNN: the decomposed matrix products are what cost counting
-    sees and what ``torch.func.vmap`` batches without a slow per-sample fallback."""
+    and the recount see (oneDNN's fused recurrent kernel has no MAC rule). Gradients take
+    attention the same way; recurrent layers there are unrolled instead
+    (:mod:`falcon_prune.recurrent`), since vmap cannot batch either fused kernel."""
     recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # oneDNN's flags warn about TF32 on Intel GPUs

@@ -79,6 +79,7 @@ from falcon_prune.ilp import CostGroups
 from falcon_prune.masks import clone_model, make_permanent, masks_of
 from falcon_prune.oneshot import (
     check_model,
+    check_prunable,
     check_task,
     float32_samples,
     working_copy,
@@ -338,12 +339,15 @@ def recalibrate_on(model: nn.Module, feed: Feed, batches: int, seed: int, task: 
 
 
 # -- masks and steps -------------------------------------------------------------------------
-def _holders(model: nn.Module, cm: CostModel) -> list[list[tuple[nn.Module, str]]]:
+def _holders(model: nn.Module, cm: CostModel, suffix: str = ""
+             ) -> list[list[tuple[nn.Module, str]]]:
     """Per prunable parameter of ``cm`` (by name), every (module, attribute) of ``model``
-    that holds it (a tied parameter has several)."""
+    that holds it (a tied parameter has several). With ``suffix="_orig"``: the holders of
+    a masked model's ``<attribute>_orig`` parameters, named without the suffix."""
     found = parameter_holders(model)
     by_name = {n: holders for holders in found.values() for n, _, _ in holders}
-    return [[(m, a) for _, m, a in by_name[lay.name]] for lay in cm.layers]
+    return [[(m, a.removesuffix(suffix)) for _, m, a in by_name[lay.name + suffix]]
+            for lay in cm.layers]
 
 
 def _attach_masks(model: nn.Module, cm: CostModel) -> None:
@@ -360,24 +364,13 @@ def _attach_masks(model: nn.Module, cm: CostModel) -> None:
 def _write_back(model: nn.Module, cm: CostModel, w: torch.Tensor, mask: torch.Tensor) -> None:
     """Copy a step's flat weights/mask into the masked training model, in place."""
     with torch.no_grad():
-        for wl, ml, holders in zip(cm.split(w), cm.split(mask), _masked_holders(model, cm),
+        for wl, ml, holders in zip(cm.split(w), cm.split(mask), _holders(model, cm, "_orig"),
                                    strict=True):
             for module, attr in holders:
                 orig, keep = getattr(module, attr + "_orig"), getattr(module, attr + "_mask")
                 orig.copy_(wl.to(orig.dtype))
                 keep.copy_(ml.to(keep.dtype))
 
-
-def _masked_holders(model: nn.Module, cm: CostModel) -> list[list[tuple[nn.Module, str]]]:
-    """Per prunable parameter of ``cm``, the (module, attribute) pairs of the masked
-    training model that carry its mask."""
-    out = []
-    for lay in cm.layers:
-        mname, _, attr = lay.name.rpartition(".")
-        orig = getattr(model.get_submodule(mname), attr + "_orig")
-        out.append([(m, n.removesuffix("_orig")) for m in model.modules()
-                    for n, p in m._parameters.items() if p is orig and n.endswith("_orig")])
-    return out
 
 
 def _kept_fractions(model: nn.Module, cm: CostModel, structure: str = "weights"
@@ -607,12 +600,13 @@ def _setup(model, train_data, flops, nnz, config: GradualConfig) -> _Run:
     """Validate model and data, and build the training copy (masks attached), its cost
     model and the solver problem."""
     step = config.step
-    check_model(model, step.include, step.exclude)
+    check_model(model)
     device = torch.device(step.device)
     feed = as_feed(train_data, config.batch_size)
     first = feed.samples(min(len(feed.dataset), 8), step.seed)
     work = clone_model(model).to(device)
     plain, _ = working_copy(work, device)
+    check_prunable(plain, step.include, step.exclude)
     probe = check_task(plain, float32_samples(first), step.task, device)
     raw = step.task.inputs(to_device(first.take(slice(0, 2)).batch, device))
     cm = CostModel.from_model(plain, probe, step.task.call, step.include, step.exclude)

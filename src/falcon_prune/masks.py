@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from falcon_prune.costs import CostModel
+from falcon_prune.costs import CostModel, masked_parameters
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
@@ -68,11 +68,5 @@ def apply_weights(cost_model: CostModel, w: torch.Tensor, mask: torch.Tensor) ->
 def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """{parameter name: bool mask} of every parameter that carries a
     ``torch.nn.utils.prune`` mask (e.g. ``"conv1.weight"``)."""
-    out = {}
-    for mname, module in model.named_modules():
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, torch_prune.BasePruningMethod):
-                name = hook._tensor_name
-                key = f"{mname}.{name}" if mname else name
-                out[key] = getattr(module, name + "_mask").detach().bool().clone()
-    return out
+    return {name: getattr(module, attr + "_mask").detach().bool().clone()
+            for name, module, attr in masked_parameters(model)}

@@ -41,14 +41,7 @@ from falcon_prune.errors import (
     ModelTypeError,
 )
 from falcon_prune.ilp import CostGroups
-from falcon_prune.masks import (
-    apply_weights,
-    clone_model,
-    make_permanent,
-    masks_of,
-    plain_copy,
-    write_weights,
-)
+from falcon_prune.masks import apply_weights, clone_model, make_permanent, write_weights
 from falcon_prune.results import PruneResult, peak_rss_mb
 from falcon_prune.schedules import stage_budgets
 from falcon_prune.tasks import Task, metric_key
@@ -56,18 +49,21 @@ from falcon_prune.tasks import Task, metric_key
 HALF = (torch.float16, torch.bfloat16)
 
 
-def check_model(model: object, include=None, exclude=None) -> None:
-    """Refuse what cannot be pruned: not a Module, on the meta device, no prunable
-    parameter (by the library's definition with ``include``/``exclude``)."""
+def check_model(model: object) -> None:
+    """Refuse what cannot be pruned at all: not a Module, or on the meta device."""
     if not isinstance(model, nn.Module):
         raise ModelTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ModelError(
             "the model is on the meta device (its parameters have no values); load its "
             "weights first, e.g. model.to_empty(device='cpu') then load_state_dict")
-    if not prunable_parameters(plain_copy(model) if masks_of(model) else model, include,
-                               exclude):
-        raise ModelError(f"{type(model).__name__} has no prunable layers (Conv, Linear, "
+
+
+def check_prunable(plain: nn.Module, include=None, exclude=None) -> None:
+    """Refuse a model (its plain working copy: masks folded) that has no prunable
+    parameter by the library's definition with ``include``/``exclude``."""
+    if not prunable_parameters(plain, include, exclude):
+        raise ModelError(f"{type(plain).__name__} has no prunable layers (Conv, Linear, "
                          "recurrent or attention weights, or what include= selects); nothing "
                          "to prune")
 
@@ -272,11 +268,12 @@ def setup(model: nn.Module, data: object, flops: float | None, nnz: float | None
     the cost model."""
     if flops is None and nnz is None:
         raise BudgetError("give at least one budget: flops=<fraction kept> and/or nnz=<fraction>")
-    check_model(model, cfg.include, cfg.exclude)
+    check_model(model)
     device = torch.device(cfg.device)
     plan = (stage_budgets(cfg.schedule, flops, nnz) if cfg.method == "falcon++"
             else [(flops, nnz)])
     work, dtype = working_copy(model, device)
+    check_prunable(work, cfg.include, cfg.exclude)
     d, cfg = draw(data, cfg, given, len(plan), progress)
     # the recount runs the finished model in its own dtype, on the samples as given
     recount_inputs = cfg.task.inputs(to_device(d.samples.take(slice(0, 2)).batch, device))
