@@ -55,7 +55,8 @@ def run_unit_stages(r: Run, state: UnitState) -> tuple[Step, list[dict]]:
     cm, cfg, problem = r.cm, r.config, r.problem
     multistage = cfg.method == "falcon++"
     held = r.draw.held
-    scorer = (HeldOutScorer(r.work, cm, held, problem.task, problem.device)
+    scorer = (HeldOutScorer(r.work, cm, held, problem.task, problem.device,
+                            ranks=problem.ranks)
               if multistage and len(held) else None)
     trajectory: list[dict] = []
     bar = tqdm(total=len(r.plan), desc="falcon++ stages", unit="stage",

@@ -1,5 +1,9 @@
 """Command line: ``falcon-prune prune | gradual | evaluate | demo``.
 
+Under ``torchrun`` (``torchrun --nproc_per_node=N -m falcon_prune prune ...``), ``prune``
+and ``gradual`` run as one distributed job (:mod:`falcon_prune.distributed`) and rank 0
+alone prints and writes the outputs.
+
 Every path is checked before any expensive work (the checkpoint is read, the data loaded,
 every output and the scratch directory found writable). A user error prints one line and
 exits with status 2; anything else (a bug) keeps its traceback.
@@ -16,6 +20,7 @@ from pathlib import Path
 import torch
 
 from falcon_prune.config import DEFAULTS, EFFORTS, METHODS, defaults
+from falcon_prune.distributed import Ranks, process_group
 from falcon_prune.errors import ConfigError, DependencyError, FalconPruneError, PathError
 from falcon_prune.masks import masks_of, plain_copy
 from falcon_prune.schedules import KINDS, Schedule
@@ -279,8 +284,11 @@ def cmd_prune(a: argparse.Namespace) -> int:
     if a.scratch_dir is not None or a.storage == "disk":
         check_scratch_dir(a.scratch_dir)
     model, train = _load(a)
-    r = prune(model, train, flops=a.flops, nnz=a.nnz, method=a.method, seed=a.seed,
-              device=a.device, progress=not a.no_progress, **settings)
+    with process_group(a.device) as device:
+        r = prune(model, train, flops=a.flops, nnz=a.nnz, method=a.method, seed=a.seed,
+                  device=device, progress=not a.no_progress, **settings)
+        if not Ranks.current().is_main:  # under torchrun, rank 0 alone reports and writes
+            return 0
     print(r.table())
     print(r.summary())
     _save_model(a.output, a.model, r.model, r.to_dict(), a.structure)
@@ -306,15 +314,18 @@ def cmd_gradual(a: argparse.Namespace) -> int:
     from falcon_prune.data import load_dataset
 
     test = None if a.eval_split == "none" else load_dataset(a.dataset, a.data, a.eval_split)
-    r = gradual(
-        model, train, flops=a.flops, nnz=a.nnz, method=a.method, schedule=schedule,
-        epochs_per_stage=a.epochs_per_stage, final_epochs=a.final_epochs,
-        batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
-        bn_batches=a.bn_batches, eval_data=test, n_gradients=a.n_gradients,
-        n_validation=a.n_validation, min_density=a.min_density,
-        allow_empty_layers=a.allow_empty_layers or None, **_structure_settings(a),
-        checkpoint_dir=a.checkpoint_dir,
-        resume=a.resume, seed=a.seed, device=a.device, progress=not a.no_progress)
+    with process_group(a.device) as device:
+        r = gradual(
+            model, train, flops=a.flops, nnz=a.nnz, method=a.method, schedule=schedule,
+            epochs_per_stage=a.epochs_per_stage, final_epochs=a.final_epochs,
+            batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
+            weight_decay=a.weight_decay, bn_batches=a.bn_batches, eval_data=test,
+            n_gradients=a.n_gradients, n_validation=a.n_validation,
+            min_density=a.min_density, allow_empty_layers=a.allow_empty_layers or None,
+            **_structure_settings(a), checkpoint_dir=a.checkpoint_dir, resume=a.resume,
+            seed=a.seed, device=device, progress=not a.no_progress)
+        if not Ranks.current().is_main:
+            return 0
     last = r.history[-1]
     acc = (f", {a.eval_split} accuracy {last['eval_accuracy']:.4f}"
            if "eval_accuracy" in last else "")

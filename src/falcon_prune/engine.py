@@ -24,6 +24,7 @@ from falcon_prune.batches import Batch, Samples, map_tensors, to_device
 from falcon_prune.batchnorm import recalibrate_batchnorm
 from falcon_prune.config import GRADIENT_METHODS, PruneConfig
 from falcon_prune.costs import CostModel, flatten_weights
+from falcon_prune.distributed import Ranks
 from falcon_prune.errors import BudgetError, BudgetViolation
 from falcon_prune.evaluation import Evaluation, evaluate_batches
 from falcon_prune.fisher import gradient_store
@@ -49,8 +50,9 @@ from falcon_prune.tasks import Task, TaskRunner
 @dataclass
 class Problem:
     """What every step of a run shares: the ``config`` (method, gradients, solver, storage),
-    the ``task``, the ``device``, the solver ``trace`` and ``notes`` on how X was stored
-    and how its rows were computed."""
+    the ``task``, the ``device``, the solver ``trace``, ``notes`` on how X was stored
+    and how its rows were computed, and the ``ranks`` that share the work (one process
+    unless a ``torch.distributed`` group is initialised)."""
 
     config: PruneConfig
     task: Task
@@ -58,6 +60,7 @@ class Problem:
     progress: bool = False
     trace: SolverTrace = field(default_factory=SolverTrace)
     notes: dict = field(default_factory=dict)
+    ranks: Ranks = field(default_factory=Ranks)
 
     @property
     def step_method(self) -> str:
@@ -109,10 +112,15 @@ class HeldOutScorer:
     weights w (p,) (eval mode); remembers the metric that went with each loss it returned,
     so the stage record of the chosen candidate needs no second pass. With ``bn_inputs``
     (model inputs), each candidate's BatchNorm statistics are re-estimated on them first
-    (in a scratch copy of the model), so candidates are judged as they will be used."""
+    (in a scratch copy of the model), so candidates are judged as they will be used. With
+    several ``ranks``, each evaluates its share of the held-out samples and the sums are
+    reduced, so every rank gets the same loss."""
 
     def __init__(self, model: nn.Module, cm: CostModel, held: Samples, task: Task,
-                 device: torch.device, batch: int = 256, bn_inputs: Batch | None = None):
+                 device: torch.device, batch: int = 256, bn_inputs: Batch | None = None,
+                 ranks: Ranks | None = None):
+        self.ranks = ranks or Ranks()
+        held = held.take(slice(*self.ranks.bounds(len(held))))
         self.runner, self.cm, self.task = TaskRunner(model, task), cm, task
         self.names = ["model." + lay.name for lay in cm.layers]
         self.dtypes = [lay.tensor.dtype for lay in cm.layers]
@@ -131,7 +139,19 @@ class HeldOutScorer:
 
     def evaluation(self, w: torch.Tensor, overrides: dict | None = None) -> Evaluation:
         """Loss and metric with flat weights ``w`` (p,) and, optionally, other parameters
-        replaced (``overrides``: {parameter name: tensor})."""
+        replaced (``overrides``: {parameter name: tensor}), over every rank's share."""
+        if not self.ranks.active:
+            return self._local(w, overrides)
+        ev = self._local(w, overrides) if self.batches else None
+        k = 0 if ev is None else ev.samples
+        sums = torch.tensor([0.0, 0.0, 0.0] if ev is None else
+                            [ev.loss * k, (ev.metric or 0.0) * k, k], dtype=torch.float64)
+        loss, metric, n = self.ranks.all_sum(sums).tolist()
+        return Evaluation(loss / n, metric / n if self.task.metric is not None else None,
+                          self.task.metric_name, int(n))
+
+    def _local(self, w: torch.Tensor, overrides: dict | None) -> Evaluation:
+        """:meth:`evaluation` on this rank's held-out samples."""
         params = self._params(w, overrides)
         if self.scratch is None:
             with torch.inference_mode():
@@ -168,7 +188,12 @@ def _gradients(model: nn.Module, cm: CostModel, fit: Samples, problem: Problem,
         model, cm, fit, cfg.n_gradients, cfg.samples_per_gradient, problem.task, cfg.dtype,
         problem.device, memory_limit=cfg.memory_limit, progress=problem.progress,
         columns=idx, storage=cfg.storage, scratch_dir=cfg.scratch_dir,
-        on_mode=lambda mode: problem.notes.setdefault("gradients", mode))
+        on_mode=lambda mode: problem.notes.setdefault("gradients", mode), ranks=problem.ranks)
+    ranks = problem.ranks
+    if ranks.active and "distributed" not in problem.notes:
+        problem.notes["distributed"] = (
+            f"{ranks.world} processes (torch.distributed); gradient rows per rank "
+            f"{ranks.sizes(cfg.n_gradients)}, products reduced across ranks")
     if "storage" not in problem.notes:
         problem.notes["storage"] = X.plan.describe()
         if problem.progress:
@@ -232,7 +257,8 @@ def solve_step(model: nn.Module, cm: CostModel, groups: CostGroups, budget: Budg
     sub_budget = budget if allowed is None else budget.restricted(allowed)
     scorer = None
     if method == "falcon" and len(held):
-        scorer = HeldOutScorer(model, cm, held, problem.task, problem.device)
+        scorer = HeldOutScorer(model, cm, held, problem.task, problem.device,
+                               ranks=problem.ranks)
     evaluate = scorer if (scorer is None or idx is None) else (
         lambda v: scorer(_scatter(v, idx, cm.num_weights)))
     qm = None
@@ -244,8 +270,8 @@ def solve_step(model: nn.Module, cm: CostModel, groups: CostGroups, budget: Budg
     times["solver"] = times.get("solver", 0.0) + time.perf_counter() - t
     for phase, seconds in problem.trace.timings.items():  # cumulative over the run's steps
         times[f"solver:{phase}"] = seconds
-    w = res.w.detach().to("cpu", wdtype)
-    mask = res.mask.to("cpu") & (w != 0)
+    w = problem.ranks.broadcast(res.w.detach().to("cpu", wdtype))  # the same on every rank
+    mask = problem.ranks.broadcast(res.mask.to("cpu")) & (w != 0)
     if idx is not None:
         w, mask = _scatter(w, idx, cm.num_weights), _scatter(mask, idx, cm.num_weights)
     known = None
@@ -416,7 +442,8 @@ def solve_unit_step(model: nn.Module, cm: CostModel, state: UnitState, budget: U
         X = _gradients(model, cm, fit, problem, idx, times)
         qm = QuadraticModel(X, w_bar.to(problem.device), cfg.ridge, cfg.alpha)
         scorer = (HeldOutScorer(model, cm, held, problem.task, problem.device,
-                                bn_inputs=bn_inputs) if len(held) else None)
+                                bn_inputs=bn_inputs, ranks=problem.ranks)
+                  if len(held) else None)
         evaluate = None if scorer is None else (
             lambda v, keep: scorer(_scatter(v, idx, cm.num_weights), state.overrides(keep)))
         t = time.perf_counter()
@@ -425,9 +452,11 @@ def solve_unit_step(model: nn.Module, cm: CostModel, state: UnitState, budget: U
     for phase, seconds in problem.trace.timings.items():
         times[f"solver:{phase}"] = seconds
     res = out.result
-    w = _scatter(res.w.detach().to("cpu", wdtype), idx, cm.num_weights)
-    mask = state.units.weight_mask(out.keep)
+    w = _scatter(problem.ranks.broadcast(res.w.detach().to("cpu", wdtype)), idx,
+                 cm.num_weights)
+    keep = problem.ranks.broadcast(out.keep)  # the same units on every rank
+    mask = state.units.weight_mask(keep)
     known = None
     if method == "falcon" and len(held) and res.score in scorer.metric:
         known = (res.score, scorer.metric[res.score])
-    return Step(res, w * mask, mask, known, out.keep)
+    return Step(res, w * mask, mask, known, keep)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from falcon_prune.batches import Batch, Samples, leaves, map_tensors, rebuild, to_device
 from falcon_prune.costs import CostModel, plain_kernels
+from falcon_prune.distributed import Ranks, ShardedStore
 from falcon_prune.errors import ConfigError, DataError, ModelError
 from falcon_prune.recurrent import unrolled_recurrent
 from falcon_prune.storage import GradientStore, StoragePlan, plan_storage
@@ -141,7 +142,8 @@ def gradient_store(
     scratch_dir: str | None = None,
     plan: StoragePlan | None = None,
     on_mode: Callable[[str], None] | None = None,
-) -> GradientStore:
+    ranks: Ranks | None = None,
+) -> GradientStore | ShardedStore:
     """The gradient matrix X (n_gradients, p) in a :class:`GradientStore`.
 
     Row j is the gradient of the mean loss (of ``task``, default classification) over
@@ -150,6 +152,10 @@ def gradient_store(
     per-sample gradients would take more than an eighth of the memory limit). With
     ``columns`` (sorted int64 indices into the flat weights) only those columns are kept.
     ``on_mode(text)`` is told how the rows were computed (vmap, or the per-row fallback).
+    With ``ranks`` of more than one process (default: the initialised ``torch.distributed``
+    group, if any; :mod:`falcon_prune.distributed`), this process computes and stores only
+    its share of the rows and a :class:`ShardedStore` is returned; every rank must call
+    this with the same samples.
 
     Where X lives comes from ``plan`` or :func:`~falcon_prune.storage.plan_storage`
     (``storage``, ``dtype``, ``memory_limit`` in bytes, ``scratch_dir``), decided before
@@ -161,20 +167,29 @@ def gradient_store(
         raise DataError(
             f"{n_gradients} gradients x {m} samples each need {n_gradients * m} samples, but "
             f"the data has {len(samples)}; lower n_gradients or pass more data")
+    ranks = Ranks.current() if ranks is None else ranks
+    if n_gradients < ranks.world:
+        raise ConfigError(f"n_gradients={n_gradients} is fewer than the {ranks.world} "
+                          "processes that share the gradient matrix; raise n_gradients")
     p = cost_model.num_weights if columns is None else int(columns.numel())
     if plan is None:
-        plan = plan_storage(n_gradients, p, dtype, storage, memory_limit, scratch_dir)
+        plan = plan_storage(n_gradients, p, dtype, storage, memory_limit, scratch_dir,
+                            ranks.world)
     rows_fn = _Rows(model, [lay.name for lay in cost_model.layers],
                     as_task(task))
     # a vmap call holds its per-sample gradients twice (the dict and the assembled rows)
     per_chunk = max(1, min(max(1, chunk // m),
                            (plan.limit // 8) // (2 * cost_model.num_weights * 4)))
-    store = GradientStore.from_plan(n_gradients, p, plan, device)
+    start, stop = ranks.bounds(n_gradients)
+    store = GradientStore.from_plan(stop - start, p, plan, device)
     store.plan = plan
+    if ranks.active:
+        store = ShardedStore(store, n_gradients, ranks)
     was = model.training
     model.eval()
     try:
-        _fill(store, rows_fn, samples, n_gradients, m, per_chunk, device, columns, progress)
+        _fill(store, rows_fn, samples, (start, stop), m, per_chunk, device, columns, progress,
+              ranks)
     finally:
         model.train(was)
     if on_mode is not None:
@@ -182,13 +197,17 @@ def gradient_store(
     return store
 
 
-def _fill(store: GradientStore, rows_fn: _Rows, samples: Samples, n: int, m: int,
-          per_chunk: int, device, columns: torch.Tensor | None, progress: bool) -> None:
-    """Compute the n rows chunk by chunk and write them into ``store``."""
+def _fill(store: GradientStore | ShardedStore, rows_fn: _Rows, samples: Samples,
+          span: tuple[int, int], m: int, per_chunk: int, device, columns: torch.Tensor | None,
+          progress: bool, ranks: Ranks) -> None:
+    """Compute rows [first, last) = ``span`` chunk by chunk and write them into ``store``."""
     seen_nonzero = False
-    bar = tqdm(total=n, desc="gradients", unit="grad", disable=not progress)
-    for start in range(0, n, per_chunk):
-        stop = min(n, start + per_chunk)
+    first, last = span
+    bar = tqdm(total=last - first, desc="gradients" + (f" (rank 0 of {ranks.world})"
+                                                      if ranks.active else ""),
+               unit="grad", disable=not progress)
+    for start in range(first, last, per_chunk):
+        stop = min(last, start + per_chunk)
         batch = to_device(samples.take(slice(start * m, stop * m)).batch, device)
         rows = rows_fn(batch, m)
         if columns is not None:
@@ -202,6 +221,8 @@ def _fill(store: GradientStore, rows_fn: _Rows, samples: Samples, n: int, m: int
         store.write_rows(start, rows)
         bar.update(stop - start)
     bar.close()
+    if ranks.active:  # every rank must take the same branch
+        seen_nonzero = bool(ranks.all_sum(torch.tensor([float(seen_nonzero)])) > 0)
     if not seen_nonzero:
         raise DataError(
             "every gradient is zero: the task's loss does not depend on the prunable weights "
@@ -217,4 +238,6 @@ def gradient_matrix(model: nn.Module, cost_model: CostModel, samples: Samples,
     MemoryBudgetError when it won't fit."""
     store = gradient_store(model, cost_model, samples, n_gradients, samples_per_gradient,
                            task, dtype, device, storage="memory", **kw)
-    return store.data if store.row_scale is None else store.to_tensor().to(dtype)
+    if isinstance(store, ShardedStore) or store.row_scale is not None:
+        return store.to_tensor().to(dtype)
+    return store.data

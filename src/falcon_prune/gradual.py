@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import prune as torch_prune
 from torch.utils.data import (
     BatchSampler,
@@ -41,6 +42,7 @@ from torch.utils.data import (
     SequentialSampler,
     TensorDataset,
 )
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from falcon_prune.batches import Samples, collect, default_collate, to_device
@@ -53,6 +55,7 @@ from falcon_prune.config import (
     resolve,
 )
 from falcon_prune.costs import CostModel, flatten_weights, parameter_holders
+from falcon_prune.distributed import Ranks
 from falcon_prune.engine import (
     Problem,
     UnitState,
@@ -246,8 +249,16 @@ class Feed:
     batch_size: int
     loader_kw: dict = field(default_factory=dict)
 
-    def epoch(self, seed: int, epoch: int) -> DataLoader:
-        return seeded_loader(self.dataset, self.batch_size, seed, epoch, **self.loader_kw)
+    def epoch(self, seed: int, epoch: int, ranks: Ranks | None = None) -> DataLoader:
+        """The epoch's batches; with several ``ranks``, this rank's share of the epoch's
+        seeded order (a ``DistributedSampler``), in batches of ``batch_size`` per rank."""
+        if ranks is None or not ranks.active:
+            return seeded_loader(self.dataset, self.batch_size, seed, epoch, **self.loader_kw)
+        sampler = DistributedSampler(self.dataset, ranks.world, ranks.rank, shuffle=True,
+                                     seed=seed * 1_000_003)
+        sampler.set_epoch(epoch)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler,
+                          **self.loader_kw)
 
     @property
     def collate(self) -> Callable:
@@ -459,12 +470,15 @@ def _mask_params(model: nn.Module, alive: dict[str, torch.Tensor],
             getattr(module, pname + "_mask").copy_(keep.to(getattr(module, pname + "_mask")))
 
 
-def _train_epoch(model: nn.Module, opt, feed: Feed, seed: int, epoch: int, task: Task) -> float:
-    """One epoch of optimizer steps over ``feed``; the mean training loss per sample."""
+def _train_epoch(model: nn.Module, opt, feed: Feed, seed: int, epoch: int, task: Task,
+                 ranks: Ranks) -> float:
+    """One epoch of optimizer steps over ``feed``; the mean training loss per sample (over
+    every rank's samples). ``model`` is the training model or its DistributedDataParallel
+    wrapper, which averages the gradients over the ranks."""
     model.train()
     total, count = 0.0, 0
     dev = device_of(model)
-    for batch in feed.epoch(seed, epoch):
+    for batch in feed.epoch(seed, epoch, ranks):
         pred, targets = task.run(model, to_device(batch, dev))
         opt.zero_grad(set_to_none=True)
         loss = batch_mean(task.losses(pred, targets))
@@ -475,6 +489,8 @@ def _train_epoch(model: nn.Module, opt, feed: Feed, seed: int, epoch: int, task:
         opt.step()
         total += loss.item() * pred.shape[0]
         count += pred.shape[0]
+    if ranks.active:
+        total, count = ranks.all_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
     return total / max(1, count)
 
 
@@ -625,13 +641,14 @@ def _setup(model, train_data, flops, nnz, config: GradualConfig) -> _Run:
     _attach_param_masks(work, extra)
     groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes(), device=device)
     need = (step.n_gradients if grads else 1) + (step.n_validation or 0)
-    return _Run(work, cm, groups, feed, probe, raw, Problem(step, step.task, device), config,
-                need)
+    problem = Problem(step, step.task, device, ranks=Ranks.current())
+    return _Run(work, cm, groups, feed, probe, raw, problem, config, need)
 
 
 def _event_row(run: _Run, event: tuple[str, int, int], i: int, plan, opt, lrs,
-               eval_data) -> dict:
-    """Run event ``i`` (a pruning step or an epoch) and return its history row."""
+               eval_data, net: nn.Module) -> dict:
+    """Run event ``i`` (a pruning step or an epoch, trained through ``net``: the training
+    model or its DistributedDataParallel wrapper) and return its history row."""
     t = time.perf_counter()
     kind, k, e = event
     seed = run.config.step.seed
@@ -639,7 +656,8 @@ def _event_row(run: _Run, event: tuple[str, int, int], i: int, plan, opt, lrs,
     if kind == "prune":
         row = _prune_step(run, f_k, s_k, seed + k)
     else:
-        row = {"train_loss": _train_epoch(run.work, opt, run.feed, seed, i, run.problem.task),
+        row = {"train_loss": _train_epoch(net, opt, run.feed, seed, i, run.problem.task,
+                                          run.problem.ranks),
                "lr": opt.param_groups[0]["lr"]}
         lrs.step()
     row = {"event": i + 1,
@@ -691,7 +709,13 @@ def gradual(
     ``eval_data`` is evaluated after every event; ``callback(row)`` sees every history row.
     With ``checkpoint_dir`` the state is saved after every event and ``resume=True``
     continues from it (refused under other settings). The user's model and global RNG are
-    left as they were; the returned copy lives on ``device``."""
+    left as they were; the returned copy lives on ``device``.
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` group) each pruning step
+    shares its gradients over the ranks and fine-tuning is data-parallel
+    (DistributedDataParallel, each rank a seeded share of every epoch in batches of
+    ``batch_size``); rank 0 alone writes checkpoints, shows progress and calls
+    ``callback``; every rank returns the same model."""
     flops, nnz = check_fraction("flops", flops), check_fraction("nnz", nnz)
     if flops is None and nnz is None:
         raise BudgetError("give at least one budget: flops=<fraction kept> and/or nnz=<fraction>")
@@ -720,6 +744,9 @@ def _gradual(model, train_data, flops, nnz, cfg: GradualConfig, plan, total_epoc
              progress: bool) -> GradualResult:
     t_start = time.perf_counter()
     run = _setup(model, train_data, flops, nnz, cfg)
+    ranks = run.problem.ranks
+    progress = progress and ranks.is_main
+    net = data_parallel(run.work, ranks)
     opt = (optimizer or default_optimizer(cfg.lr, cfg.momentum, cfg.weight_decay))(
         list(run.work.parameters()))
     lrs = (lr_scheduler or cosine_schedule)(opt, total_epochs)
@@ -735,15 +762,17 @@ def _gradual(model, train_data, flops, nnz, cfg: GradualConfig, plan, total_epoc
     bar = tqdm(total=len(events), initial=start, desc=f"gradual {cfg.step.method}",
                unit="step", disable=not progress)
     for i in range(start, len(events)):
-        row = _event_row(run, events[i], i, plan, opt, lrs, eval_data)
+        row = _event_row(run, events[i], i, plan, opt, lrs, eval_data, net)
         times["prune" if events[i][0] == "prune" else "train"] += row["seconds"]
         history.append(row)
         if ckpt is not None:
-            save_checkpoint(ckpt, record, i + 1, run.work, opt, lrs, history)
+            if ranks.is_main:  # one writer; the others wait until the file is complete
+                save_checkpoint(ckpt, record, i + 1, run.work, opt, lrs, history)
+            ranks.barrier()
         bar.update(1)
         f_k, s_k = plan[min(events[i][1], len(plan)) - 1]
         bar.set_postfix(_postfix(row, len(plan), f_k, s_k, history))
-        if callback is not None:
+        if callback is not None and ranks.is_main:
             callback(row)
     bar.close()
     run.work.eval()
@@ -756,6 +785,15 @@ def _gradual(model, train_data, flops, nnz, cfg: GradualConfig, plan, total_epoc
                                          (cfg.step.include, cfg.step.exclude))
     times["total"] = time.perf_counter() - t_start
     return GradualResult(run.work, cfg, flops, nnz, flops_kept, nnz_kept, history, times)
+
+
+def data_parallel(model: nn.Module, ranks: Ranks) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel when there are several ranks (its
+    parameters are then the same on every rank, and gradients are averaged), else itself."""
+    if not ranks.active:
+        return model
+    dev = device_of(model)
+    return DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
 
 
 def _remove_dead_channels(run: _Run, flops: float | None, nnz: float | None

@@ -277,8 +277,7 @@ def group_obs(qm: QuadraticModel, up: UnitProblem, rank: int | None) -> torch.Te
     scale = (evals + n * lam).rsqrt()
     Z = torch.empty((r, qm.p), dtype=torch.float32, device=qm.device)
     Q = (evecs * scale).to(qm.dtype)
-    for a, b in qm.X.ranges():
-        Z[:, a:b] = (Q.T @ qm.X.columns(a, b)).float()
+    qm.X.column_map(lambda Xc, a, b: (Q.T @ Xc).float(), Z)
     floor = lam / (lam + float(evals.max()) / n + 1e-300)  # eigenvalues of λ(H⁻¹)_GG
     w = qm.w_bar.double()
     out = torch.zeros(up.units.m, dtype=torch.float64)

@@ -23,6 +23,7 @@ from falcon_prune.batches import Batch, Samples, collect, map_tensors, to_device
 from falcon_prune.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from falcon_prune.config import GRADIENT_METHODS, PruneConfig
 from falcon_prune.costs import CostModel, flatten_weights, prunable_parameters
+from falcon_prune.distributed import Ranks
 from falcon_prune.engine import (
     HeldOutScorer,
     Problem,
@@ -185,8 +186,8 @@ def run_stages(work: nn.Module, cm: CostModel, groups: CostGroups, plan: list, d
     cfg = problem.config
     multistage = cfg.method == "falcon++"
     held = d.held
-    scorer = (HeldOutScorer(work, cm, held, problem.task, problem.device)
-              if multistage and len(held) else None)
+    scorer = (HeldOutScorer(work, cm, held, problem.task, problem.device,
+                            ranks=problem.ranks) if multistage and len(held) else None)
     # weights that come in pruned (zero) stay pruned, as do those of earlier stages
     mask = None if cfg.revive else flatten_weights(cm) != 0
     trajectory: list[dict] = []
@@ -278,7 +279,9 @@ def setup(model: nn.Module, data: object, flops: float | None, nnz: float | None
     # the recount runs the finished model in its own dtype, on the samples as given
     recount_inputs = cfg.task.inputs(to_device(d.samples.take(slice(0, 2)).batch, device))
     d = d.in_float32() if dtype in HALF else d
-    problem = Problem(cfg, cfg.task, device, progress)
+    ranks = Ranks.current()
+    progress = progress and ranks.is_main  # one progress bar, on rank 0
+    problem = Problem(cfg, cfg.task, device, progress, ranks=ranks)
     problem.trace.progress = progress
     t = time.perf_counter()
     probe = check_task(work, d.samples, cfg.task, device)

@@ -202,8 +202,7 @@ def fisher_saliency(qm: QuadraticModel) -> torch.Tensor:
     """Diagonal Fisher saliency w_i² (1/n) Σ_j x_ji² (p,) float64: the Fisher part of the
     increase of Q when w_i alone is removed and nothing compensates."""
     diag = torch.empty(qm.p, dtype=torch.float64, device=qm.device)
-    for a, b in qm.X.ranges():
-        diag[a:b] = qm.X.columns(a, b).square().mean(0).double()
+    qm.X.column_map(lambda Xc, a, b: Xc.square().mean(0).double(), diag)
     return qm.w_bar.double() ** 2 * diag
 
 
@@ -225,12 +224,13 @@ def inverse_hessian_diagonal(qm: QuadraticModel, mask: torch.Tensor | None = Non
         K = qm.support_gram(mask.to(qm.device)).clone()
         K.diagonal().add_(lam * n)
         L = torch.linalg.cholesky(K).to(qm.dtype)
-        for a, b in X.ranges():
-            Xc = X.columns(a, b)
+
+        def diagonal(Xc: torch.Tensor, a: int, b: int) -> torch.Tensor:
             q = torch.linalg.solve_triangular(L, Xc, upper=False).square().sum(0).double()
             lower = 1 / (lam + Xc.square().sum(0).double() / n)
-            out[a:b] = torch.maximum((1 - q) / lam, lower)
-        return out
+            return torch.maximum((1 - q) / lam, lower)
+
+        return X.column_map(diagonal, out)
     for a, b in qm.blocks():
         B = min(qm.block_size, b - a)
         Xb = X.columns(a, b).reshape(n, -1, B).permute(1, 0, 2).double()

@@ -18,6 +18,7 @@ and ``columns(a, b)`` returns a converted copy (or a view in the plain in-memory
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -48,8 +49,11 @@ def available_memory() -> int:
 
 
 def default_memory_limit() -> int:
-    """The default limit for the gradient matrix and solver buffers: 60 % of available RAM."""
-    return int(0.6 * available_memory())
+    """The default limit for the gradient matrix and solver buffers: 60 % of available RAM,
+    shared evenly by the processes ``torchrun`` started on this machine
+    (``LOCAL_WORLD_SIZE``)."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return int(0.6 * available_memory()) // local
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -67,9 +71,10 @@ def working_bytes(n: int, p: int) -> int:
     return 8 * n * n * 2 + 16 * p * 8
 
 
-def estimate_bytes(n: int, p: int, dtype: torch.dtype) -> int:
-    """RAM for an in-memory X (n, p) in ``dtype`` plus the solvers' working memory."""
-    return n * p * itemsize(dtype) + working_bytes(n, p)
+def estimate_bytes(n: int, p: int, dtype: torch.dtype, world: int = 1) -> int:
+    """RAM of one process for an in-memory X (n, p) in ``dtype`` whose rows are split over
+    ``world`` processes, plus the solvers' working memory (whole n x n Gram matrices)."""
+    return -(-n // world) * p * itemsize(dtype) + working_bytes(n, p)
 
 
 @dataclass(frozen=True)
@@ -84,13 +89,16 @@ class StoragePlan:
     limit: int
     reason: str
     scratch_dir: str | None = None
+    world: int = 1  # processes sharing the rows; the figures are per process
 
     def describe(self) -> str:
         where = "in memory" if self.backend == "memory" else f"on disk in {self.scratch_dir}"
         disk = f", a {format_bytes(self.disk_bytes)} file" if self.backend == "disk" else ""
+        split = (f", rows split over {self.world} processes, figures per process"
+                 if self.world > 1 else "")
         return (f"gradient matrix {where} as {str(self.dtype).replace('torch.', '')} "
                 f"(about {format_bytes(self.ram_bytes)} of RAM{disk}; limit "
-                f"{format_bytes(self.limit)}): {self.reason}")
+                f"{format_bytes(self.limit)}{split}): {self.reason}")
 
 
 def format_bytes(b: float) -> str:
@@ -155,9 +163,11 @@ def plan_storage(
     storage: str = "auto",
     memory_limit: int | None = None,
     scratch_dir: str | Path | None = None,
+    world: int = 1,
 ) -> StoragePlan:
     """Choose where X (n, p) lives under ``memory_limit`` bytes (default: 60 % of the
-    available RAM).
+    available RAM). With ``world`` > 1 processes each stores its share of the rows (at
+    most ceil(n / world)), and the plan and the limit are per process.
 
     ``storage='memory'``: X in RAM in ``dtype``, or :class:`MemoryBudgetError` with the
     numbers and the fixes. ``storage='disk'``: a scratch file in ``scratch_dir`` (default:
@@ -169,32 +179,42 @@ def plan_storage(
     limit = default_memory_limit() if memory_limit is None else int(memory_limit)
     if limit <= 0:
         raise ConfigError(f"memory_limit must be a positive number of bytes, got {memory_limit}")
+    plan = _choose(n, p, dtype, storage, limit, scratch_dir, world)
+    return dataclasses.replace(plan, world=world)
+
+
+def _choose(n: int, p: int, dtype: torch.dtype, storage: str, limit: int,
+            scratch_dir: str | Path | None, world: int) -> StoragePlan:
+    """:func:`plan_storage` once its arguments are checked."""
     name = str(dtype).replace("torch.", "")
-    need = estimate_bytes(n, p, dtype)
+    need = estimate_bytes(n, p, dtype, world)
+    rows = -(-n // world)
+    per = f" ({rows} rows per process)" if world > 1 else ""
     if storage in ("memory", "auto") and need <= limit:
         why = "fits the limit" if storage == "auto" else "storage='memory'"
         return StoragePlan("memory", dtype, need, 0, limit, why)
     if storage == "memory":
-        fit_n = max((k for k in _halvings(n) if estimate_bytes(k, p, dtype) <= limit),
+        fit_n = max((k for k in _halvings(n) if estimate_bytes(k, p, dtype, world) <= limit),
                     default=0)
         fewer = (f"use fewer gradients (n_gradients={fit_n} would fit), " if fit_n else
                  "even one gradient would not fit, so ")
         raise MemoryBudgetError(
-            f"the gradient matrix ({n} gradients x {p:,} weights in {name}) and the solver's "
-            f"buffers need about {format_bytes(need)}, over the memory limit of "
+            f"the gradient matrix ({n} gradients{per} x {p:,} weights in {name}) and the "
+            f"solver's buffers need about {format_bytes(need)}, over the memory limit of "
             f"{format_bytes(limit)}. To fix it: {fewer}use a smaller dtype "
             "(float16/bfloat16), storage='disk' (or 'auto'), or raise memory_limit."
         )
     if storage == "auto":
         for smaller in (torch.float32, torch.float16):
-            if itemsize(smaller) < itemsize(dtype) and estimate_bytes(n, p, smaller) <= limit:
+            smaller_need = estimate_bytes(n, p, smaller, world)
+            if itemsize(smaller) < itemsize(dtype) and smaller_need <= limit:
                 return StoragePlan(
-                    "memory", smaller, estimate_bytes(n, p, smaller), 0, limit,
+                    "memory", smaller, smaller_need, 0, limit,
                     f"{name} would need {format_bytes(need)}, over the limit; "
                     f"{str(smaller).replace('torch.', '')} fits",
                 )
     scratch = check_scratch_dir(scratch_dir)
-    file_bytes = n * p * itemsize(dtype)
+    file_bytes = rows * p * itemsize(dtype)
     ram = working_bytes(n, p) + disk_chunk_bytes(limit) * 2
     if ram > limit:
         raise MemoryBudgetError(
@@ -210,8 +230,8 @@ def plan_storage(
             "gradients or a smaller dtype"
         )
     why = ("storage='disk'" if storage == "disk" else
-           f"in memory it would need {format_bytes(estimate_bytes(n, p, torch.float16))} even "
-           "in float16, over the limit")
+           f"in memory it would need {format_bytes(estimate_bytes(n, p, torch.float16, world))}"
+           " even in float16, over the limit")
     return StoragePlan("disk", dtype, ram, file_bytes, limit, why, str(scratch))
 
 
@@ -373,8 +393,10 @@ class GradientStore:
             return self.data[:, a:b]
         return self._convert(self._read_stored(a, b))
 
-    def _chunks(self, idx: torch.Tensor | None, scaled: bool):
-        """(positions, X[:, cols]) per chunk: all columns in order, or the sorted ``idx``."""
+    def column_blocks(self, idx: torch.Tensor | None = None, scaled: bool = True):
+        """(positions, X[:, cols]) per chunk in the compute dtype: all columns in order, or
+        the sorted int64 indices ``idx``; ``scaled=False`` leaves half-precision rows
+        divided by their ``row_scale``."""
         if idx is None:
             for a, b in self.ranges():
                 yield slice(a, b), (self.data[:, a:b] if self._plain
@@ -401,7 +423,7 @@ class GradientStore:
         if self._plain:
             return self.data @ d
         out = torch.zeros(self.n, dtype=self.compute_dtype, device=self.device)
-        for pos, Xc in self._chunks(None, scaled=False):
+        for pos, Xc in self.column_blocks(None, scaled=False):
             out += Xc @ d[pos]
         return out if self.row_scale is None else out * self.row_scale
 
@@ -411,7 +433,7 @@ class GradientStore:
             return self.data.T @ y
         ys = y if self.row_scale is None else y * self.row_scale
         out = torch.empty(self.p, dtype=self.compute_dtype, device=self.device)
-        for pos, Xc in self._chunks(None, scaled=False):
+        for pos, Xc in self.column_blocks(None, scaled=False):
             out[pos] = Xc.T @ ys
         return out
 
@@ -421,12 +443,19 @@ class GradientStore:
         K = torch.zeros((self.n, self.n), dtype=torch.float64, device=self.device)
         if idx is not None and idx.numel() == 0:
             return K
-        for _, Xc in self._chunks(idx, scaled=False):
+        for _, Xc in self.column_blocks(idx, scaled=False):
             K += (Xc @ Xc.T).double()
         if self.row_scale is not None:
             s = self.row_scale.double()
             K *= s[:, None] * s[None, :]
         return K
+
+    def column_map(self, fn, out: torch.Tensor) -> torch.Tensor:
+        """``out[..., a:b] = fn(X[:, a:b], a, b)`` for every column chunk (a, b); returns
+        ``out`` (..., p). The distributed store deals the chunks out to its ranks."""
+        for a, b in self.ranges():
+            out[..., a:b] = fn(self.columns(a, b), a, b)
+        return out
 
     def column_mean(self) -> torch.Tensor:
         """The mean row (p,) in the compute dtype."""
@@ -439,4 +468,4 @@ class GradientStore:
         """X as one dense tensor (n, p) in the compute dtype (mind the memory)."""
         if self._plain:
             return self.data
-        return torch.cat([Xc for _, Xc in self._chunks(None, scaled=True)], 1)
+        return torch.cat([Xc for _, Xc in self.column_blocks(None, scaled=True)], 1)

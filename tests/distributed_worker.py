@@ -1,0 +1,66 @@
+"""One rank of a distributed run, started by ``torchrun`` from tests/test_distributed.py.
+
+Usage: ``torchrun --standalone --nproc_per_node=N distributed_worker.py JOB BUNDLE OUT``.
+BUNDLE is a ``torch.save``d dict with the model, the data and the keyword arguments; each
+rank saves what it got to OUT/rank<r>.pt. JOB is ``prune``, ``rows`` (the gradient matrix
+of the bundle's model) or ``gradual`` (with ``stop_after``: rank 0 stops the run after
+that many events, as an interruption would).
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import falcon_prune as fp
+from falcon_prune.batches import Samples
+from falcon_prune.costs import CostModel
+
+
+class Interrupted(Exception):
+    pass
+
+
+def run(job: str, b: dict) -> dict:
+    if job == "prune":
+        res = fp.prune(b["model"], b["data"], progress=False, **b["kwargs"])
+        return {"masks": fp.masks_of(res.model), "state": res.model.state_dict(),
+                "details": res.details, "flops": res.flops_fraction}
+    if job == "rows":
+        x, y = b["data"]
+        cm = CostModel.from_model(b["model"], x[:1])
+        store = fp.gradient_store(b["model"], cm, Samples((x, y)), b["kwargs"]["n"],
+                                  dtype=torch.float64, progress=False)
+        return {"local_rows": store.local.n, "start": store.start, "X": store.to_tensor(),
+                "gram": store.gram(), "mv": store.matvec(torch.ones(cm.num_weights,
+                                                                    dtype=torch.float64))}
+    if job == "gradual":
+        kw = dict(b["kwargs"])
+        stop = kw.pop("stop_after", None)
+        seen = []
+
+        def callback(row):
+            seen.append(row)
+            if stop is not None and len(seen) >= stop:
+                raise Interrupted(f"stopped after {stop} events")
+
+        res = fp.gradual(b["model"], b["data"], progress=False, callback=callback, **kw)
+        return {"masks": fp.masks_of(res.model), "state": res.model.state_dict(),
+                "history": res.history, "flops": res.flops_fraction}
+    raise SystemExit(f"unknown job {job}")
+
+
+def main(job: str, bundle: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        record = run(job, torch.load(bundle, weights_only=False))
+        record["world"] = dist.get_world_size()
+        torch.save(record, Path(out) / f"rank{dist.get_rank()}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -1,0 +1,141 @@
+"""Distributed runs: two CPU processes with gloo, started by torchrun, against one process.
+
+Each test saves a bundle (model, data, arguments), starts ``torchrun`` on
+``distributed_worker.py`` and compares what every rank returned.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import small_data, trained_bn_cnn, trained_cnn
+
+import falcon_prune as fp
+from falcon_prune.batches import Samples
+from falcon_prune.costs import CostModel
+from falcon_prune.distributed import Ranks
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="this torch build has no torch.distributed")
+
+
+def torchrun(tmp_path: Path, job: str, model, data, nproc: int = 2, expect_ok: bool = True,
+             **kwargs) -> list[dict]:
+    """Run ``job`` on ``nproc`` gloo ranks; returns each rank's record."""
+    bundle, out = tmp_path / f"{job}.pt", tmp_path / f"{job}-out"
+    out.mkdir(exist_ok=True)
+    torch.save({"model": model, "data": data, "kwargs": kwargs}, bundle)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={nproc}", str(WORKER), job, str(bundle), str(out)],
+        capture_output=True, text=True, timeout=300, env=env)
+    if not expect_ok:
+        assert proc.returncode != 0
+        return []
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+def test_shares_of_rows_cover_everything_once():
+    for world in (1, 2, 3, 5):
+        spans = [Ranks(r, world).bounds(11) for r in range(world)]
+        assert spans[0][0] == 0 and spans[-1][1] == 11
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+        assert max(b - a for a, b in spans) - min(b - a for a, b in spans) <= 1
+
+
+def test_each_rank_holds_its_rows_and_products_are_global(tmp_path):
+    model = trained_cnn().double()
+    x, y = small_data(40)
+    x = x.double()
+    cm = CostModel.from_model(model, x[:1])
+    ref = fp.gradient_matrix(model, cm, Samples((x, y)), 21, dtype=torch.float64,
+                             progress=False)
+    ranks = torchrun(tmp_path, "rows", model, (x, y), n=21)
+    assert [r["local_rows"] for r in ranks] == [11, 10]
+    assert [r["start"] for r in ranks] == [0, 11]
+    for r in ranks:
+        assert torch.allclose(r["X"], ref, rtol=0, atol=1e-12)
+        assert torch.allclose(r["gram"], ref @ ref.T, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(r["mv"], ref.sum(1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method, structure", [("falcon", "weights"), ("falcon++", "weights"),
+                                               ("falcon", "channels")])
+def test_two_ranks_give_the_single_process_result(tmp_path, method, structure):
+    model = (trained_bn_cnn() if structure == "channels" else trained_cnn()).double()
+    x, y = small_data(200)
+    data = (x.double(), y)
+    kw = dict(flops=0.5, method=method, structure=structure, n_gradients=60,
+              n_validation=60, seed=1, sampling="random", dtype=torch.float64)
+    if method == "falcon++":
+        kw.update(stages=2, n_gradients=40)
+    single = fp.prune(model, data, progress=False, **kw)
+    ranks = torchrun(tmp_path, "prune", model, data, **kw)
+    for r in ranks:
+        assert r["flops"] <= 0.5 + 1e-9
+        ref_state = single.model.state_dict()
+        assert r["state"].keys() == ref_state.keys()
+        for name, value in ref_state.items():
+            if value.dtype == torch.bool or name.endswith("_mask"):
+                assert torch.equal(r["state"][name], value), name
+            else:
+                assert r["state"][name].shape == value.shape, name
+                assert torch.allclose(r["state"][name], value, rtol=1e-6, atol=1e-9), name
+    assert "2 processes" in ranks[0]["details"]["distributed"]
+
+
+def test_distributed_gradual_resumes_to_the_uninterrupted_result(tmp_path):
+    model = trained_cnn()
+    data = small_data(160)
+    kw = dict(flops=0.4, method="falcon", n_gradients=30, n_validation=30, stages=2,
+              epochs_per_stage=1, final_epochs=1, batch_size=32, seed=0)
+    whole = torchrun(tmp_path, "gradual", model, data, **kw)
+    assert len(whole[0]["history"]) == 5  # 2 x (prune + epoch) + final epoch
+    for name, value in whole[0]["state"].items():  # data-parallel: the ranks agree
+        assert torch.equal(whole[1]["state"][name], value), name
+    ckpt = tmp_path / "ckpt"
+    torchrun(tmp_path, "gradual", model, data, expect_ok=False, checkpoint_dir=str(ckpt),
+             stop_after=3, **kw)
+    assert (ckpt / "gradual.pt").is_file()
+    resumed = torchrun(tmp_path, "gradual", model, data, checkpoint_dir=str(ckpt),
+                       resume=True, **kw)
+    assert [h["event"] for h in resumed[0]["history"]] == [1, 2, 3, 4, 5]
+    for r in resumed:
+        assert r["flops"] <= 0.4 + 1e-9
+        for name, value in whole[0]["state"].items():
+            assert torch.allclose(r["state"][name].float(), value.float(), atol=1e-6), name
+
+
+def test_cli_under_torchrun_writes_once_and_matches_one_process(tmp_path, capsys):
+    from conftest import shared_path
+
+    from falcon_prune.cli import main
+
+    ckpt = shared_path("checkpoints", "mlpnet_mnist.ckpt")
+    data = shared_path("data", "mnist_10k.npz")
+    args = ["prune", "--model", "mlpnet", "--checkpoint", str(ckpt), "--dataset", "mnist",
+            "--data", str(data), "--flops", "0.3", "--n-gradients", "100",
+            "--n-validation", "100", "--dtype", "float64", "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "one.pt")]) == 0
+    capsys.readouterr()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "falcon_prune", *args, "--output", str(tmp_path / "two.pt"), "--report",
+         str(tmp_path / "two.json")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("saved ") == 1 and proc.stdout.count("wrote ") == 1
+    one = torch.load(tmp_path / "one.pt", weights_only=False)
+    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    assert "2 processes" in two["report"]["details"]["distributed"]
+    for name, mask in one["masks"].items():
+        assert torch.equal(two["masks"][name], mask), name
+    for name, value in one["state_dict"].items():
+        assert torch.allclose(two["state_dict"][name], value, atol=1e-6), name
