@@ -1,7 +1,7 @@
 """One-shot FALCON of an ImageNet-size network with 1 and 2 (or more) ranks of
 ``torch.distributed``, started by ``torchrun``: seconds, peak resident memory per rank, the
-gradient matrix's bytes per rank, whether the masks are the same, and the largest number
-of gradients a rank count can hold under a per-process memory limit.
+gradient matrix's bytes per rank, whether the masks and weights are the same, and the
+largest number of gradients a rank count can hold under a per-process memory limit.
 
 ImageNet is not available here, so the data are synthetic: seeded N(0, 1) images of
 224 x 224 with seeded random labels (the gradients have ImageNet's shapes and cost; their
@@ -33,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def worker(a: argparse.Namespace) -> None:
                      progress=not a.no_progress, **settings)
         seconds = time.perf_counter() - t
         masks = fp.masks_of(r.model)
+        weights = torch.cat([p.detach().reshape(-1).float() for _, p in
+                             sorted(fp.make_permanent(fp.clone_model(r.model))
+                                    .state_dict().items())])
         digest = hashlib.sha256(b"".join(masks[k].cpu().numpy().tobytes()
                                          for k in sorted(masks))).hexdigest()
         ranks = Ranks.current()
@@ -76,6 +80,7 @@ def worker(a: argparse.Namespace) -> None:
             rss = [None] * ranks.world
             dist.all_gather_object(rss, peak_rss_mb())
         if ranks.is_main:
+            torch.save(weights, Path(a.weights_dir) / f"weights_{ranks.world}.pt")
             rows = ranks.sizes(a.n_gradients)
             print("RESULT " + json.dumps({
                 "model": a.model, "ranks": ranks.world, "device": str(device),
@@ -125,18 +130,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path,
                     default=Path("benchmarks/results/distributed_scale.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--weights-dir", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         worker(a)
         return
+    import torch
+
     from falcon_prune.storage import default_memory_limit
 
     prov = provenance()
-    argv = [x for x in sys.argv[1:]]
+    argv = list(sys.argv[1:])
     rows: list[dict] = []
+    scratch = tempfile.mkdtemp(prefix="distributed_scale_")
     for world in a.ranks:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={world}", __file__, *argv, "--worker"]
+               f"--nproc_per_node={world}", __file__, *argv, "--worker", "--weights-dir",
+               scratch]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0 or "RESULT " not in proc.stdout:
             sys.exit(f"the run with {world} ranks failed (exit {proc.returncode})")
@@ -150,6 +160,10 @@ def main() -> None:
                                                     limit // world)
         row["same_mask_as_first"] = row["mask_sha256"] == (rows[0] if rows else row)[
             "mask_sha256"]
+        first = torch.load(Path(scratch) / f"weights_{a.ranks[0]}.pt")
+        this = torch.load(Path(scratch) / f"weights_{world}.pt")
+        row["max_weight_difference_to_first"] = float((this - first).abs().max())
+        row["max_abs_weight"] = float(first.abs().max())
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "times"}, indent=1))
         save_rows(a.out, rows, prov=prov)

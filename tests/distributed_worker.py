@@ -30,9 +30,12 @@ def run(job: str, b: dict) -> dict:
     if job == "rows":
         x, y = b["data"]
         cm = CostModel.from_model(b["model"], x[:1])
-        store = fp.gradient_store(b["model"], cm, Samples((x, y)), b["kwargs"]["n"],
-                                  dtype=torch.float64, progress=False)
+        kw = b["kwargs"]
+        store = fp.gradient_store(b["model"], cm, Samples((x, y)), kw["n"],
+                                  dtype=kw.get("dtype", torch.float64),
+                                  storage=kw.get("storage", "memory"), progress=False)
         return {"local_rows": store.local.n, "start": store.start, "X": store.to_tensor(),
+                "backend": store.local.backend, "plan": store.plan.describe(),
                 "gram": store.gram(), "mv": store.matvec(torch.ones(cm.num_weights,
                                                                     dtype=torch.float64))}
     if job == "gradual":

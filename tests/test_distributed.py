@@ -64,6 +64,12 @@ def test_each_rank_holds_its_rows_and_products_are_global(tmp_path):
         assert torch.allclose(r["X"], ref, rtol=0, atol=1e-12)
         assert torch.allclose(r["gram"], ref @ ref.T, rtol=1e-12, atol=1e-12)
         assert torch.allclose(r["mv"], ref.sum(1), rtol=1e-12, atol=1e-12)
+    # the storage plan is made per rank: on disk, in float16 (rows scaled per row)
+    ranks = torchrun(tmp_path, "rows", model, (x, y), n=21, storage="disk",
+                     dtype=torch.float16)
+    for r in ranks:
+        assert r["backend"] == "disk" and "rows split over 2 processes" in r["plan"]
+        assert torch.allclose(r["X"], ref.float(), rtol=2e-3, atol=1e-3 * ref.abs().max())
 
 
 @pytest.mark.parametrize("method, structure", [("falcon", "weights"), ("falcon++", "weights"),

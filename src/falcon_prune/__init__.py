@@ -1,7 +1,7 @@
 """falcon-prune: prune trained PyTorch networks under a FLOP budget and a non-zero budget
 at once, with FALCON (Meng et al., AISTATS 2024)."""
 
-from falcon_prune import errors, tasks
+from falcon_prune import distributed, errors, tasks
 from falcon_prune.api import count_macs, prune
 from falcon_prune.batchnorm import recalibrate_batchnorm
 from falcon_prune.config import (
@@ -50,6 +50,7 @@ __all__ = [
     "clone_model",
     "count_macs",
     "defaults",
+    "distributed",
     "EFFORTS",
     "errors",
     "evaluate",

@@ -31,6 +31,9 @@ from falcon_prune.storage import GradientStore, StoragePlan, plan_storage
 from falcon_prune.tasks import Task, TaskRunner, as_task, batch_mean
 
 VMAP = "torch.func.vmap"
+#: the most bytes of per-sample gradients one vmap call holds (counted twice: the
+#: per-parameter results and the assembled rows); ResNet50: 1 sample, ResNet20: 64
+CHUNK_BYTES = 256 * 2**20
 
 
 def _positive(name: str, v: object) -> int:
@@ -149,7 +152,8 @@ def gradient_store(
     Row j is the gradient of the mean loss (of ``task``, default classification) over
     samples ``j*m .. j*m+m-1`` (m = ``samples_per_gradient``) at the model's current
     weights, in eval mode, at most ``chunk`` samples per vmap call (fewer when a chunk of
-    per-sample gradients would take more than an eighth of the memory limit). With
+    per-sample gradients would take more than ``CHUNK_BYTES`` or an eighth of the memory
+    limit: larger chunks are no faster, and their activations add to the peak). With
     ``columns`` (sorted int64 indices into the flat weights) only those columns are kept.
     ``on_mode(text)`` is told how the rows were computed (vmap, or the per-row fallback).
     With ``ranks`` of more than one process (default: the initialised ``torch.distributed``
@@ -178,8 +182,8 @@ def gradient_store(
     rows_fn = _Rows(model, [lay.name for lay in cost_model.layers],
                     as_task(task))
     # a vmap call holds its per-sample gradients twice (the dict and the assembled rows)
-    per_chunk = max(1, min(max(1, chunk // m),
-                           (plan.limit // 8) // (2 * cost_model.num_weights * 4)))
+    per_chunk = max(1, min(max(1, chunk // m), min(plan.limit // 8, CHUNK_BYTES)
+                           // (2 * cost_model.num_weights * 4)))
     start, stop = ranks.bounds(n_gradients)
     store = GradientStore.from_plan(stop - start, p, plan, device)
     store.plan = plan
