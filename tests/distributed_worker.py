@@ -37,7 +37,7 @@ def run(job: str, b: dict) -> dict:
         return {"local_rows": store.local.n, "start": store.start, "X": store.to_tensor(),
                 "backend": store.local.backend, "plan": store.plan.describe(),
                 "gram": store.gram(), "mv": store.matvec(torch.ones(cm.num_weights,
-                                                                    dtype=torch.float64))}
+                                                                    dtype=store.compute_dtype))}
     if job == "gradual":
         kw = dict(b["kwargs"])
         stop = kw.pop("stop_after", None)
