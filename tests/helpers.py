@@ -205,3 +205,25 @@ class TinyEncoder(nn.Module):
 
     def forward(self, x):
         return self.fc(self.enc(self.inp(x)).mean(1))
+
+
+class HeadAttentionNet(nn.Module):
+    """Self-attention written out as HuggingFace models do: separate query, key and value
+    Linear layers whose outputs are viewed as (N, T, heads, d), an output projection and a
+    classifier over the mean token: (N, T, 8) -> (N, 3); 16 wide, 4 heads of 4."""
+
+    def __init__(self, width=16, d=4):
+        super().__init__()
+        self.d = d
+        self.inp = nn.Linear(8, width)
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, width)
+        self.fc = nn.Linear(width, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        n, t, _ = h.shape
+        q, k, v = (f(h).view(n, t, -1, self.d).transpose(1, 2)
+                   for f in (self.query, self.key, self.value))
+        a = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5, -1) @ v
+        return self.fc(self.out(a.transpose(1, 2).reshape(n, t, -1)).mean(1))

@@ -152,17 +152,26 @@ def test_gradual_on_bert(bert, digits_tokens):
     assert all(math.isfinite(row.get("train_loss", 0.0)) for row in r.history)
 
 
-def test_bert_channels_need_its_attention_projections_kept_whole(bert, digits_tokens):
-    """Removing channels that BERT's attention splits into heads breaks its reshape: the
-    run says which layers to keep; with them kept (a glob) the MLP units and the residual
-    width, embedding columns included, are removed within the budget."""
+def test_bert_channels_remove_whole_attention_heads(bert, digits_tokens):
+    """BERT's query/key/value outputs are viewed as heads: their coupled group (with the
+    attention output's columns) loses whole heads, the MLP units and the residual width
+    (embedding columns included) lose channels, within the budget; keep_layers keeps the
+    attention projections whole."""
     data = {k: v[:300] for k, v in digits_tokens.items()}
-    with pytest.raises(fp.errors.ModelError, match=r"keep_layers=\[\.\.\.\]"):
-        fp.prune(bert, data, flops=0.6, structure="channels", method="mp", progress=False)
-    r = fp.prune(bert, data, flops=0.6, structure="channels", method="mp", progress=False,
-                 keep_layers=["*.attention.self.*"])
+    r = fp.prune(bert, data, flops=0.4, structure="channels", method="mp", progress=False)
+    assert r.flops_fraction <= 0.4
     small = r.model.bert
-    assert r.flops_fraction <= 0.6
     assert small.embeddings.word_embeddings.weight.shape[1] < 32  # residual width removed
-    assert small.encoder.layer[0].attention.self.query.out_features == 32  # kept whole
+    heads = []
+    for layer in small.encoder.layer:
+        att = layer.attention
+        width = att.self.query.out_features
+        assert width % 16 == 0 and width == att.self.key.out_features \
+            == att.self.value.out_features == att.output.dense.in_features
+        heads.append(width // 16)
+    assert min(heads) == 1  # a head of the two was removed
     assert r.model(input_ids=data["input_ids"][:2]).logits.shape == (2, 10)
+    kept = fp.prune(bert, data, flops=0.6, structure="channels", method="mp", progress=False,
+                    keep_layers=["*.attention.self.*"])
+    assert kept.flops_fraction <= 0.6
+    assert kept.model.bert.encoder.layer[0].attention.self.query.out_features == 32

@@ -15,6 +15,7 @@ from helpers import (
     DepthwiseNet,
     FixedHeadNet,
     GroupedConvNet,
+    HeadAttentionNet,
     NoBiasCNN,
     NoGradCNN,
     SmallCNN,
@@ -226,6 +227,7 @@ REMOVAL_MODELS = {
     "bn_cnn": (BatchNormCNN, (2, 1, 8, 8), 3),
     "cnn_with_biases": (SmallCNN, (2, 1, 8, 8), 3),
     "resnet20": (resnet20, (1, 3, 32, 32), 1),
+    "heads": (HeadAttentionNet, (2, 5, 8), 3),
 }
 
 
@@ -775,3 +777,40 @@ def test_transformer_encoder_loses_mlp_units_and_keeps_its_attention_width(metho
     for layer in r.model.enc.layers:
         assert layer.self_attn.embed_dim == 32 and layer.linear1.out_features < 64
     assert r.model(x[:2]).shape == (2, 3)
+
+
+def test_attention_heads_are_units_found_from_the_model_reshape():
+    """q/k/v outputs viewed as (N, T, heads, d): their coupled group is cut into heads of
+    d channels (with the output projection's columns); other groups stay channels."""
+    from falcon_prune.structure import head_sizes
+
+    torch.manual_seed(0)
+    model, x = HeadAttentionNet().eval(), torch.randn(2, 5, 8)
+    assert head_sizes(model, x, lambda m, b: m(b)) == {"query": 4, "key": 4, "value": 4}
+    u, _ = units_of(model, x)
+    assert sorted(u.widths) == [1, 1, 4]
+    heads = [lab for lab in u.labels if "head" in lab]
+    assert len(heads) == 4
+
+
+@pytest.mark.parametrize("method", ["mp", "falcon"])
+def test_pruning_heads_gives_a_smaller_working_attention(method):
+    torch.manual_seed(0)
+    model = HeadAttentionNet().eval()
+    x, y = torch.randn(200, 5, 8), torch.randint(0, 3, (200,))
+    kw = {} if method == "mp" else {"n_gradients": 60, "n_validation": 60}
+    r = fp.prune(model, (x, y), flops=0.3, structure="channels", method=method,
+                 progress=False, **kw)
+    small = r.model
+    assert r.flops_fraction <= 0.3
+    widths = {small.query.out_features, small.key.out_features, small.value.out_features,
+              small.out.in_features}
+    assert len(widths) == 1 and widths.pop() % 4 == 0  # whole heads
+    assert small(x[:2]).shape == (2, 3)
+    # with the other layers kept whole, only heads can go: 1 of 4 fits 40 % of the MACs
+    r = fp.prune(model, (x, y), flops=0.4, structure="channels", method=method,
+                 progress=False, keep_layers=["inp", "out"], **kw)
+    assert r.flops_fraction <= 0.4 and r.model.query.out_features == 4
+    assert r.model(x[:2]).shape == (2, 3)
+    removed = r.details["removed_channels"]
+    assert all(len(v) % 4 == 0 for k, v in removed.items() if k in ("query", "value"))

@@ -97,9 +97,9 @@ def _finish(r: Run, state: UnitState) -> str:
     except RuntimeError as e:
         raise ModelError(
             f"removing the chosen channels broke the model's forward pass ({e}); a group's "
-            "channels are probably split into attention heads by a reshape, which "
-            "structure='channels' does not model: keep those layers whole with "
-            "keep_layers=[...] (globs, e.g. '*.attention.self.*')") from e
+            "channels are probably split by the model in a way structure='channels' does "
+            "not model (e.g. a fused query/key/value projection split before its heads): "
+            "keep those layers whole with keep_layers=[...] (globs, e.g. '*.attn.*')") from e
     if r.dtype in HALF:
         r.work.to(r.dtype)
     return bn_note(r.work, seen)
@@ -133,12 +133,14 @@ def verify_units(r: Run, state: UnitState, budget: UnitBudget
 
 
 def _removed(state: UnitState) -> dict[str, list[int]]:
-    """{group root layer: removed channels} of the final choice."""
-    out: dict[str, list[int]] = {}
-    for label, alive in zip(state.units.labels, state.alive.tolist(), strict=True):
+    """{group root layer: removed channels} of the final choice (every channel of a
+    removed attention head)."""
+    units, out = state.units, {}
+    for k, (label, alive) in enumerate(zip(units.labels, state.alive.tolist(), strict=True)):
         if not alive:
-            root, channel = label.rsplit("[", 1)
-            out.setdefault(root, []).append(int(channel[:-1]))
+            root = label.rsplit("[", 1)[0]
+            w = units.widths[int(units.group[k])]
+            out.setdefault(root, []).extend(int(units.channel[k]) * w + j for j in range(w))
     return out
 
 

@@ -400,9 +400,10 @@ class UnitState:
         least = torch.zeros(self.units.m, dtype=torch.bool)
         c, _ = self.costs.marginal(torch.ones(self.units.m, dtype=torch.bool))
         k = round_to or 1
-        for g in range(len(self.floors)):  # each group's cheapest channels
+        for g in range(len(self.floors)):  # each group's cheapest channels (or heads)
             idx = (self.units.group == g).nonzero().reshape(-1)
-            n = min(len(idx), -(-int(self.floors[g]) // k) * k)
+            kg = 1 if self.units.widths[g] > 1 else k
+            n = min(len(idx), -(-int(self.floors[g]) // kg) * kg)
             least[idx[torch.argsort(c[idx])[:n]]] = True
         cost, size = self.costs.exact(least)
         why = "the layers kept whole and the least channels of every group" + (

@@ -456,12 +456,12 @@ def _blocks(scores: torch.Tensor, units: ChannelUnits, allowed: torch.Tensor, k:
             ) -> list[list[torch.Tensor]]:
     """Per group, its allowed units by decreasing score cut into blocks of ``k`` (the last
     block holds the rest): keeping a prefix of blocks keeps a multiple of ``k`` channels,
-    or all of them."""
+    or all of them. A group of attention heads is cut into single heads."""
     out = []
     for g in range(len(units.groups)):
         idx = ((units.group == g) & allowed).nonzero().reshape(-1)
         idx = idx[torch.argsort(scores[idx], descending=True, stable=True)]
-        out.append(list(torch.split(idx, k)) if len(idx) else [])
+        out.append(list(torch.split(idx, 1 if units.widths[g] > 1 else k)) if len(idx) else [])
     return out
 
 

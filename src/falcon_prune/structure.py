@@ -15,6 +15,12 @@ unit); it survives only while every unit that owns it is kept. Costs (MACs) and 
 counts of a unit are therefore linearised by sharing an entry's value equally among its
 owners: the linear total is an upper bound of the true one, which is recounted exactly.
 
+Attention heads: when the output of a Linear layer is reshaped into heads (a view
+``(..., C) -> (..., H, d)``, seen while the model runs), the channels of its coupled group
+are removed whole heads at a time: a unit is then d consecutive channels, one head of the
+query, key and value projections with the output projection's columns that read it. The
+head size comes from the model's own reshape, not from a table of architectures.
+
 Layers whose outputs are the network's outputs (a classifier) are never pruned; the input
 channels of the stem are not channels of any group.
 """
@@ -27,6 +33,7 @@ from fnmatch import fnmatch
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from falcon_prune.costs import CostModel
 from falcon_prune.errors import DependencyError, ModelError
@@ -146,7 +153,9 @@ class ChannelUnits:
     ``ptr`` (m+1,) and ``entries`` (E,) are the CSR lists of each unit's global parameter
     entries; ``cover`` (P,) counts the units owning each entry (0: never removed);
     ``group`` and ``channel`` (m,) say which coupled group and which of its channels a unit
-    is; ``graph``/``groups`` are Torch-Pruning's, for the surgery."""
+    is; ``graph``/``groups`` are Torch-Pruning's, for the surgery; ``widths[g]``
+    channels make one unit of group g (the head size of an attention group, else 1), and
+    ``channel`` counts units (heads) there."""
 
     space: ParamSpace
     ptr: torch.Tensor
@@ -157,6 +166,7 @@ class ChannelUnits:
     labels: list[str]
     graph: object
     groups: list
+    widths: list[int]
 
     @property
     def m(self) -> int:
@@ -220,25 +230,92 @@ def channel_units(model: nn.Module, cm: CostModel, inputs: object,
               if not any(isinstance(it.dep.target.module, nn.MultiheadAttention)
                          for it in g.items)]  # attention's width stays (heads must divide it)
     space = ParamSpace.of(model, cm)
-    pairs, group_of, channel_of, labels = [], [], [], []
+    heads = head_sizes(model, inputs, call)
+    pairs, group_of, channel_of, labels, widths = [], [], [], [], []
     for gi, g in enumerate(groups):
         base, channels = len(group_of), len(g.items[0].idxs)
+        width = _group_width(g, names, heads, channels)
         root = names[id(g.items[0].dep.target.module)]
         for it in g.items:
             module = it.dep.target.module
             if id(module) not in names or not isinstance(module, nn.Module):
                 continue
             idx = torch.as_tensor(list(it.idxs), dtype=torch.int64)
-            units = base + torch.as_tensor(list(it.root_idxs), dtype=torch.int64)
+            units = base + torch.as_tensor(list(it.root_idxs), dtype=torch.int64) // width
             for e in _item_entries(module, names[id(module)], space, it.dep.handler.__name__,
                                    idx, len(idx)):
                 pairs.append(torch.stack([units[:, None].expand_as(e), e]).reshape(2, -1))
-        group_of += [gi] * channels
-        channel_of += list(range(channels))
-        labels += [f"{root}[{c}]" for c in range(channels)]
+        group_of += [gi] * (channels // width)
+        channel_of += list(range(channels // width))
+        labels += ([f"{root}[head {h}]" for h in range(channels // width)] if width > 1
+                   else [f"{root}[{c}]" for c in range(channels)])
+        widths.append(width)
     fixed = [(names[id(m)] + ".weight", m.weight.numel()) for m in _grouped_layers(model)]
     fixed += [(e.name, e.weights) for e in cm.excluded]
-    return _assemble(space, pairs, group_of, channel_of, labels, graph, groups, fixed)
+    return _assemble(space, pairs, group_of, channel_of, labels, graph, groups, fixed,
+                     widths)
+
+
+def _group_width(group, names: dict, heads: dict[str, int], channels: int) -> int:
+    """Channels per unit of a Torch-Pruning group: the head size when the output channels
+    of one of its layers are reshaped into heads (all such layers agreeing), else 1."""
+    sizes = {heads[names[id(it.dep.target.module)]] for it in group.items
+             if it.dep.handler.__name__ == "prune_out_channels"
+             and names.get(id(it.dep.target.module)) in heads}
+    if not sizes:
+        return 1
+    if len(sizes) > 1 or channels % next(iter(sizes)):
+        raise ModelError(
+            f"layers coupled with {names[id(group.items[0].dep.target.module)]} are split "
+            f"into heads of different sizes {sorted(sizes)}; keep them whole with "
+            "keep_layers=[...]")
+    return sizes.pop()
+
+
+def head_sizes(model: nn.Module, inputs: object,
+               call: Callable[[nn.Module, object], object]) -> dict[str, int]:
+    """{name: d} of the Linear layers whose output (..., C) the model reshapes into heads
+    (..., C // d, d) right after it, seen while running ``call(model, inputs)``."""
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def hook(name):
+        def record(module, args, out):
+            if isinstance(out, torch.Tensor) and out.dim() >= 2:
+                outputs[id(out)] = (name, out)  # the tensor is kept: its id stays unique
+        return record
+
+    found: dict[str, int] = {}
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad(), _HeadViews(outputs, found):
+            call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+class _HeadViews(TorchDispatchMode):
+    """Records, for tensors in ``outputs`` ({id: (name, tensor)}), views that split the
+    last dimension C into (H, d) with 1 < d < C: ``found[name] = d``."""
+
+    VIEWS = ("view", "_unsafe_view", "reshape")
+
+    def __init__(self, outputs: dict, found: dict):
+        super().__init__()
+        self.outputs, self.found = outputs, found
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        src = args[0] if args else None
+        if (func.overloadpacket.__name__ in self.VIEWS and isinstance(src, torch.Tensor)
+                and id(src) in self.outputs and isinstance(out, torch.Tensor)
+                and out.dim() == src.dim() + 1 and out.shape[:-2] == src.shape[:-1]):
+            C, d = src.shape[-1], out.shape[-1]
+            if 1 < d < C and out.shape[-2] * d == C:
+                self.found[self.outputs[id(src)][0]] = d
+        return out
 
 
 def _traceable(model: nn.Module, inputs: object,
@@ -283,8 +360,8 @@ def _graph(tp, model: nn.Module, inputs: object, call: Callable[[nn.Module, obje
 
 
 def _assemble(space: ParamSpace, pairs: list, group_of: list, channel_of: list,
-              labels: list, graph, groups: list, fixed: list[tuple[str, int]]
-              ) -> ChannelUnits:
+              labels: list, graph, groups: list, fixed: list[tuple[str, int]],
+              widths: list[int]) -> ChannelUnits:
     """CSR lists from (unit, entry) pairs; units that touch a ``fixed`` weight (name,
     size: excluded or grouped layers, which keep their channels) are dropped."""
     if not pairs:
@@ -309,13 +386,15 @@ def _assemble(space: ParamSpace, pairs: list, group_of: list, channel_of: list,
     pick = alive.tolist()
     return ChannelUnits(space, ptr, entry, cover, torch.tensor(group_of)[alive],
                         torch.tensor(channel_of)[alive], [labels[i] for i in pick], graph,
-                        groups)
+                        groups, widths)
 
 
 def remove_channels(units: ChannelUnits, keep: torch.Tensor) -> None:
     """Physically remove, in place, the channels of the units not in ``keep`` (m,) bool
     from the model the units were built on (Torch-Pruning's surgery)."""
     for gi, g in enumerate(units.groups):
-        drop = units.channel[(units.group == gi) & ~keep].tolist()
+        w = units.widths[gi]
+        drop = [u * w + j for u in units.channel[(units.group == gi) & ~keep].tolist()
+                for j in range(w)]  # a head: its w channels
         if drop:
             g.prune(idxs=sorted(drop))
