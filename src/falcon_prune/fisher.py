@@ -179,26 +179,31 @@ def gradient_store(
     if plan is None:
         plan = plan_storage(n_gradients, p, dtype, storage, memory_limit, scratch_dir,
                             ranks.world)
-    rows_fn = _Rows(model, [lay.name for lay in cost_model.layers],
-                    as_task(task))
+    rows_fn = _Rows(model, [lay.name for lay in cost_model.layers], as_task(task))
     # a vmap call holds its per-sample gradients twice (the dict and the assembled rows)
     per_chunk = max(1, min(max(1, chunk // m), min(plan.limit // 8, CHUNK_BYTES)
                            // (2 * cost_model.num_weights * 4)))
-    start, stop = ranks.bounds(n_gradients)
-    store = GradientStore.from_plan(stop - start, p, plan, device)
-    store.plan = plan
-    if ranks.active:
-        store = ShardedStore(store, n_gradients, ranks)
+    store = _empty_store(n_gradients, p, plan, device, ranks)
     was = model.training
     model.eval()
     try:
-        _fill(store, rows_fn, samples, (start, stop), m, per_chunk, device, columns, progress,
-              ranks)
+        _fill(store, rows_fn, samples, ranks.bounds(n_gradients), m, per_chunk, device,
+              columns, progress, ranks)
     finally:
         model.train(was)
     if on_mode is not None:
         on_mode(rows_fn.mode)
     return store
+
+
+def _empty_store(n: int, p: int, plan: StoragePlan, device, ranks: Ranks
+                 ) -> GradientStore | ShardedStore:
+    """Room for this rank's share of the n rows of X (all of them for one process), as
+    ``plan`` says."""
+    start, stop = ranks.bounds(n)
+    store = GradientStore.from_plan(stop - start, p, plan, device)
+    store.plan = plan
+    return ShardedStore(store, n, ranks) if ranks.active else store
 
 
 def _fill(store: GradientStore | ShardedStore, rows_fn: _Rows, samples: Samples,
