@@ -227,3 +227,21 @@ class HeadAttentionNet(nn.Module):
                    for f in (self.query, self.key, self.value))
         a = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5, -1) @ v
         return self.fc(self.out(a.transpose(1, 2).reshape(n, t, -1)).mean(1))
+
+
+class GroupedQueryNet(HeadAttentionNet):
+    """HeadAttentionNet with grouped-query attention: 4 query heads share 2 key/value
+    heads (each repeated twice), so query and key/value heads are not coupled one to one."""
+
+    def __init__(self):
+        super().__init__()
+        self.key, self.value = nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        n, t, _ = h.shape
+        q, k, v = (f(h).view(n, t, -1, self.d).transpose(1, 2)
+                   for f in (self.query, self.key, self.value))
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        a = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5, -1) @ v
+        return self.fc(self.out(a.transpose(1, 2).reshape(n, t, -1)).mean(1))

@@ -15,6 +15,7 @@ from helpers import (
     DepthwiseNet,
     FixedHeadNet,
     GroupedConvNet,
+    GroupedQueryNet,
     HeadAttentionNet,
     NoBiasCNN,
     NoGradCNN,
@@ -814,3 +815,19 @@ def test_pruning_heads_gives_a_smaller_working_attention(method):
     assert r.model(x[:2]).shape == (2, 3)
     removed = r.details["removed_channels"]
     assert all(len(v) % 4 == 0 for k, v in removed.items() if k in ("query", "value"))
+
+
+def test_grouped_query_attention_is_refused_with_the_layers_to_keep():
+    """Fewer key/value heads than query heads: the heads cannot be removed together, so the
+    run names the layers to keep; with them kept, the rest is pruned within the budget."""
+    torch.manual_seed(0)
+    model = GroupedQueryNet().eval()
+    x, y = torch.randn(100, 5, 8), torch.randint(0, 3, (100,))
+    before = state(model)
+    with pytest.raises(ModelError, match=r"keep_layers=\['key', 'query', 'value'\]"):
+        fp.prune(model, (x, y), flops=0.5, structure="channels", method="mp", progress=False)
+    assert same_state(model, before)
+    r = fp.prune(model, (x, y), flops=0.5, structure="channels", method="mp", progress=False,
+                 keep_layers=["query", "key", "value"])
+    assert r.flops_fraction <= 0.5 and r.model.query.out_features == 16
+    assert r.model(x[:2]).shape == (2, 3)

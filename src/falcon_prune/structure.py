@@ -231,6 +231,7 @@ def channel_units(model: nn.Module, cm: CostModel, inputs: object,
                          for it in g.items)]  # attention's width stays (heads must divide it)
     space = ParamSpace.of(model, cm)
     heads = head_sizes(model, inputs, call)
+    _check_heads_coupled(groups, names, heads)
     pairs, group_of, channel_of, labels, widths = [], [], [], [], []
     for gi, g in enumerate(groups):
         base, channels = len(group_of), len(g.items[0].idxs)
@@ -240,6 +241,11 @@ def channel_units(model: nn.Module, cm: CostModel, inputs: object,
             module = it.dep.target.module
             if id(module) not in names or not isinstance(module, nn.Module):
                 continue
+            if any(i is None for i in it.root_idxs):
+                raise ModelError(
+                    f"the channels of {names[id(module)]} are coupled with those of {root} "
+                    "through an operation whose index mapping is unknown (e.g. a repeat); "
+                    f"keep them whole with keep_layers=['{names[id(module)]}', '{root}']")
             idx = torch.as_tensor(list(it.idxs), dtype=torch.int64)
             units = base + torch.as_tensor(list(it.root_idxs), dtype=torch.int64) // width
             for e in _item_entries(module, names[id(module)], space, it.dep.handler.__name__,
@@ -254,6 +260,25 @@ def channel_units(model: nn.Module, cm: CostModel, inputs: object,
     fixed += [(e.name, e.weights) for e in cm.excluded]
     return _assemble(space, pairs, group_of, channel_of, labels, graph, groups, fixed,
                      widths)
+
+
+def _check_heads_coupled(groups: list, names: dict, heads: dict[str, int]) -> None:
+    """Layers split into heads under one parent module (an attention's query, key and
+    value) must share one group, so that a head goes from all of them at once; otherwise
+    (e.g. fewer key/value heads than query heads) refuse, naming keep_layers."""
+    where: dict[str, dict[str, set[int]]] = {}
+    for gi, g in enumerate(groups):
+        for it in g.items:
+            name = names.get(id(it.dep.target.module))
+            if name in heads and it.dep.handler.__name__ == "prune_out_channels":
+                where.setdefault(name.rpartition(".")[0], {}).setdefault(name, set()).add(gi)
+    for found in where.values():
+        if len(set().union(*found.values())) > 1:
+            raise ModelError(
+                f"the layers {sorted(found)} are split into heads but not coupled channel "
+                "for channel (e.g. fewer key/value heads than query heads), so their heads "
+                f"cannot be removed together; keep them whole with keep_layers="
+                f"{sorted(found)}")
 
 
 def _group_width(group, names: dict, heads: dict[str, int], channels: int) -> int:
