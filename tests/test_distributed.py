@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
 
 
 def torchrun(tmp_path: Path, job: str, model, data, nproc: int = 2, expect_ok: bool = True,
-             **kwargs) -> list[dict]:
-    """Run ``job`` on ``nproc`` gloo ranks; returns each rank's record."""
+             **kwargs) -> list[dict] | str:
+    """Run ``job`` on ``nproc`` gloo ranks; returns each rank's record (the error output
+    when the job is expected to fail)."""
     bundle, out = tmp_path / f"{job}.pt", tmp_path / f"{job}-out"
     out.mkdir(exist_ok=True)
     torch.save({"model": model, "data": data, "kwargs": kwargs}, bundle)
@@ -37,7 +38,7 @@ def torchrun(tmp_path: Path, job: str, model, data, nproc: int = 2, expect_ok: b
         capture_output=True, text=True, timeout=300, env=env)
     if not expect_ok:
         assert proc.returncode != 0
-        return []
+        return proc.stderr
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
@@ -70,6 +71,13 @@ def test_each_rank_holds_its_rows_and_products_are_global(tmp_path):
     for r in ranks:
         assert r["backend"] == "disk" and "rows split over 2 processes" in r["plan"]
         assert torch.allclose(r["X"], ref.float(), rtol=2e-3, atol=1e-3 * ref.abs().max())
+
+
+def test_fewer_gradients_than_ranks_is_refused(tmp_path):
+    model, (x, y) = trained_cnn(), small_data(40)
+    err = torchrun(tmp_path, "prune", model, (x, y), expect_ok=False, flops=0.5,
+                   method="woodfisher", n_gradients=1)
+    assert "n_gradients=1 is fewer than the 2 processes" in err
 
 
 @pytest.mark.parametrize("method, structure", [("falcon", "weights"), ("falcon++", "weights"),
