@@ -136,11 +136,11 @@ def _removed(state: UnitState) -> dict[str, list[int]]:
     """{group root layer: removed channels} of the final choice (every channel of a
     removed attention head)."""
     units, out = state.units, {}
-    for k, (label, alive) in enumerate(zip(units.labels, state.alive.tolist(), strict=True)):
-        if not alive:
-            root = label.rsplit("[", 1)[0]
-            w = units.widths[int(units.group[k])]
-            out.setdefault(root, []).extend(int(units.channel[k]) * w + j for j in range(w))
+    for g in range(len(units.groups)):
+        dead = units.dead_channels(state.alive, g)
+        if dead:
+            first = int((units.group == g).nonzero()[0])
+            out.setdefault(units.labels[first].rsplit("[", 1)[0], []).extend(dead)
     return out
 
 

@@ -402,7 +402,7 @@ class UnitState:
         k = round_to or 1
         for g in range(len(self.floors)):  # each group's cheapest channels (or heads)
             idx = (self.units.group == g).nonzero().reshape(-1)
-            kg = 1 if self.units.widths[g] > 1 else k
+            kg = self.units.block(g, round_to)
             n = min(len(idx), -(-int(self.floors[g]) // kg) * kg)
             least[idx[torch.argsort(c[idx])[:n]]] = True
         cost, size = self.costs.exact(least)

@@ -461,7 +461,7 @@ def _blocks(scores: torch.Tensor, units: ChannelUnits, allowed: torch.Tensor, k:
     for g in range(len(units.groups)):
         idx = ((units.group == g) & allowed).nonzero().reshape(-1)
         idx = idx[torch.argsort(scores[idx], descending=True, stable=True)]
-        out.append(list(torch.split(idx, 1 if units.widths[g] > 1 else k)) if len(idx) else [])
+        out.append(list(torch.split(idx, units.block(g, k))) if len(idx) else [])
     return out
 
 

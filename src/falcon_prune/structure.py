@@ -27,7 +27,7 @@ channels of the stem are not channels of any group.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
@@ -178,6 +178,18 @@ class ChannelUnits:
             self._owner = torch.repeat_interleave(torch.arange(self.m), torch.diff(self.ptr))
         return self._owner
 
+    def block(self, g: int, round_to: int | None = None) -> int:
+        """How many units of group g are kept or dropped together under ``round_to``: one
+        head at a time in a group of heads (already aligned), else ``round_to`` (or 1)."""
+        return 1 if self.widths[g] > 1 else (round_to or 1)
+
+    def dead_channels(self, keep: torch.Tensor, g: int) -> list[int]:
+        """The channels of group g that the units not in ``keep`` (m,) bool stand for, in
+        order: a unit of a head group is its ``widths[g]`` consecutive channels."""
+        w = self.widths[g]
+        return [c * w + j for c in self.channel[(self.group == g) & ~keep].tolist()
+                for j in range(w)]
+
     def alive_entries(self, keep: torch.Tensor) -> torch.Tensor:
         """(P,) bool: entries that survive when the units ``keep`` (m,) bool are kept."""
         dead = torch.zeros(self.space.size, dtype=torch.int64)
@@ -268,10 +280,8 @@ def _check_heads_coupled(groups: list, names: dict, heads: dict[str, int]) -> No
     (e.g. fewer key/value heads than query heads) refuse, naming keep_layers."""
     where: dict[str, dict[str, set[int]]] = {}
     for gi, g in enumerate(groups):
-        for it in g.items:
-            name = names.get(id(it.dep.target.module))
-            if name in heads and it.dep.handler.__name__ == "prune_out_channels":
-                where.setdefault(name.rpartition(".")[0], {}).setdefault(name, set()).add(gi)
+        for name in _head_layers(g, names, heads):
+            where.setdefault(name.rpartition(".")[0], {}).setdefault(name, set()).add(gi)
     for found in where.values():
         if len(set().union(*found.values())) > 1:
             raise ModelError(
@@ -281,12 +291,19 @@ def _check_heads_coupled(groups: list, names: dict, heads: dict[str, int]) -> No
                 f"{sorted(found)}")
 
 
+def _head_layers(group, names: dict, heads: dict[str, int]) -> Iterator[str]:
+    """Names of the layers of a Torch-Pruning group whose output channels it removes and
+    the model splits into heads."""
+    for it in group.items:
+        name = names.get(id(it.dep.target.module))
+        if name in heads and it.dep.handler.__name__ == "prune_out_channels":
+            yield name
+
+
 def _group_width(group, names: dict, heads: dict[str, int], channels: int) -> int:
     """Channels per unit of a Torch-Pruning group: the head size when the output channels
     of one of its layers are reshaped into heads (all such layers agreeing), else 1."""
-    sizes = {heads[names[id(it.dep.target.module)]] for it in group.items
-             if it.dep.handler.__name__ == "prune_out_channels"
-             and names.get(id(it.dep.target.module)) in heads}
+    sizes = {heads[name] for name in _head_layers(group, names, heads)}
     if not sizes:
         return 1
     if len(sizes) > 1 or channels % next(iter(sizes)):
@@ -418,8 +435,6 @@ def remove_channels(units: ChannelUnits, keep: torch.Tensor) -> None:
     """Physically remove, in place, the channels of the units not in ``keep`` (m,) bool
     from the model the units were built on (Torch-Pruning's surgery)."""
     for gi, g in enumerate(units.groups):
-        w = units.widths[gi]
-        drop = [u * w + j for u in units.channel[(units.group == gi) & ~keep].tolist()
-                for j in range(w)]  # a head: its w channels
+        drop = units.dead_channels(keep, gi)
         if drop:
             g.prune(idxs=sorted(drop))
