@@ -168,3 +168,24 @@ def test_storage_settings_are_refused_for_methods_without_gradients(cnn, data):
         fp.prune(cnn, data, flops=0.4, method="mp", storage="disk", progress=False)
     with pytest.raises(fp.errors.ConfigError, match="storage must be one of"):
         fp.prune(cnn, data, flops=0.4, method="falcon", storage="cloud", progress=False)
+
+
+def test_plans_per_process_when_rows_are_split(monkeypatch):
+    """With world processes each stores at most ceil(n / world) rows (the n x n Gram
+    matrices stay whole), the plan says so, and the default limit is shared by the
+    processes torchrun starts on the machine."""
+    from falcon_prune.storage import default_memory_limit
+
+    n, p = 11, 1000
+    assert estimate_bytes(n, p, torch.float32, 2) == 6 * p * 4 + working_bytes(n, p)
+    assert estimate_bytes(n, p, torch.float32, 1) == n * p * 4 + working_bytes(n, p)
+    limit = estimate_bytes(n, p, torch.float32, 2)
+    assert plan_storage(n, p, torch.float32, "memory", limit, world=2).backend == "memory"
+    with pytest.raises(MemoryBudgetError, match=r"6 rows per process"):
+        plan_storage(n, p, torch.float32, "memory", limit - 1, world=2)
+    assert "rows split over 2 processes" in plan_storage(n, p, torch.float32, "auto",
+                                                         limit, world=2).describe()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = default_memory_limit()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_memory_limit() <= alone // 4 * 1.2  # the available memory moves a little
