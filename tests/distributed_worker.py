@@ -2,7 +2,8 @@
 
 Usage: ``torchrun --standalone --nproc_per_node=N distributed_worker.py JOB BUNDLE OUT``.
 BUNDLE is a ``torch.save``d dict with the model, the data and the keyword arguments; each
-rank saves what it got to OUT/rank<r>.pt. JOB is ``prune``, ``rows`` (the gradient matrix
+rank saves what it got to OUT/rank<r>.pt. JOB is ``prune``, ``differ`` (prune after rank
+1 changed the model or the data), ``rows`` (the gradient matrix
 of the bundle's model) or ``gradual`` (with ``stop_after``: rank 0 stops the run after
 that many events, as an interruption would).
 """
@@ -27,6 +28,21 @@ def run(job: str, b: dict) -> dict:
         res = fp.prune(b["model"], b["data"], progress=False, **b["kwargs"])
         return {"masks": fp.masks_of(res.model), "state": res.model.state_dict(),
                 "details": res.details, "flops": res.flops_fraction}
+    if job == "differ":  # rank 1 changes a weight or the data; prune must refuse
+        model, (x, y) = b["model"], b["data"]
+        kw = dict(b["kwargs"])
+        what = kw.pop("what")
+        if dist.get_rank() == 1:
+            with torch.no_grad():
+                if what == "model":
+                    next(model.parameters()).view(-1)[0] += 1e-3
+                else:
+                    x = x + 1e-3
+        try:
+            fp.prune(model, (x, y), progress=False, **kw)
+        except fp.FalconPruneError as e:
+            return {"error": type(e).__name__, "message": str(e)}
+        return {"error": None}
     if job == "rows":
         x, y = b["data"]
         cm = CostModel.from_model(b["model"], x[:1])

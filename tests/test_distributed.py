@@ -80,6 +80,17 @@ def test_fewer_gradients_than_ranks_is_refused(tmp_path):
     assert "n_gradients=1 is fewer than the 2 processes" in err
 
 
+@pytest.mark.parametrize("what, error", [("model", "ModelError"), ("data", "DataError")])
+def test_ranks_with_different_models_or_data_are_refused(tmp_path, what, error):
+    # without the check the ranks' integer programs choose different supports and the
+    # next collective fails (or hangs) with a message about sizes, not the cause
+    model, (x, y) = trained_cnn(), small_data(40)
+    ranks = torchrun(tmp_path, "differ", model, (x, y), what=what, flops=0.5,
+                     method="falcon", n_gradients=8, n_validation=4)
+    assert [r["error"] for r in ranks] == [error, error]
+    assert "differ between the torch.distributed ranks" in ranks[0]["message"]
+
+
 @pytest.mark.parametrize("method, structure", [("falcon", "weights"), ("falcon++", "weights"),
                                                ("falcon", "channels")])
 def test_two_ranks_give_the_single_process_result(tmp_path, method, structure):

@@ -191,3 +191,19 @@ def test_effort_fast_prunes_with_its_preset_and_settings_override_it(cnn, data):
 def test_bad_effort_is_refused(cnn, data, kw, match):
     with pytest.raises(ConfigError, match=match):
         fp.prune(cnn, data, flops=0.4, progress=False, **kw)
+
+
+def test_stage_samples_are_views_unless_they_wrap_around():
+    """Stage blocks of contiguous rows are views of the drawn samples (no copy of the
+    images per stage); a block that wraps past the pool's end is a copy of the right rows."""
+    from falcon_prune.batches import Samples
+    from falcon_prune.oneshot import Draw
+
+    x = torch.arange(10.0)[:, None].repeat(1, 3)
+    d = Draw(Samples((x, torch.arange(10))), pool=7, n_fit=3, bn=None)
+    for stage, resample, rows in [(1, False, [0, 1, 2]), (4, False, [0, 1, 2]),
+                                  (2, True, [3, 4, 5]), (3, True, [6, 0, 1])]:
+        fx, fy = d.fit(stage, resample).batch
+        assert fy.tolist() == rows
+        assert (fx.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()) == (
+            rows == list(range(rows[0], rows[0] + 3)))

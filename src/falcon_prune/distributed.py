@@ -22,14 +22,16 @@ Collectives run on the CPU for gloo and on the current CUDA device for NCCL.
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from falcon_prune.errors import DataError, ModelError
 from falcon_prune.storage import GradientStore, StoragePlan
 
 
@@ -79,13 +81,22 @@ class Ranks:
             return t.to(torch.device("cuda", torch.cuda.current_device()))
         return t.cpu()
 
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """The element-wise sum of ``t`` over the ranks (identical on every rank)."""
+    def _reduced(self, t: torch.Tensor, op) -> torch.Tensor:
+        """All-reduce; in place when ``t`` already lies on the communication device (the
+        callers pass temporaries), so no second copy of a long vector is made."""
         if not self.active:
             return t
         c = self._comm(t).contiguous()
-        dist.all_reduce(c, op=dist.ReduceOp.SUM)
+        dist.all_reduce(c, op=op)
         return c.to(t.device)
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of ``t`` over the ranks (identical on every rank)."""
+        return self._reduced(t, dist.ReduceOp.SUM)
+
+    def all_max(self, t: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum of ``t`` over the ranks (identical on every rank)."""
+        return self._reduced(t, dist.ReduceOp.MAX)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank ``src``'s ``t`` on every rank (same shape and dtype on every rank)."""
@@ -126,6 +137,42 @@ class Ranks:
                  else None)
         dist.gather(pad, parts, dst=owner)
         return None if parts is None else self._joined(parts, n, local.device)
+
+
+def fingerprint(tensors: Iterable[torch.Tensor]) -> int:
+    """A 63-bit hash of the tensors' dtypes, shapes and values, in order."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def _same_everywhere(ranks: Ranks, value: int) -> bool:
+    mine = torch.tensor([value, -value], dtype=torch.int64)
+    return bool((ranks.all_max(mine.clone()) == mine).all())  # max == min over the ranks
+
+
+def require_same_model(ranks: Ranks, model: torch.nn.Module) -> None:
+    """Refuse (ModelError) when the model's parameters and buffers differ between ranks:
+    every rank must prune the same network (a collective; call it on every rank)."""
+    if ranks.active and not _same_everywhere(
+            ranks, fingerprint(t for _, t in sorted(model.state_dict().items()))):
+        raise ModelError(
+            "the model's weights differ between the torch.distributed ranks; every rank must "
+            "pass the same network (load the same checkpoint on each rank, or seed "
+            "identically before building it)")
+
+
+def require_same_samples(ranks: Ranks, tensors: Iterable[torch.Tensor]) -> None:
+    """Refuse (DataError) when the drawn samples differ between ranks: every rank must
+    pass the same data, of which each computes its own share of the gradients."""
+    if ranks.active and not _same_everywhere(ranks, fingerprint(tensors)):
+        raise DataError(
+            "the samples drawn differ between the torch.distributed ranks; every rank must "
+            "pass the same data and seed (the library splits the work itself; do not "
+            "shard the data per rank)")
 
 
 def launched_by_torchrun() -> bool:

@@ -45,7 +45,7 @@ from torch.utils.data import (
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from falcon_prune.batches import Samples, collect, default_collate, to_device
+from falcon_prune.batches import Samples, collect, default_collate, leaves, to_device
 from falcon_prune.batchnorm import recalibrate_batchnorm
 from falcon_prune.config import (
     GRADIENT_METHODS,
@@ -55,7 +55,7 @@ from falcon_prune.config import (
     resolve,
 )
 from falcon_prune.costs import CostModel, flatten_weights, parameter_holders
-from falcon_prune.distributed import Ranks
+from falcon_prune.distributed import Ranks, require_same_model, require_same_samples
 from falcon_prune.engine import (
     Problem,
     UnitState,
@@ -428,6 +428,7 @@ def _prune_step(run: _Run, f_k: float | None, s_k: float | None, seed: int) -> d
     masks = masks_of(run.work)
     allowed = torch.cat([masks[lay.name].reshape(-1) for lay in run.cm.layers])
     samples = float32_samples(run.feed.samples(min(run.need, len(run.feed.dataset)), seed))
+    require_same_samples(run.problem.ranks, leaves(samples.batch))
     n_fit = cfg.n_gradients if cfg.method in GRADIENT_METHODS else 0
     fit, held = samples.take(slice(0, n_fit)), samples.take(slice(n_fit, len(samples)))
     row = {"flops_budget": f_k, "nnz_budget": s_k}
@@ -642,6 +643,7 @@ def _setup(model, train_data, flops, nnz, config: GradualConfig) -> _Run:
     groups = CostGroups.from_layers(cm.layer_costs(), cm.layer_sizes(), device=device)
     need = (step.n_gradients if grads else 1) + (step.n_validation or 0)
     problem = Problem(step, step.task, device, ranks=Ranks.current())
+    require_same_model(problem.ranks, work)
     return _Run(work, cm, groups, feed, probe, raw, problem, config, need)
 
 

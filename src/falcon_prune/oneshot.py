@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from falcon_prune.batches import Batch, Samples, collect, map_tensors, to_device
+from falcon_prune.batches import Batch, Samples, collect, leaves, map_tensors, to_device
 from falcon_prune.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from falcon_prune.config import GRADIENT_METHODS, PruneConfig
 from falcon_prune.costs import CostModel, flatten_weights, prunable_parameters
-from falcon_prune.distributed import Ranks
+from falcon_prune.distributed import Ranks, require_same_model, require_same_samples
 from falcon_prune.engine import (
     HeldOutScorer,
     Problem,
@@ -106,10 +106,12 @@ class Draw:
         return self.samples.take(slice(self.pool, len(self.samples)))
 
     def fit(self, stage: int, resample: bool) -> Samples:
-        rows = torch.arange(self.n_fit)
-        if resample:
-            rows = (rows + (stage - 1) * self.n_fit) % self.pool
-        return self.samples.take(rows)
+        """Stage ``stage``'s gradient samples: a view of the drawn samples where the rows
+        are contiguous (no copy; each rank reads only its own share), a copy otherwise."""
+        start = ((stage - 1) * self.n_fit) % self.pool if resample else 0
+        if start + self.n_fit <= self.pool:
+            return self.samples.take(slice(start, start + self.n_fit))
+        return self.samples.take((torch.arange(self.n_fit) + start) % self.pool)
 
 
 def draw(data: object, cfg: PruneConfig, given: frozenset, stages: int,
@@ -280,6 +282,8 @@ def setup(model: nn.Module, data: object, flops: float | None, nnz: float | None
     recount_inputs = cfg.task.inputs(to_device(d.samples.take(slice(0, 2)).batch, device))
     d = d.in_float32() if dtype in HALF else d
     ranks = Ranks.current()
+    require_same_model(ranks, work)
+    require_same_samples(ranks, leaves(d.samples.batch))
     progress = progress and ranks.is_main  # one progress bar, on rank 0
     problem = Problem(cfg, cfg.task, device, progress, ranks=ranks)
     problem.trace.progress = progress
