@@ -11,6 +11,10 @@ over the ranks (``torch.set_num_threads(cores // ranks)``), so every job uses th
 cores. On a machine with GPUs, ``--device cuda`` runs the same jobs with NCCL, one GPU
 per rank.
 
+Peak memory per rank is reported twice: the process's peak resident memory, and its increase
+over the resident memory just before ``prune`` (which already holds torch, the model and the
+caller's data, the same in every rank count): the latter is what the library itself needs.
+
     python benchmarks/distributed_scale.py --model resnet50 --n-gradients 64 --ranks 1 2
     python benchmarks/distributed_scale.py --model resnet50 --device cuda --ranks 1 2 4 8
 
@@ -62,6 +66,7 @@ def worker(a: argparse.Namespace) -> None:
         y = torch.randint(0, 1000, (n,), generator=g)
         settings = {"memory_limit": int(a.memory_limit_gb * 2**30)} \
             if a.memory_limit_gb else {}
+        before = current_rss_mb()  # torch, the model and the data: outside prune
         t = time.perf_counter()
         r = fp.prune(model, (x, y), flops=a.flops, method="falcon", n_gradients=a.n_gradients,
                      n_validation=a.n_validation, seed=a.seed, device=device,
@@ -75,10 +80,10 @@ def worker(a: argparse.Namespace) -> None:
         digest = hashlib.sha256(b"".join(masks[k].cpu().numpy().tobytes()
                                          for k in sorted(masks))).hexdigest()
         ranks = Ranks.current()
-        rss = [peak_rss_mb()]
+        rss = [(peak_rss_mb(), before)]
         if ranks.active:
             rss = [None] * ranks.world
-            dist.all_gather_object(rss, peak_rss_mb())
+            dist.all_gather_object(rss, (peak_rss_mb(), before))
         if ranks.is_main:
             torch.save(weights, Path(a.weights_dir) / f"weights_{ranks.world}.pt")
             rows = ranks.sizes(a.n_gradients)
@@ -89,11 +94,19 @@ def worker(a: argparse.Namespace) -> None:
                 "x_rows_per_rank": rows,
                 "x_gib_per_rank": [k * r.num_weights * torch.empty((), dtype=getattr(
                     torch, a.dtype)).element_size() / 2**30 for k in rows],
-                "seconds": seconds, "times": r.times, "peak_rss_mb_per_rank": rss,
+                "seconds": seconds, "times": r.times, "peak_rss_mb_per_rank": [a for a, _ in rss],
+                "rss_before_prune_mb_per_rank": [b for _, b in rss],
+                "prune_peak_increase_mb_per_rank": [a - b for a, b in rss],
                 "flops_fraction": r.flops_fraction, "nnz_fraction": r.nnz_fraction,
                 "mask_sha256": digest, "storage": r.details.get("storage"),
                 "distributed": r.details.get("distributed"),
                 "threads_per_rank": torch.get_num_threads()}))
+
+
+def current_rss_mb() -> float:
+    """This process's resident memory now, MiB (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def largest_n(p: int, dtype: str, world: int, limit: int) -> int:
