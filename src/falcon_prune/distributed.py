@@ -215,7 +215,10 @@ class ShardedStore:
             raise ValueError(f"rank {ranks.rank} holds {local.n} rows, not its share "
                              f"{self.start}..{self.stop} of {self.n}")
         self.dtype, self.compute_dtype = local.dtype, local.compute_dtype
-        self.device, self.chunk, self.backend = local.device, local.chunk, local.backend
+        self.device, self.backend = local.device, local.backend
+        # columns per gathered chunk: all n rows of it take about what one process's chunk
+        # takes, so gathering adds no more memory than one chunk (as padded parts and joined)
+        self.chunk = max(1, local.chunk // ranks.world)
         self.plan: StoragePlan | None = local.plan
 
     @property
@@ -235,7 +238,7 @@ class ShardedStore:
         self.local.write_rows(start - self.start, rows)
 
     def ranges(self, chunk: int | None = None) -> Iterator[tuple[int, int]]:
-        return self.local.ranges(chunk)
+        return self.local.ranges(self.chunk if chunk is None else chunk)
 
     def columns(self, a: int, b: int) -> torch.Tensor:
         """X[:, a:b] (n, b - a): every rank's rows, gathered."""
@@ -259,8 +262,10 @@ class ShardedStore:
         block = torch.zeros((self.stop - self.start, self.n), dtype=torch.float64,
                             device=self.device)
         if idx is None or idx.numel():
-            for _, Xc in self.local.column_blocks(idx):
-                block += (Xc @ self.ranks.gather_rows(Xc, self.n).T).double()
+            for _, Xb in self.local.column_blocks(idx):
+                for j in range(0, Xb.shape[1], self.chunk):
+                    Xc = Xb[:, j:j + self.chunk]
+                    block += (Xc @ self.ranks.gather_rows(Xc, self.n).T).double()
         return self.ranks.gather_rows(block, self.n)
 
     def column_map(self, fn: Callable[[torch.Tensor, int, int], torch.Tensor],

@@ -288,7 +288,7 @@ def iht(qm: QuadraticModel, w0: torch.Tensor, project: Projection, opts: SolverO
     point: every accepted iterate has a lower Q than the one before."""
     with timed(trace, "lipschitz"):
         eta = 1.0 / qm.lipschitz()
-    w, mask = w0.clone(), w0 != 0
+    w, mask = w0, w0 != 0  # never written in place: no copy
     with timed(trace, "products"):
         q, g = qm.value_and_grad(w)
     info, it = None, 0
@@ -299,10 +299,10 @@ def iht(qm: QuadraticModel, w0: torch.Tensor, project: Projection, opts: SolverO
     for it in range(1, opts.max_iter + 1):
         step = min(step * 2, eta * opts.step_scale) if search else step
         while True:
-            v = w - step * g
+            v = torch.add(w, g, alpha=-step)
             with timed(trace, "projection"):
                 new_mask, new_info = project(v)
-            w_new = v * new_mask
+            w_new = v.mul_(new_mask)  # v is not needed after: one (p,) vector less
             with timed(trace, "products"):
                 q_new, g_new = qm.value_and_grad(w_new)
             if not search or q_new <= q or step <= eta:
@@ -452,6 +452,7 @@ def falcon(qm: QuadraticModel, groups: CostGroups, budget: Budget, opts: SolverO
     best_s, best, saliency = _warm_starts(search)
     if opts.obs_steps > 1 and evaluate is not None:
         best_s, best = _stepped(search, best_s, best, saliency)
+    del saliency  # (p,) vectors that IHT does not use
     if opts.max_iter == 0:  # warm start only (no IHT)
         best.source = "warm start"
         return best
