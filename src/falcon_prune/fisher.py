@@ -166,16 +166,8 @@ def gradient_store(
     (``storage``, ``dtype``, ``memory_limit`` in bytes, ``scratch_dir``), decided before
     anything is allocated. Raises DataError when model and data disagree or a gradient is
     NaN/inf or every gradient is zero, and MemoryBudgetError when X cannot be stored."""
-    m = _positive("samples_per_gradient", samples_per_gradient)
-    _positive("n_gradients", n_gradients)
-    if n_gradients * m > len(samples):
-        raise DataError(
-            f"{n_gradients} gradients x {m} samples each need {n_gradients * m} samples, but "
-            f"the data has {len(samples)}; lower n_gradients or pass more data")
     ranks = Ranks.current() if ranks is None else ranks
-    if n_gradients < ranks.world:
-        raise ConfigError(f"n_gradients={n_gradients} is fewer than the {ranks.world} "
-                          "processes that share the gradient matrix; raise n_gradients")
+    m = _check_counts(n_gradients, samples_per_gradient, len(samples), ranks)
     p = cost_model.num_weights if columns is None else int(columns.numel())
     if plan is None:
         plan = plan_storage(n_gradients, p, dtype, storage, memory_limit, scratch_dir,
@@ -195,6 +187,21 @@ def gradient_store(
     if on_mode is not None:
         on_mode(rows_fn.mode)
     return store
+
+
+def _check_counts(n_gradients: int, samples_per_gradient: int, available: int,
+                  ranks: Ranks) -> int:
+    """Refuse counts that cannot be met; returns the samples per gradient."""
+    m = _positive("samples_per_gradient", samples_per_gradient)
+    _positive("n_gradients", n_gradients)
+    if n_gradients * m > available:
+        raise DataError(
+            f"{n_gradients} gradients x {m} samples each need {n_gradients * m} samples, but "
+            f"the data has {available}; lower n_gradients or pass more data")
+    if n_gradients < ranks.world:
+        raise ConfigError(f"n_gradients={n_gradients} is fewer than the {ranks.world} "
+                          "processes that share the gradient matrix; raise n_gradients")
+    return m
 
 
 def _empty_store(n: int, p: int, plan: StoragePlan, device, ranks: Ranks
