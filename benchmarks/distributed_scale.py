@@ -14,6 +14,9 @@ per rank.
 Peak memory per rank is reported twice: the process's peak resident memory, and its increase
 over the resident memory just before ``prune`` (which already holds torch, the model and the
 caller's data, the same in every rank count): the latter is what the library itself needs.
+glibc keeps freed blocks below its (moving) mmap threshold for reuse, so a peak also holds
+memory that is free but not returned; ``--malloc-mmap-threshold`` sets
+``MALLOC_MMAP_THRESHOLD_`` for every job to measure without most of it.
 
     python benchmarks/distributed_scale.py --model resnet50 --n-gradients 64 --ranks 1 2
     python benchmarks/distributed_scale.py --model resnet50 --device cuda --ranks 1 2 4 8
@@ -139,6 +142,9 @@ def main() -> None:
     ap.add_argument("--memory-limit-gb", type=float, default=None,
                     help="per process (default: the library's, 60 %% of the available RAM)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                    help="run every job with glibc's MALLOC_MMAP_THRESHOLD_=BYTES, so that "
+                         "freed blocks above that size go back to the system at once")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", type=Path,
                     default=Path("benchmarks/results/distributed_scale.json"))
@@ -160,11 +166,15 @@ def main() -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={world}", __file__, *argv, "--worker", "--weights-dir",
                scratch]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        env = dict(os.environ)
+        if a.malloc_mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         if proc.returncode != 0 or "RESULT " not in proc.stdout:
             sys.exit(f"the run with {world} ranks failed (exit {proc.returncode})")
         row = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
         limit = int(a.memory_limit_gb * 2**30) if a.memory_limit_gb else default_memory_limit()
+        row["malloc_mmap_threshold"] = a.malloc_mmap_threshold
         row["memory_limit_gib_per_process"] = limit / 2**30
         # every rank with the limit to itself (one GPU or machine each) ...
         row["largest_n_own_limit"] = largest_n(row["num_weights"], a.dtype, world, limit)
