@@ -3,7 +3,7 @@
 Usage: ``torchrun --standalone --nproc_per_node=N distributed_worker.py JOB BUNDLE OUT``.
 BUNDLE is a ``torch.save``d dict with the model, the data and the keyword arguments; each
 rank saves what it got to OUT/rank<r>.pt. JOB is ``prune``, ``differ`` (prune after rank
-1 changed the model or the data), ``rows`` (the gradient matrix
+1 changed the model, the data or its memory limit), ``rows`` (the gradient matrix
 of the bundle's model) or ``gradual`` (with ``stop_after``: rank 0 stops the run after
 that many events, as an interruption would).
 """
@@ -28,7 +28,7 @@ def run(job: str, b: dict) -> dict:
         res = fp.prune(b["model"], b["data"], progress=False, **b["kwargs"])
         return {"masks": fp.masks_of(res.model), "state": res.model.state_dict(),
                 "details": res.details, "flops": res.flops_fraction}
-    if job == "differ":  # rank 1 changes a weight or the data; prune must refuse
+    if job == "differ":  # rank 1 changes a weight, the data or its memory limit
         model, (x, y) = b["model"], b["data"]
         kw = dict(b["kwargs"])
         what = kw.pop("what")
@@ -36,8 +36,10 @@ def run(job: str, b: dict) -> dict:
             with torch.no_grad():
                 if what == "model":
                     next(model.parameters()).view(-1)[0] += 1e-3
-                else:
+                elif what == "data":
                     x = x + 1e-3
+                elif what == "memory":
+                    kw["memory_limit"] = 1024
         try:
             fp.prune(model, (x, y), progress=False, **kw)
         except fp.FalconPruneError as e:

@@ -91,6 +91,24 @@ def test_ranks_with_different_models_or_data_are_refused(tmp_path, what, error):
     assert "differ between the torch.distributed ranks" in ranks[0]["message"]
 
 
+@pytest.mark.parametrize("what, error, message", [
+    ("nan", "DataError", "contain NaN or inf"),
+    ("memory", "MemoryBudgetError", "cannot store its share")])
+def test_a_failure_on_one_rank_stops_every_rank(tmp_path, what, error, message):
+    # NaN in a sample of rank 1's rows only, or rank 1 alone without the memory for its
+    # share: the other rank must raise too instead of waiting in the next collective
+    model, (x, y) = trained_cnn(), small_data(40)
+    x = x.clone()
+    if what == "nan":
+        x[15] = float("nan")  # rows 8..15 of 16 are rank 1's (sampling='first')
+    ranks = torchrun(tmp_path, "differ", model, (x, y), what=what, flops=0.5,
+                     method="falcon", n_gradients=16, n_validation=4, sampling="first",
+                     storage="memory")
+    assert [r["error"] for r in ranks] == [error, error]
+    assert message in ranks[0]["message"] or message in ranks[1]["message"]
+    assert "another process" in ranks[0]["message"]
+
+
 @pytest.mark.parametrize("method, structure", [("falcon", "weights"), ("falcon++", "weights"),
                                                ("falcon", "channels")])
 def test_two_ranks_give_the_single_process_result(tmp_path, method, structure):

@@ -98,6 +98,12 @@ class Ranks:
         """The element-wise maximum of ``t`` over the ranks (identical on every rank)."""
         return self._reduced(t, dist.ReduceOp.MAX)
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on at least one rank (the same answer on every rank)."""
+        if not self.active:
+            return bool(flag)
+        return bool(self.all_max(torch.tensor([int(bool(flag))])).item())
+
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank ``src``'s ``t`` on every rank (same shape and dtype on every rank)."""
         if not self.active:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from falcon_prune.batches import Batch, Samples, leaves, map_tensors, rebuild, to_device
 from falcon_prune.costs import CostModel, plain_kernels
 from falcon_prune.distributed import Ranks, ShardedStore
-from falcon_prune.errors import ConfigError, DataError, ModelError
+from falcon_prune.errors import ConfigError, DataError, MemoryBudgetError, ModelError
 from falcon_prune.recurrent import unrolled_recurrent
 from falcon_prune.storage import GradientStore, StoragePlan, plan_storage
 from falcon_prune.tasks import Task, TaskRunner, as_task, batch_mean
@@ -170,8 +170,7 @@ def gradient_store(
     m = _check_counts(n_gradients, samples_per_gradient, len(samples), ranks)
     p = cost_model.num_weights if columns is None else int(columns.numel())
     if plan is None:
-        plan = plan_storage(n_gradients, p, dtype, storage, memory_limit, scratch_dir,
-                            ranks.world)
+        plan = _agreed_plan(n_gradients, p, dtype, storage, memory_limit, scratch_dir, ranks)
     rows_fn = _Rows(model, [lay.name for lay in cost_model.layers], as_task(task))
     # a vmap call holds its per-sample gradients twice (the dict and the assembled rows)
     per_chunk = max(1, min(max(1, chunk // m), min(plan.limit // 8, CHUNK_BYTES)
@@ -204,6 +203,24 @@ def _check_counts(n_gradients: int, samples_per_gradient: int, available: int,
     return m
 
 
+def _agreed_plan(n: int, p: int, dtype: torch.dtype, storage: str, memory_limit: int | None,
+                 scratch_dir: str | None, ranks: Ranks) -> StoragePlan:
+    """This rank's storage plan; when any rank cannot store its share, every rank raises
+    MemoryBudgetError (a rank that went on would wait for the others in a collective)."""
+    try:
+        plan, refusal = plan_storage(n, p, dtype, storage, memory_limit, scratch_dir,
+                                     ranks.world), None
+    except MemoryBudgetError as e:
+        plan, refusal = None, e
+    if ranks.any(refusal is not None) and refusal is None:
+        refusal = MemoryBudgetError(
+            "another process of the torch.distributed group cannot store its share of the "
+            "gradient matrix (its message says why and what to change); every rank stops")
+    if refusal is not None:
+        raise refusal
+    return plan
+
+
 def _empty_store(n: int, p: int, plan: StoragePlan, device, ranks: Ranks
                  ) -> GradientStore | ShardedStore:
     """Room for this rank's share of the n rows of X (all of them for one process), as
@@ -218,7 +235,7 @@ def _fill(store: GradientStore | ShardedStore, rows_fn: _Rows, samples: Samples,
           span: tuple[int, int], m: int, per_chunk: int, device, columns: torch.Tensor | None,
           progress: bool, ranks: Ranks) -> None:
     """Compute rows [first, last) = ``span`` chunk by chunk and write them into ``store``."""
-    seen_nonzero = False
+    seen_nonzero, bad = False, None
     first, last = span
     bar = tqdm(total=last - first, desc="gradients" + (f" (rank 0 of {ranks.world})"
                                                       if ranks.active else ""),
@@ -231,15 +248,19 @@ def _fill(store: GradientStore | ShardedStore, rows_fn: _Rows, samples: Samples,
             rows = rows[:, columns.to(rows.device)]
         # the sum is finite unless an entry is NaN/inf (or huge): a cheap first test
         if not torch.isfinite(rows.sum()) and not torch.isfinite(rows).all():
-            raise DataError(
-                f"gradients {start}..{stop - 1} contain NaN or inf: check the data (NaN/inf "
-                "inputs, labels out of range) and the model's weights")
+            bad = f"gradients {start}..{stop - 1} contain NaN or inf"
+            break
         seen_nonzero = seen_nonzero or bool(rows.any())
         store.write_rows(start, rows)
         bar.update(stop - start)
     bar.close()
     if ranks.active:  # every rank must take the same branch
-        seen_nonzero = bool(ranks.all_sum(torch.tensor([float(seen_nonzero)])) > 0)
+        nonzero, bads = ranks.all_sum(torch.tensor([float(seen_nonzero), float(bad is not None)]))
+        seen_nonzero = bool(nonzero > 0)
+        bad = bad or ("the gradients of another process contain NaN or inf" if bads else None)
+    if bad is not None:
+        raise DataError(f"{bad}: check the data (NaN/inf inputs, labels out of range) and the "
+                        "model's weights")
     if not seen_nonzero:
         raise DataError(
             "every gradient is zero: the task's loss does not depend on the prunable weights "
