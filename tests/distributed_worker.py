@@ -5,7 +5,8 @@ BUNDLE is a ``torch.save``d dict with the model, the data and the keyword argume
 rank saves what it got to OUT/rank<r>.pt. JOB is ``prune``, ``differ`` (prune after rank
 1 changed the model, the data or its memory limit), ``rows`` (the gradient matrix
 of the bundle's model) or ``gradual`` (with ``stop_after``: rank 0 stops the run after
-that many events, as an interruption would).
+that many events, as an interruption would; ``rank1``: keyword arguments that rank 1 alone
+uses).
 """
 
 import sys
@@ -59,6 +60,9 @@ def run(job: str, b: dict) -> dict:
     if job == "gradual":
         kw = dict(b["kwargs"])
         stop = kw.pop("stop_after", None)
+        own = kw.pop("rank1", {})
+        if dist.get_rank() == 1:
+            kw.update(own)
         seen = []
 
         def callback(row):
@@ -66,7 +70,10 @@ def run(job: str, b: dict) -> dict:
             if stop is not None and len(seen) >= stop:
                 raise Interrupted(f"stopped after {stop} events")
 
-        res = fp.gradual(b["model"], b["data"], progress=False, callback=callback, **kw)
+        try:
+            res = fp.gradual(b["model"], b["data"], progress=False, callback=callback, **kw)
+        except fp.FalconPruneError as e:
+            return {"error": type(e).__name__, "message": str(e)}
         return {"masks": fp.masks_of(res.model), "state": res.model.state_dict(),
                 "history": res.history, "flops": res.flops_fraction}
     raise SystemExit(f"unknown job {job}")

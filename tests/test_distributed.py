@@ -154,6 +154,12 @@ def test_distributed_gradual_resumes_to_the_uninterrupted_result(tmp_path):
         assert r["flops"] <= 0.4 + 1e-9
         for name, value in whole[0]["state"].items():
             assert torch.allclose(r["state"][name].float(), value.float(), atol=1e-6), name
+    # a checkpoint_dir that one rank does not see (another machine's disk) stops every rank
+    elsewhere = tmp_path / "other-machine"
+    split = torchrun(tmp_path, "gradual", model, data, checkpoint_dir=str(ckpt), resume=True,
+                     rank1={"checkpoint_dir": str(elsewhere)}, **kw)
+    assert [r["error"] for r in split] == ["CheckpointError", "MissingFileError"]
+    assert "another process could not resume" in split[0]["message"]
 
 
 def test_cli_under_torchrun_writes_once_and_matches_one_process(tmp_path, capsys):

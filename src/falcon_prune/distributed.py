@@ -104,6 +104,13 @@ class Ranks:
             return bool(flag)
         return bool(self.all_max(torch.tensor([int(bool(flag))])).item())
 
+    def same(self, value: int) -> bool:
+        """Whether the integer ``value`` (|value| < 2**63) is the same on every rank."""
+        if not self.active:
+            return True
+        mine = torch.tensor([value, -value], dtype=torch.int64)
+        return bool((self.all_max(mine.clone()) == mine).all())  # max == min over the ranks
+
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank ``src``'s ``t`` on every rank (same shape and dtype on every rank)."""
         if not self.active:
@@ -155,16 +162,11 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
-def _same_everywhere(ranks: Ranks, value: int) -> bool:
-    mine = torch.tensor([value, -value], dtype=torch.int64)
-    return bool((ranks.all_max(mine.clone()) == mine).all())  # max == min over the ranks
-
-
 def require_same_model(ranks: Ranks, model: torch.nn.Module) -> None:
     """Refuse (ModelError) when the model's parameters and buffers differ between ranks:
     every rank must prune the same network (a collective; call it on every rank)."""
-    if ranks.active and not _same_everywhere(
-            ranks, fingerprint(t for _, t in sorted(model.state_dict().items()))):
+    if ranks.active and not ranks.same(
+            fingerprint(t for _, t in sorted(model.state_dict().items()))):
         raise ModelError(
             "the model's weights differ between the torch.distributed ranks; every rank must "
             "pass the same network (load the same checkpoint on each rank, or seed "
@@ -174,7 +176,7 @@ def require_same_model(ranks: Ranks, model: torch.nn.Module) -> None:
 def require_same_samples(ranks: Ranks, tensors: Iterable[torch.Tensor]) -> None:
     """Refuse (DataError) when the drawn samples differ between ranks: every rank must
     pass the same data, of which each computes its own share of the gradients."""
-    if ranks.active and not _same_everywhere(ranks, fingerprint(tensors)):
+    if ranks.active and not ranks.same(fingerprint(tensors)):
         raise DataError(
             "the samples drawn differ between the torch.distributed ranks; every rank must "
             "pass the same data and seed (the library splits the work itself; do not "

@@ -73,6 +73,7 @@ from falcon_prune.errors import (
     ConfigTypeError,
     DataError,
     DataTypeError,
+    FalconPruneError,
     MissingFileError,
     OutputExistsError,
     TrainingDiverged,
@@ -574,6 +575,24 @@ def load_checkpoint(path: Path, record: dict, model, opt, lrs) -> tuple[int, lis
     return state["next_event"], state["history"]
 
 
+def _resumed(path: Path, record: dict, model, opt, lrs, ranks: Ranks) -> tuple[int, list]:
+    """:func:`load_checkpoint` on every rank, which must all read it and stand at the same
+    event: a ``checkpoint_dir`` that some rank's machine does not see stops every rank."""
+    try:
+        (start, history), failure = load_checkpoint(path, record, model, opt, lrs), None
+    except FalconPruneError as e:
+        (start, history), failure = (-1, []), e
+    if ranks.any(failure is not None):
+        raise failure or CheckpointError(
+            f"another process could not resume from {path} (its message says why); "
+            "checkpoint_dir must be a directory that every rank sees")
+    if not ranks.same(start):
+        raise CheckpointError(
+            f"the processes read checkpoints at different events from {path}; "
+            "checkpoint_dir must be one directory that every rank sees")
+    return start, history
+
+
 def _check_scheduler(lrs: object, checkpointing: bool) -> None:
     """The LR schedule must step; with checkpoints it must also save and restore its state."""
     name = type(lrs).__name__
@@ -732,7 +751,7 @@ def gradual(
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs the checkpoint_dir of the interrupted run")
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if ckpt is not None and not resume and ckpt.exists():
+    if ckpt is not None and not resume and Ranks.current().any(ckpt.exists()):
         raise OutputExistsError(
             f"{ckpt} exists: pass resume=True to continue that run, or another checkpoint_dir")
     dev = torch.device(cfg.step.device)
@@ -757,7 +776,7 @@ def _gradual(model, train_data, flops, nnz, cfg: GradualConfig, plan, total_epoc
     events = _events(len(plan), cfg.epochs_per_stage, cfg.final_epochs)
     start, history = 0, []
     if resume:
-        start, history = load_checkpoint(ckpt, record, run.work, opt, lrs)
+        start, history = _resumed(ckpt, record, run.work, opt, lrs, ranks)
     else:
         torch.manual_seed(cfg.step.seed)  # inside fork_rng: the caller's state comes back
     times = {"prune": 0.0, "train": 0.0}
