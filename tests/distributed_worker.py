@@ -86,6 +86,7 @@ def main(job: str, bundle: str, out: str) -> None:
         record = run(job, torch.load(bundle, weights_only=False))
         record["world"] = dist.get_world_size()
         torch.save(record, Path(out) / f"rank{dist.get_rank()}.pt")
+        dist.barrier()  # leave together: a rank that exits first can abort the other's gloo
     finally:
         dist.destroy_process_group()
 

@@ -189,3 +189,21 @@ def test_plans_per_process_when_rows_are_split(monkeypatch):
     alone = default_memory_limit()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert default_memory_limit() <= alone // 4 * 1.2  # the available memory moves a little
+
+
+def test_processes_on_one_machine_share_the_scratch_disk(monkeypatch, tmp_path):
+    """The scratch files are sparse until written, so each of the processes on a machine
+    must count the others' shares when it checks the free space."""
+    import shutil
+    from collections import namedtuple
+
+    n, p, limit = 10, 1000, 2**30
+    share = 5 * p * 4  # ceil(10 / 2) rows of float32
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(0, 0, int(share * 1.5 / 0.9)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two machines, one process each: fits
+    plan = plan_storage(n, p, torch.float32, "disk", limit, str(tmp_path), world=2)
+    assert plan.backend == "disk" and plan.disk_bytes == share
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # both on this machine: twice the share
+    with pytest.raises(MemoryBudgetError, match="2 processes on this machine"):
+        plan_storage(n, p, torch.float32, "disk", limit, str(tmp_path), world=2)

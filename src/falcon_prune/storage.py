@@ -48,12 +48,16 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def local_processes() -> int:
+    """How many processes ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``; 1
+    outside torchrun): they share its memory and its scratch disk."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def default_memory_limit() -> int:
     """The default limit for the gradient matrix and solver buffers: 60 % of available RAM,
-    shared evenly by the processes ``torchrun`` started on this machine
-    (``LOCAL_WORLD_SIZE``)."""
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return int(0.6 * available_memory()) // local
+    shared evenly by the processes ``torchrun`` started on this machine."""
+    return int(0.6 * available_memory()) // local_processes()
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -223,11 +227,15 @@ def _choose(n: int, p: int, dtype: torch.dtype, storage: str, limit: int,
             f"{format_bytes(limit)}; use fewer gradients or raise memory_limit"
         )
     free = shutil.disk_usage(scratch).free
-    if file_bytes > 0.9 * free:
+    # the files are sparse until written: every process on this machine checks now, before
+    # any of them has written, so each counts the others' shares too
+    sharing = local_processes() if world > 1 else 1
+    if file_bytes * sharing > 0.9 * free:
+        shared = f" ({sharing} processes on this machine, each as much)" if sharing > 1 else ""
         raise MemoryBudgetError(
-            f"the gradient matrix needs {format_bytes(file_bytes)} on disk but {scratch} has "
-            f"{format_bytes(free)} free; pass scratch_dir= on a larger disk, use fewer "
-            "gradients or a smaller dtype"
+            f"the gradient matrix needs {format_bytes(file_bytes)} on disk{shared} but "
+            f"{scratch} has {format_bytes(free)} free; pass scratch_dir= on a larger disk, "
+            "use fewer gradients or a smaller dtype"
         )
     why = ("storage='disk'" if storage == "disk" else
            f"in memory it would need {format_bytes(estimate_bytes(n, p, torch.float16, world))}"
