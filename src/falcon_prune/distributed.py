@@ -104,6 +104,13 @@ class Ranks:
             return bool(flag)
         return bool(self.all_max(torch.tensor([int(bool(flag))])).item())
 
+    def raise_together(self, failure: Exception | None, elsewhere: Exception) -> None:
+        """Raise ``failure`` where this rank has one, ``elsewhere`` on the ranks that have
+        none while another rank does, nothing when no rank failed: a rank that went on
+        alone would wait for the others in its next collective."""
+        if self.any(failure is not None):
+            raise failure or elsewhere
+
     def same(self, value: int) -> bool:
         """Whether the integer ``value`` (|value| < 2**63) is the same on every rank."""
         if not self.active:

@@ -212,12 +212,9 @@ def _agreed_plan(n: int, p: int, dtype: torch.dtype, storage: str, memory_limit:
                                      ranks.world), None
     except MemoryBudgetError as e:
         plan, refusal = None, e
-    if ranks.any(refusal is not None) and refusal is None:
-        refusal = MemoryBudgetError(
-            "another process of the torch.distributed group cannot store its share of the "
-            "gradient matrix (its message says why and what to change); every rank stops")
-    if refusal is not None:
-        raise refusal
+    ranks.raise_together(refusal, MemoryBudgetError(
+        "another process of the torch.distributed group cannot store its share of the "
+        "gradient matrix (its message says why and what to change); every rank stops"))
     return plan
 
 

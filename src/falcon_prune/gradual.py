@@ -582,10 +582,9 @@ def _resumed(path: Path, record: dict, model, opt, lrs, ranks: Ranks) -> tuple[i
         (start, history), failure = load_checkpoint(path, record, model, opt, lrs), None
     except FalconPruneError as e:
         (start, history), failure = (-1, []), e
-    if ranks.any(failure is not None):
-        raise failure or CheckpointError(
-            f"another process could not resume from {path} (its message says why); "
-            "checkpoint_dir must be a directory that every rank sees")
+    ranks.raise_together(failure, CheckpointError(
+        f"another process could not resume from {path} (its message says why); "
+        "checkpoint_dir must be a directory that every rank sees"))
     if not ranks.same(start):
         raise CheckpointError(
             f"the processes read checkpoints at different events from {path}; "
