@@ -13,34 +13,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 from isolated import provenance, write_results
-from structured_speed import _timer, data, macs_params, resnet20
+from structured_speed import data, interleaved, macs_params, resnet20
 
 
 def eager_latency(models: dict, batch: int, repeats: int) -> dict:
     """{name: median seconds per call} at ``batch``; ``models`` maps a name to (network,
     memory format); every network is timed in turn inside each repeat."""
-    out = {}
     with torch.inference_mode():
-        xs = {k: torch.randn(batch, 3, 32, 32).contiguous(memory_format=f)
-              for k, (_, f) in models.items()}
-        for _ in range(3):
-            for k, (m, _) in models.items():
-                m(xs[k])
-        calls = {k: max(1, round(0.02 / max(_timer(m, xs[k], 1), 1e-6)))
-                 for k, (m, _) in models.items()}
-        times: dict = {k: [] for k in models}
-        for _ in range(repeats):
-            for k, (m, _) in models.items():
-                times[k].append(_timer(m, xs[k], calls[k]))
-        for k, ts in times.items():
-            out[k] = statistics.median(ts)
-    return out
+        return interleaved({k: (m, torch.randn(batch, 3, 32, 32).contiguous(memory_format=f))
+                            for k, (m, f) in models.items()}, repeats)
 
 
 def main() -> None:

@@ -192,18 +192,26 @@ def latencies(models: dict, shape: tuple, batches: tuple[int, ...], repeats: int
         for b in batches:
             x = torch.randn(b, *shape)
             for engine, runs in engines.items():
-                for _ in range(3):  # warm-up: allocators, thread pools, kernels
-                    for run in runs.values():
-                        run(x)
-                calls = {k: max(1, round(0.02 / max(_timer(run, x, 1), 1e-6)))
-                         for k, run in runs.items()}
-                times = {k: [] for k in runs}
-                for _ in range(repeats):
-                    for k, run in runs.items():
-                        times[k].append(_timer(run, x, calls[k]))
-                for k, ts in times.items():
-                    out[k][f"{engine}_b{b}"] = statistics.median(ts)
+                seconds = interleaved({k: (run, x) for k, run in runs.items()}, repeats)
+                for k, s in seconds.items():
+                    out[k][f"{engine}_b{b}"] = s
     return out
+
+
+def interleaved(runs: dict, repeats: int, repeat_seconds: float = 0.02) -> dict:
+    """{name: median seconds per call} of ``runs`` ({name: (callable, input)}): each is
+    timed in turn inside every one of ``repeats`` repeats (after 3 warm-up rounds), a
+    repeat timing enough calls to last about ``repeat_seconds``."""
+    for _ in range(3):  # warm-up: allocators, thread pools, kernels
+        for run, x in runs.values():
+            run(x)
+    calls = {k: max(1, round(repeat_seconds / max(_timer(run, x, 1), 1e-6)))
+             for k, (run, x) in runs.items()}
+    times: dict = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, (run, x) in runs.items():
+            times[k].append(_timer(run, x, calls[k]))
+    return {k: statistics.median(ts) for k, ts in times.items()}
 
 
 # -- the runs --------------------------------------------------------------------------------

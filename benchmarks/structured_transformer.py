@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 from isolated import provenance, write_results
+from structured_speed import interleaved
 
 
 def digits(seed: int):
@@ -105,23 +105,9 @@ def latencies(models: dict, batches: tuple[int, ...], repeats: int, seed: int) -
     with torch.inference_mode():
         for b in batches:
             ids = torch.randint(0, 17, (b, 64), generator=g)
-            for m in models.values():
-                for _ in range(3):
-                    m(input_ids=ids)
-            calls = {}
-            for k, m in models.items():
-                t = time.perf_counter()
-                m(input_ids=ids)
-                calls[k] = max(1, round(0.05 / max(time.perf_counter() - t, 1e-6)))
-            times: dict = {k: [] for k in models}
-            for _ in range(repeats):
-                for k, m in models.items():
-                    t = time.perf_counter()
-                    for _ in range(calls[k]):
-                        m(input_ids=ids)
-                    times[k].append((time.perf_counter() - t) / calls[k])
-            for k, ts in times.items():
-                out[k][f"eager_b{b}"] = statistics.median(ts)
+            runs = {k: (lambda x, m=m: m(input_ids=x), ids) for k, m in models.items()}
+            for k, seconds in interleaved(runs, repeats, repeat_seconds=0.05).items():
+                out[k][f"eager_b{b}"] = seconds
     return out
 
 
