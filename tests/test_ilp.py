@@ -98,7 +98,7 @@ def test_layer_groups_equal_flat_costs():
     f = torch.repeat_interleave(costs, sizes).numpy().astype(float)
     I = np.random.default_rng(3).random(200)
     groups = CostGroups.from_layers(costs, sizes)
-    assert len(groups.index) == 3  # equal costs are merged
+    assert len(groups) == 3  # equal costs are merged
     r1, _ = check(I, f, 80, 0.3 * f.sum(), groups)
     r2, _ = check(I, f, 80, 0.3 * f.sum())
     assert torch.equal(r1.mask, r2.mask)
@@ -205,17 +205,42 @@ def test_budget_fits_and_restricted():
 
 
 def test_value_sort_and_top_k_mask_with_ties():
-    from falcon_prune.ilp import _sort_values, _top_k_mask
+    from falcon_prune.ilp import _sort_values, _top_k_masks
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(50_000, generator=g, dtype=torch.float64) ** 2
     x[:5000] = 0.0
     x[5000:9000] = 0.25  # a tied block
-    asc = _sort_values(x)
+    x = x[torch.randperm(50_000, generator=g)]
+    asc = _sort_values(x.clone())
     assert torch.equal(asc, torch.sort(x).values)
     above = int((x > 0.25).sum())
+    tied = (x == 0.25).nonzero().flatten()
     for k in (0, 1, above, above + 1, above + 1500, 50_000):
-        mask = _top_k_mask(x, asc, k)
-        assert int(mask.sum()) == k
-        if 0 < k < 50_000:  # every kept value >= every dropped value
-            assert x[mask].min() >= x[~mask].max()
+        for cuts in ([50_000], [7, 20_000, 50_000], [30_000, 30_001, 50_000]):
+            pieces = list(torch.tensor_split(x, cuts[:-1]))
+            mask = torch.cat(_top_k_masks(pieces, asc, k))
+            assert int(mask.sum()) == k
+            if 0 < k < 50_000:  # every kept value >= every dropped value
+                assert x[mask].min() >= x[~mask].max()
+            if above < k < 50_000:  # ties at the edge: the first ones by position
+                taken = mask[tied]
+                assert taken[: k - above].all() and not taken[k - above:].any()
+
+
+def test_span_groups_match_index_groups_and_their_subsets():
+    rng = torch.Generator().manual_seed(5)
+    sizes = torch.randint(1, 40, (9,), generator=rng)
+    costs = torch.tensor([4.0, 1.0, 4.0, 9.0, 1.0, 4.0, 2.0, 9.0, 1.0])
+    spans = CostGroups.from_layers(costs, sizes)
+    index = CostGroups.from_costs(torch.repeat_interleave(costs, sizes))
+    assert [i.tolist() for i in spans.index] == [i.tolist() for i in index.index]
+    keep = torch.rand(int(sizes.sum()), generator=rng) < 0.6
+    keep[: int(sizes[0])] = False  # a layer left empty: its group may vanish
+    a, b = spans.subset(keep), index.subset(keep)
+    assert a.p == b.p == int(keep.sum()) and torch.equal(a.cost, b.cost)
+    assert [i.tolist() for i in a.index] == [i.tolist() for i in b.index]
+    scores = torch.rand(a.p, generator=rng, dtype=torch.float64)
+    r1 = solve_ilp(scores, a, a.p // 3, 0.4 * a.total_cost)
+    r2 = solve_ilp(scores, b, a.p // 3, 0.4 * a.total_cost)
+    assert torch.equal(r1.mask, r2.mask) and abs(r1.objective - r2.objective) < 1e-9

@@ -216,6 +216,13 @@ def _run_method(method: str, w_bar: torch.Tensor, groups: CostGroups, budget: Bu
     return solvers.falcon(qm, groups, budget, opts, trace, evaluate)
 
 
+def _positions(allowed: torch.Tensor) -> torch.Tensor:
+    """Sorted positions of the True entries of ``allowed`` (p,) bool, int32 where p allows
+    (half the memory of int64 for a step's whole duration)."""
+    idx = allowed.nonzero().reshape(-1)
+    return idx.to(torch.int32) if allowed.numel() < 2**31 else idx
+
+
 def _scatter(v: torch.Tensor, idx: torch.Tensor, p: int) -> torch.Tensor:
     out = torch.zeros(p, dtype=v.dtype, device=v.device)
     out[idx.to(v.device)] = v
@@ -251,8 +258,9 @@ def solve_step(model: nn.Module, cm: CostModel, groups: CostGroups, budget: Budg
     w_all = w_all.to(wdtype if cfg.dtype is None else compute_dtype_of(cfg.dtype))
     if allowed is not None and bool(allowed.all()):
         allowed = None
-    idx = None if allowed is None else allowed.nonzero().reshape(-1)
+    idx = None if allowed is None else _positions(allowed)
     w_bar = w_all if idx is None else w_all[idx]
+    del w_all  # a copy when restricted: one (p,) vector less for the whole step
     sub_groups = groups if allowed is None else groups.subset(allowed)
     sub_budget = budget if allowed is None else budget.restricted(allowed)
     scorer = None

@@ -155,7 +155,7 @@ def gradient_store(
     weights, in eval mode, at most ``chunk`` samples per vmap call (fewer when a chunk of
     per-sample gradients would take more than ``CHUNK_BYTES`` or an eighth of the memory
     limit: larger chunks are no faster, and their activations add to the peak). With
-    ``columns`` (sorted int64 indices into the flat weights) only those columns are kept.
+    ``columns`` (sorted int32 or int64 indices into the flat weights) only those columns are kept.
     ``on_mode(text)`` is told how the rows were computed (vmap, or the per-row fallback).
     With ``ranks`` of more than one process (default: the initialised ``torch.distributed``
     group, if any; :mod:`falcon_prune.distributed`), this process computes and stores only

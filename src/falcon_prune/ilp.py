@@ -63,16 +63,23 @@ class ILPResult:
 
 
 class CostGroups:
-    """Indices of the weights sharing each distinct cost; built once, reused for every solve.
+    """The weights sharing each distinct cost, as index tensors; built once, reused for
+    every solve. Use :meth:`from_costs` for (p,) per-weight costs, or :meth:`from_layers`
+    for the per-layer structure of a network, which gives :class:`SpanGroups` (contiguous
+    spans, no (p,) index or cost vector at all).
 
-    ``costs``: (p,) per-weight costs, or use :meth:`from_layers` for the per-layer structure
-    (then no (p,) cost vector is ever materialised).
+    Every method that touches a (p,) vector goes through :meth:`segments` (the group's
+    entries of a vector, in position order) and :meth:`put` (write them back), so the
+    solvers never depend on the representation.
     """
 
     def __init__(self, index: list[torch.Tensor], cost: torch.Tensor, p: int):
         self.index = index  # G tensors of int64 indices into the flat vector
         self.cost = cost.to(torch.float64)  # (G,)
         self.p = p
+
+    def __len__(self) -> int:
+        return len(self.cost)
 
     @classmethod
     def from_costs(cls, costs: torch.Tensor) -> CostGroups:
@@ -94,19 +101,48 @@ class CostGroups:
         layer_costs: torch.Tensor,
         layer_sizes: torch.Tensor,
         device: torch.device | None = None,
-    ) -> CostGroups:
-        """Groups from per-layer costs (L,) and sizes (L,) of a flat, layer-by-layer vector."""
-        offsets = [0, *torch.cumsum(layer_sizes, 0).tolist()]
-        by_cost: dict[float, list[torch.Tensor]] = {}
-        for c, a, b in zip(layer_costs.tolist(), offsets[:-1], offsets[1:], strict=True):
-            by_cost.setdefault(float(c), []).append(torch.arange(a, b, device=device))
+    ) -> SpanGroups:
+        """Groups from per-layer costs (L,) and sizes (L,) of a flat, layer-by-layer vector:
+        one group per distinct cost, each a list of the layers' spans."""
+        offsets = [0, *torch.cumsum(torch.as_tensor(layer_sizes), 0).tolist()]
+        by_cost: dict[float, list[tuple[int, int]]] = {}
+        for c, a, b in zip(torch.as_tensor(layer_costs).tolist(), offsets[:-1], offsets[1:],
+                           strict=True):
+            by_cost.setdefault(float(c), []).append((int(a), int(b)))
         keys = sorted(by_cost)
-        index = [torch.cat(by_cost[k]) for k in keys]
-        return cls(index, torch.tensor(keys, dtype=torch.float64, device=device), offsets[-1])
+        return SpanGroups([by_cost[k] for k in keys],
+                          torch.tensor(keys, dtype=torch.float64, device=device), offsets[-1])
+
+    def size(self, g: int) -> int:
+        """Number of weights in group ``g``."""
+        return int(self.index[g].numel())
+
+    def segments(self, v: torch.Tensor, g: int) -> list[torch.Tensor]:
+        """Group ``g``'s entries of ``v`` (p,), in position order: 1-D pieces (views where
+        the representation allows, so do not write into them)."""
+        return [v[self.index[g].to(v.device)]]
+
+    def gather(self, v: torch.Tensor, g: int) -> torch.Tensor:
+        """Group ``g``'s entries of ``v`` (p,) as one new tensor (a copy)."""
+        return v[self.index[g].to(v.device)]
+
+    def put(self, out: torch.Tensor, g: int, pieces: list[torch.Tensor] | float) -> None:
+        """Write group ``g``'s entries of ``out`` (p,): ``pieces`` as returned by
+        :meth:`segments` (same lengths), or one value for all of them."""
+        idx = self.index[g].to(out.device)
+        out[idx] = pieces if isinstance(pieces, float) else pieces[0]
+
+    def scale_(self, v: torch.Tensor, factors: list[float]) -> torch.Tensor:
+        """Multiply group g's entries of ``v`` (p,) by ``factors[g]`` in place; returns v."""
+        for g, f in enumerate(factors):
+            if f != 1.0:
+                idx = self.index[g].to(v.device)
+                v[idx] *= f
+        return v
 
     @property
     def total_cost(self) -> float:
-        return float(sum(c * len(i) for c, i in zip(self.cost.tolist(), self.index, strict=True)))
+        return float(sum(c * self.size(g) for g, c in enumerate(self.cost.tolist())))
 
     def subset(self, keep: torch.Tensor) -> CostGroups:
         """The groups of the sub-vector ``v[keep]`` (keep: (p,) bool): indices renumbered to
@@ -120,6 +156,59 @@ class CostGroups:
                 index.append(position.to(idx.device)[idx[k]])
                 cost.append(c)
         return CostGroups(index, torch.tensor(cost, dtype=torch.float64), int(keep.sum()))
+
+
+class SpanGroups(CostGroups):
+    """Groups whose members are contiguous spans ``[a, b)`` of the flat vector (a network's
+    layers): no index tensors, and a group's entries of a vector are views."""
+
+    def __init__(self, spans: list[list[tuple[int, int]]], cost: torch.Tensor, p: int):
+        self.spans = spans  # per group, its (a, b) spans in increasing order
+        self.cost = cost.to(torch.float64)
+        self.p = p
+
+    @property
+    def index(self) -> list[torch.Tensor]:
+        """Index tensors (int64) of the groups, built on demand (for inspection)."""
+        return [torch.cat([torch.arange(a, b) for a, b in sp]) if sp else
+                torch.empty(0, dtype=torch.int64) for sp in self.spans]
+
+    def size(self, g: int) -> int:
+        return sum(b - a for a, b in self.spans[g])
+
+    def segments(self, v: torch.Tensor, g: int) -> list[torch.Tensor]:
+        return [v[a:b] for a, b in self.spans[g]]
+
+    def gather(self, v: torch.Tensor, g: int) -> torch.Tensor:
+        return torch.cat(self.segments(v, g))
+
+    def put(self, out: torch.Tensor, g: int, pieces: list[torch.Tensor] | float) -> None:
+        for j, (a, b) in enumerate(self.spans[g]):
+            out[a:b] = pieces if isinstance(pieces, float) else pieces[j]
+
+    def scale_(self, v: torch.Tensor, factors: list[float]) -> torch.Tensor:
+        for sp, f in zip(self.spans, factors, strict=True):
+            if f != 1.0:
+                for a, b in sp:
+                    v[a:b].mul_(f)
+        return v
+
+    def subset(self, keep: torch.Tensor) -> SpanGroups:
+        """The groups of ``v[keep]``: the kept part of a span is a span of the sub-vector,
+        so only one count per span is needed (no (p,) temporaries)."""
+        keep = keep.reshape(-1).to(torch.bool)
+        flat = sorted((a, b, g) for g, sp in enumerate(self.spans) for a, b in sp)
+        spans: list[list[tuple[int, int]]] = [[] for _ in self.spans]
+        pos, last = 0, 0
+        for a, b, g in flat:
+            pos += int(keep[last:a].sum())  # kept entries between spans (none for layers)
+            k = int(keep[a:b].sum())
+            if k:
+                spans[g].append((pos, pos + k))
+            pos, last = pos + k, b
+        pos += int(keep[last:].sum())
+        live = [g for g, sp in enumerate(spans) if sp]
+        return SpanGroups([spans[g] for g in live], self.cost[live], pos)
 
 
 class _FlatCosts(CostGroups):
@@ -192,21 +281,24 @@ def _sort_values(x: torch.Tensor) -> torch.Tensor:
     return torch.sort(x).values
 
 
-def _top_k_mask(vals: torch.Tensor, asc: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask (n,) of the k largest entries of ``vals`` (whose ascending sort is
-    ``asc``); of entries tied at the boundary, the first ones (by position) are taken."""
-    n = vals.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=vals.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=vals.device)
+def _top_k_masks(segments: list[torch.Tensor], asc: torch.Tensor, k: int
+                 ) -> list[torch.Tensor]:
+    """Boolean masks of the k largest entries of the concatenated ``segments`` (1-D, whose
+    ascending sort is ``asc``), one per segment; of entries tied at the boundary, the first
+    ones (by position) are taken. No concatenated copy is made."""
+    n = asc.numel()
+    if k <= 0 or k >= n:
+        return [torch.full(s.shape, k > 0, dtype=torch.bool, device=s.device) for s in segments]
     edge = asc[n - k]  # the smallest kept value
-    mask = vals > edge
-    short = k - int(mask.sum())
-    if short > 0:
-        tied = (vals == edge).nonzero().flatten()[:short]
-        mask[tied] = True
-    return mask
+    masks = [s > edge for s in segments]
+    short = k - sum(int(m.sum()) for m in masks)
+    for s, m in zip(segments, masks, strict=True):
+        if short <= 0:
+            break
+        tied = (s == edge).nonzero().flatten()[:short]
+        m[tied] = True
+        short -= tied.numel()
+    return masks
 
 
 class _GroupedSolver:
@@ -217,11 +309,11 @@ class _GroupedSolver:
         self.device = scores.device
         self.scores = scores
         self.c = groups.cost.to(self.device)  # (G,)
-        self.index = [idx.to(self.device) for idx in groups.index]
+        self.groups = groups
         self.asc: list[torch.Tensor] = []
         self.cum: list[torch.Tensor] = []  # (n_g + 1,) prefix sums of asc, leading 0
-        for idx in self.index:
-            vals = _sort_values(scores[idx])  # indexing made a copy
+        for g in range(len(groups)):
+            vals = _sort_values(groups.gather(scores, g))  # a copy, sorted in place
             self.asc.append(vals)
             cum = torch.empty(len(vals) + 1, dtype=vals.dtype, device=self.device)
             cum[0] = 0
@@ -323,10 +415,12 @@ class _GroupedSolver:
             added = torch.bincount(grp[taken], minlength=len(self.asc)).tolist()
             k = [kg + a for kg, a in zip(k, added, strict=True)]
         mask = torch.zeros(self.p, dtype=torch.bool, device=self.device)
-        for idx, asc, kg in zip(self.index, self.asc, k, strict=True):
+        objective = 0.0
+        for g, (asc, cum, kg) in enumerate(zip(self.asc, self.cum, k, strict=True)):
             if kg:
-                mask[idx] = _top_k_mask(self.scores[idx], asc, kg)
-        objective = float(self.scores[mask].sum())
+                segments = self.groups.segments(self.scores, g)
+                self.groups.put(mask, g, _top_k_masks(segments, asc, kg))
+                objective += float(cum[-1] - cum[len(asc) - kg])  # the kg largest scores
         return ILPResult(mask, objective, max(upper, objective), count, cost, t, u)
 
 

@@ -61,7 +61,8 @@ class QuadraticModel:
         self.w_bar = w_bar.to(self.device, self.dtype)
         self.lam = float(lam)
         self.alpha = float(alpha)
-        self.g = X.column_mean() if alpha > 0 else torch.zeros_like(self.w_bar)
+        # the first-order term's mean gradient (p,); None when alpha = 0 (no zero vector)
+        self.g = X.column_mean() if alpha > 0 else None
         self.block_size = block_size
         self.chunk = chunk
         self._cache = _GramCache()
@@ -95,21 +96,30 @@ class QuadraticModel:
             out[a:b] = torch.einsum("nkb,nk->kb", Xb, y).reshape(-1) / self.n
         return out
 
+    def _linear(self, d: torch.Tensor) -> float:
+        """alpha g^T d (0 without the first-order term)."""
+        return self.alpha * float(self.g @ d) if self.g is not None else 0.0
+
+    def _add_linear_(self, v: torch.Tensor) -> torch.Tensor:
+        """v + alpha g, in place on ``v`` (a temporary)."""
+        return v.add_(self.g, alpha=self.alpha) if self.g is not None else v
+
     def value_and_grad(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """(Q(w), grad Q(w)) with a single Hessian-vector product."""
+        """(Q(w), grad Q(w)) with a single Hessian-vector product; the gradient is built in
+        place on H d (no further (p,) temporaries)."""
         d = w - self.w_bar
         hd = self.hessian_vec(d)
-        q = float(d @ hd) / 2 + self.lam / 2 * float(d @ d) + self.alpha * float(self.g @ d)
-        return q, hd + self.lam * d + self.alpha * self.g
+        q = float(d @ hd) / 2 + self.lam / 2 * float(d @ d) + self._linear(d)
+        return q, self._add_linear_(hd.add_(d, alpha=self.lam))
 
     def value(self, w: torch.Tensor) -> float:
         d = w - self.w_bar
         quad = float(d @ self.hessian_vec(d)) / 2
-        return quad + self.lam / 2 * float(d @ d) + self.alpha * float(self.g @ d)
+        return quad + self.lam / 2 * float(d @ d) + self._linear(d)
 
     def grad(self, w: torch.Tensor) -> torch.Tensor:
         d = w - self.w_bar
-        return self.hessian_vec(d) + self.lam * d + self.alpha * self.g
+        return self._add_linear_(self.hessian_vec(d).add_(d, alpha=self.lam))
 
     def lipschitz(self, iters: int = 20, seed: int = 0) -> float:
         """Largest eigenvalue of the Hessian (X^T X / n [block-diag] + lam I), by power
@@ -134,7 +144,7 @@ class QuadraticModel:
         if self.block_size is None:
             d = self._woodbury(mask, d_fixed)
         else:
-            rhs = -m * (self.hessian_vec(d_fixed) + self.alpha * self.g)
+            rhs = -m * self._add_linear_(self.hessian_vec(d_fixed))
             d = self._block_solve(mask, rhs)
         return m * (self.w_bar + d)
 

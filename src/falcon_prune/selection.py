@@ -62,8 +62,8 @@ def costs_of(mask: torch.Tensor, groups: CostGroups) -> float:
     """Kept MACs of a flat mask under the grouped costs."""
     if hasattr(groups, "costs"):
         return float(groups.costs.to(mask.device)[mask].sum())
-    return float(sum(c * int(mask[idx.to(mask.device)].sum())
-                     for c, idx in zip(groups.cost.tolist(), groups.index, strict=True)))
+    return float(sum(c * sum(int(m.sum()) for m in groups.segments(mask, g))
+                     for g, c in enumerate(groups.cost.tolist())))
 
 
 def per_weight_costs(groups: CostGroups, device) -> torch.Tensor:
@@ -71,8 +71,8 @@ def per_weight_costs(groups: CostGroups, device) -> torch.Tensor:
     if hasattr(groups, "costs"):
         return groups.costs.to(device)
     f = torch.empty(groups.p, dtype=torch.float64, device=device)
-    for c, idx in zip(groups.cost.tolist(), groups.index, strict=True):
-        f[idx.to(device)] = c
+    for g, c in enumerate(groups.cost.tolist()):
+        groups.put(f, g, c)
     return f
 
 
@@ -80,9 +80,10 @@ def meets_floors(mask: torch.Tensor, budget: Budget) -> bool:
     """Whether ``mask`` (p,) keeps at least each layer's floor."""
     if not budget.has_floors:
         return True
-    ends = torch.cumsum(mask.to(torch.int64), 0)
+    # running counts in int32 where they fit: half the memory of int64 for (p,)
+    ends = torch.cumsum(mask, 0, dtype=torch.int32 if mask.numel() < 2**31 else torch.int64)
     at = torch.tensor(budget.bounds[1:], device=mask.device) - 1
-    kept = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int64, device=mask.device),
+    kept = torch.diff(torch.cat([torch.zeros(1, dtype=ends.dtype, device=mask.device),
                                  ends[at.clamp_min(0)] * (at >= 0)]))
     return bool((kept >= torch.tensor(budget.floors, device=mask.device)).all())
 

@@ -344,25 +344,20 @@ def refine(qm: QuadraticModel, w0: torch.Tensor, project: Projection, opts: Solv
 Evaluate = Callable[[torch.Tensor], float]
 
 
-def weighted_scores(
-    v: torch.Tensor, groups: CostGroups, beta: float, saliency: torch.Tensor | None = None,
-    weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+def weighted_scores(v: torch.Tensor, groups: CostGroups, beta: float,
+                    saliency: torch.Tensor | None = None) -> torch.Tensor:
     """ILP scores s_i f_i^beta (p,) float64 with s = v^2 (or the given ``saliency`` (p,)):
     the projection in the norm weighted by f^beta. beta = 0 is plain FLOP-aware magnitude;
     as beta grows towards 1 the ILP's value-per-cost order s f^(beta-1) approaches global
-    magnitude order. ``weights``: f^beta (p,) float64 from :func:`cost_weights`, for
-    callers that project many times (IHT)."""
+    magnitude order. Grouped costs scale each group in place (no (p,) vector of f^beta)."""
     scores = (v.to(torch.float64, copy=True).square_() if saliency is None
               else saliency.to(torch.float64, copy=True))
-    if beta != 0:
-        scores.mul_(cost_weights(groups, beta, v.device) if weights is None else weights)
-    return scores
-
-
-def cost_weights(groups: CostGroups, beta: float, device) -> torch.Tensor:
-    """f_i^beta (p,) float64: the per-weight costs (floored at 1e-12) to the power beta."""
-    return per_weight_costs(groups, device).clamp_min(1e-12).pow_(beta)
+    if beta == 0:
+        return scores
+    if hasattr(groups, "costs"):  # per-weight costs, not grouped
+        f = per_weight_costs(groups, v.device).clamp_min(1e-12).pow_(beta)
+        return scores.mul_(f)
+    return groups.scale_(scores, groups.cost.clamp_min(1e-12).pow(beta).tolist())
 
 
 @dataclass
@@ -459,10 +454,8 @@ def falcon(qm: QuadraticModel, groups: CostGroups, budget: Budget, opts: SolverO
     beta, lam = best.beta, best.ridge
     active = _active_set(qm.w_bar, groups, budget, opts)
 
-    weights = cost_weights(groups, beta, qm.device) if beta != 0 else None
-
     def project(v: torch.Tensor):
-        scores = weighted_scores(v, groups, beta, weights=weights)
+        scores = weighted_scores(v, groups, beta)
         r = select_ilp(scores if active is None else scores * active, groups, budget)
         # the ILP's greedy fill may add zero-score weights: keep the support inside the set
         return (r.mask if active is None else r.mask & (active > 0)), r
