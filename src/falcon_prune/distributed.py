@@ -23,6 +23,7 @@ Collectives run on the CPU for gloo and on the current CUDA device for NCCL.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -130,9 +131,14 @@ class Ranks:
 
     def _padded(self, local: torch.Tensor, n: int) -> torch.Tensor:
         """``local`` rows padded with zeros to the largest share (collectives need equal
-        sizes), on the communication device."""
-        pad = self._comm(local.new_zeros((-(-n // self.world), *local.shape[1:])))
-        pad[: local.shape[0]] = self._comm(local)
+        sizes), on the communication device; ``local`` itself (no copy) when it already
+        is the largest share, contiguous, on that device."""
+        share = -(-n // self.world)
+        c = self._comm(local)
+        if local.shape[0] == share and c.is_contiguous():
+            return c
+        pad = c.new_zeros((share, *local.shape[1:]))
+        pad[: local.shape[0]] = c
         return pad
 
     def _joined(self, parts: list[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
@@ -142,10 +148,18 @@ class Ranks:
         """The (n, ...) tensor whose rows ``bounds(n, r)`` are rank r's ``local`` rows."""
         if not self.active:
             return local
+        return torch.cat(self.gather_parts(local, n)).to(local.device)
+
+    def gather_parts(self, local: torch.Tensor, n: int) -> list[torch.Tensor]:
+        """Every rank's ``local`` rows, one tensor per rank in rank order (rank r's
+        ``sizes(n)[r]`` rows, on the communication device): :meth:`gather_rows` without the
+        joined copy, for callers that can use the parts one by one."""
+        if not self.active:
+            return [local]
         pad = self._padded(local, n)
         parts = [torch.empty_like(pad) for _ in range(self.world)]
         dist.all_gather(parts, pad)
-        return self._joined(parts, n, local.device)
+        return [p[:k] for p, k in zip(parts, self.sizes(n), strict=True)]
 
     def gather_to(self, owner: int, local: torch.Tensor, n: int) -> torch.Tensor | None:
         """Like :meth:`gather_rows`, but only rank ``owner`` receives the (n, ...) result
@@ -276,11 +290,15 @@ class ShardedStore:
         of gathered columns, then the row blocks gathered."""
         block = torch.zeros((self.stop - self.start, self.n), dtype=torch.float64,
                             device=self.device)
+        bounds = [0, *itertools.accumulate(self.ranks.sizes(self.n))]
         if idx is None or idx.numel():
             for _, Xb in self.local.column_blocks(idx):
                 for j in range(0, Xb.shape[1], self.chunk):
                     Xc = Xb[:, j:j + self.chunk]
-                    block += (Xc @ self.ranks.gather_rows(Xc, self.n).T).double()
+                    parts = self.ranks.gather_parts(Xc, self.n)  # no joined copy
+                    for r, part in enumerate(parts):
+                        block[:, bounds[r]:bounds[r + 1]] += (
+                            Xc @ part.to(Xc.device).T).double()
         return self.ranks.gather_rows(block, self.n)
 
     def column_map(self, fn: Callable[[torch.Tensor, int, int], torch.Tensor],
