@@ -438,7 +438,7 @@ def solve_unit_step(model: nn.Module, cm: CostModel, state: UnitState, budget: U
     times = times if times is not None else {}
     method, cfg = problem.step_method, problem.config
     allowed = state.units.weight_mask(state.alive)
-    idx = allowed.nonzero().reshape(-1)
+    idx = _positions(allowed)
     w_all = flatten_weights(cm)
     wdtype = torch.float64 if w_all.dtype == torch.float64 else torch.float32
     w_bar = w_all.to(wdtype if cfg.dtype is None else compute_dtype_of(cfg.dtype))[idx]

@@ -68,9 +68,9 @@ class CostGroups:
     for the per-layer structure of a network, which gives :class:`SpanGroups` (contiguous
     spans, no (p,) index or cost vector at all).
 
-    Every method that touches a (p,) vector goes through :meth:`segments` (the group's
-    entries of a vector, in position order) and :meth:`put` (write them back), so the
-    solvers never depend on the representation.
+    Every access to a group's entries of a (p,) vector goes through :meth:`segments` (the
+    entries in position order), :meth:`gather` (them as one copy), :meth:`put` (write them)
+    and :meth:`scale_`, so the solvers never depend on the representation.
     """
 
     def __init__(self, index: list[torch.Tensor], cost: torch.Tensor, p: int):
@@ -124,7 +124,7 @@ class CostGroups:
 
     def gather(self, v: torch.Tensor, g: int) -> torch.Tensor:
         """Group ``g``'s entries of ``v`` (p,) as one new tensor (a copy)."""
-        return v[self.index[g].to(v.device)]
+        return self.segments(v, g)[0]  # indexing already made a copy
 
     def put(self, out: torch.Tensor, g: int, pieces: list[torch.Tensor] | float) -> None:
         """Write group ``g``'s entries of ``out`` (p,): ``pieces`` as returned by
