@@ -66,6 +66,56 @@ def test_store_on_disk_and_in_half_precision_hold_the_same_rows(tmp_path):
     assert float(err.max()) < 2e-3  # float16's precision relative to each row
 
 
+def test_rows_in_bfloat16_are_close_to_float32_and_stored_as_asked():
+    model, cm, x, y = setup()
+    ref = gradient_matrix(model, cm, Samples((x, y)), 8, 2, progress=False)
+    low = gradient_matrix(model, cm, Samples((x, y)), 8, 2, precision=torch.bfloat16,
+                          progress=False)
+    assert low.dtype == torch.float32 and not torch.equal(low, ref)  # computed differently
+    err = (low - ref).norm(dim=1) / ref.norm(dim=1)
+    # bfloat16 keeps 8 bits of mantissa: rows of samples the model fits well (small
+    # gradients, a softmax close to the target) lose more of theirs
+    assert float(err.median()) < 0.02 and float(err.max()) < 0.15
+    assert next(model.parameters()).dtype == torch.float32  # the model is not cast
+
+
+def test_a_model_that_cannot_run_in_bfloat16_gets_a_clear_error():
+    class Fixed(torch.nn.Module):  # a float32 constant made inside forward
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)[:, :12] @ torch.eye(12))
+
+    model = Fixed()
+    x, y = torch.randn(16, 12), torch.randint(0, 10, (16,))
+    cm = CostModel.from_model(model, x[:1])
+    with pytest.raises(ConfigError, match="gradient_precision='model'"):
+        gradient_matrix(model, cm, Samples((x, y)), 4, precision=torch.bfloat16, progress=False)
+    assert gradient_matrix(model, cm, Samples((x, y)), 4, progress=False).shape[0] == 4
+
+
+def test_gradient_precision_setting_is_checked_and_reported():
+    model, _, x, y = setup()
+    r = fp.prune(model, (x, y), flops=0.6, method="falcon", n_gradients=8, n_validation=0,
+                 gradient_precision="bfloat16", progress=False)
+    assert r.config.gradient_precision == "bfloat16" and r.flops_fraction <= 0.6
+    assert fp.defaults("falcon").gradient_precision == "model"
+    assert fp.defaults("mp").gradient_precision is None
+    auto = fp.prune(model, (x, y), flops=0.6, method="mp", progress=False)  # no gradients
+    assert auto.config.gradient_precision is None
+    from falcon_prune.config import resolve
+    from falcon_prune.storage import native_bfloat16
+    cfg, _ = resolve("falcon", None, {"gradient_precision": "auto"})
+    assert cfg.gradient_precision == ("bfloat16" if native_bfloat16("cpu") else "model")
+    with pytest.raises(ConfigError, match="gradient_precision must be one of"):
+        fp.prune(model, (x, y), flops=0.6, gradient_precision="float16", progress=False)
+    with pytest.raises(ConfigError, match="does not use gradient_precision"):
+        fp.prune(model, (x, y), flops=0.6, method="mp", gradient_precision="bfloat16",
+                 progress=False)
+
+
 def test_dict_batches_and_a_custom_task():
     class KeywordCNN(SmallCNN):
         def forward(self, image):

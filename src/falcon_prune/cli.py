@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from falcon_prune.config import DEFAULTS, EFFORTS, METHODS, defaults
+from falcon_prune.config import DEFAULTS, EFFORTS, GRADIENT_PRECISIONS, METHODS, defaults
 from falcon_prune.distributed import Ranks, process_group
 from falcon_prune.errors import ConfigError, DependencyError, FalconPruneError, PathError
 from falcon_prune.masks import masks_of, plain_copy
@@ -135,6 +135,9 @@ def _add_prune(sub) -> None:
                    f"falcon++: {ms.alpha})")
     p.add_argument("--block-size", type=int, help="block-diagonal Hessian, blocks of this size")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="storage of the gradient matrix")
+    p.add_argument("--gradient-precision", choices=GRADIENT_PRECISIONS,
+                   help="compute the gradient rows in the model's dtype (default), in "
+                   "bfloat16, or auto (bfloat16 where the device multiplies it natively)")
     p.add_argument("--storage", choices=STORAGES, help="where the gradient matrix lives (auto: "
                    "memory if it fits the limit, else a smaller dtype, else disk)")
     p.add_argument("--scratch-dir", help="directory for an on-disk gradient matrix")
@@ -234,6 +237,7 @@ def _prune_settings(a: argparse.Namespace) -> dict:
         "n_gradients": a.n_gradients, "samples_per_gradient": a.samples_per_gradient,
         "n_validation": a.n_validation, "ridge": a.ridge, "alpha": a.alpha,
         "block_size": a.block_size, "dtype": DTYPE_NAMES.get(a.dtype), "storage": a.storage,
+        "gradient_precision": a.gradient_precision,
         "scratch_dir": a.scratch_dir, "memory_limit": limit, "sampling": a.sampling,
         "min_density": a.min_density, "allow_empty_layers": a.allow_empty_layers or None,
         "recalibrate_bn": a.recalibrate_bn or None, **_multistage_settings(a),

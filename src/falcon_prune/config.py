@@ -22,12 +22,13 @@ import torch
 from falcon_prune.errors import BudgetError, ConfigError, ConfigTypeError
 from falcon_prune.schedules import Schedule, as_schedule
 from falcon_prune.solvers import SolverOptions
-from falcon_prune.storage import check_dtype, check_storage
+from falcon_prune.storage import check_dtype, check_storage, native_bfloat16
 from falcon_prune.tasks import Task, as_task
 
 METHODS = ("mp", "mp_flops", "woodfisher", "chita", "falcon", "falcon++")
 GRADIENT_METHODS = ("woodfisher", "chita", "falcon", "falcon++")
 STRUCTURES = ("weights", "channels")
+GRADIENT_PRECISIONS = ("model", "bfloat16", "auto")
 #: the methods that choose channel units (structure='channels')
 CHANNEL_METHODS = ("mp", "mp_flops", "falcon", "falcon++")
 #: samples whose BatchNorm statistics ``recalibrate_bn=True`` re-estimates
@@ -40,7 +41,10 @@ class PruneConfig:
 
     - ``method``, ``task`` (how the model is run and its loss), ``seed``, ``device``.
     - Gradients (methods with a loss model): ``n_gradients`` rows of X, each the
-      gradient of ``samples_per_gradient`` samples; ``ridge`` and ``alpha`` of the
+      gradient of ``samples_per_gradient`` samples, computed in ``gradient_precision``
+      ('model': the working copy's own dtype; 'bfloat16': model, inputs and backward in
+      bfloat16, the rows stored as ``dtype``; 'auto': bfloat16 where ``device`` multiplies
+      it in hardware, else 'model'); ``ridge`` and ``alpha`` of the
       quadratic model; ``block_size`` (block-diagonal Hessian); X's storage ``dtype``,
       ``storage`` ('auto', 'memory', 'disk'), ``memory_limit`` (bytes), ``scratch_dir``.
     - ``n_validation`` held-out samples that falcon/falcon++ choose hyperparameters on.
@@ -89,6 +93,7 @@ class PruneConfig:
     recalibrate_bn: int = 0
     sampling: str | None = None
     dtype: torch.dtype | None = torch.float32
+    gradient_precision: str | None = "model"
     storage: str | None = "auto"
     memory_limit: int | None = None
     scratch_dir: str | None = None
@@ -126,7 +131,8 @@ class PruneConfig:
 #: which methods use each setting that not every method uses
 USED_BY: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("n_gradients", "samples_per_gradient", "ridge", "alpha", "block_size",
-                     "dtype", "storage", "memory_limit", "scratch_dir"), GRADIENT_METHODS),
+                     "dtype", "gradient_precision", "storage", "memory_limit", "scratch_dir"),
+                    GRADIENT_METHODS),
     "n_validation": ("falcon", "falcon++"),
     "solver": ("chita", "falcon", "falcon++"),
     **dict.fromkeys(("schedule", "stages", "resample", "revive", "effort"), ("falcon++",)),
@@ -326,6 +332,7 @@ CHECKS = {
     "min_density": _real(lambda v: 0 <= v < 1, "a fraction in [0, 1) of each layer's weights"),
     "recalibrate_bn": _bn, "sampling": _choice((None, "random", "first")),
     "dtype": lambda name, v: check_dtype(v), "storage": lambda name, v: check_storage(v),
+    "gradient_precision": _choice(GRADIENT_PRECISIONS),
     "memory_limit": _optional(lambda n, v: int(_real(lambda x: x > 0, "> 0 bytes")(n, v))),
     "scratch_dir": _optional(lambda name, v: str(v)),
     "device": lambda name, v: check_device(v), "task": lambda name, v: as_task(v),
@@ -449,4 +456,7 @@ def resolve(method: str | None, config: PruneConfig | None, settings: dict
             out = dataclasses.replace(out, **{f.name: CHECKS[f.name](f.name, v)})
     if out.task is None:
         out = out.replace(task=as_task(None))
+    if out.gradient_precision == "auto":  # the choice made is what the result reports
+        out = out.replace(gradient_precision="bfloat16" if native_bfloat16(out.device)
+                          else "model")
     return out, frozenset(given)

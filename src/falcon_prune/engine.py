@@ -188,7 +188,8 @@ def _gradients(model: nn.Module, cm: CostModel, fit: Samples, problem: Problem,
         model, cm, fit, cfg.n_gradients, cfg.samples_per_gradient, problem.task, cfg.dtype,
         problem.device, memory_limit=cfg.memory_limit, progress=problem.progress,
         columns=idx, storage=cfg.storage, scratch_dir=cfg.scratch_dir,
-        on_mode=lambda mode: problem.notes.setdefault("gradients", mode), ranks=problem.ranks)
+        on_mode=lambda mode: problem.notes.setdefault("gradients", mode), ranks=problem.ranks,
+        precision=torch.bfloat16 if cfg.gradient_precision == "bfloat16" else None)
     ranks = problem.ranks
     if ranks.active and "distributed" not in problem.notes:
         problem.notes["distributed"] = (

@@ -47,8 +47,10 @@ class _Rows:
     """Computes the gradient rows of chunks of samples: by vmap, or by a loop of plain
     backward passes (``mode``), for the weights ``names`` of ``model``."""
 
-    def __init__(self, model: nn.Module, names: list[str], task: Task):
+    def __init__(self, model: nn.Module, names: list[str], task: Task,
+                 precision: torch.dtype | None = None):
         self.model, self.names, self.task = model, names, task
+        self.precision = precision
         self.runner = TaskRunner(model, task)
         params = dict(model.named_parameters(remove_duplicate=False))  # tied: every name
         missing = [n for n in names if n not in params]
@@ -61,6 +63,10 @@ class _Rows:
         self.fixed = {"model." + k: v.detach() for k, v in model.named_parameters()
                       if id(v) not in variables}
         self.fixed.update({"model." + k: v for k, v in model.named_buffers()})
+        if precision is not None:  # the forward and backward in that dtype
+            self.weights = {k: v.to(precision) for k, v in self.weights.items()}
+            self.fixed = {k: v.to(precision) if v.is_floating_point() else v
+                          for k, v in self.fixed.items()}
         self.mode = VMAP
 
     def _loss(self, w: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
@@ -94,6 +100,17 @@ class _Rows:
         return torch.stack(out)
 
     def __call__(self, rows: Batch, m: int) -> torch.Tensor:
+        if self.precision is None:
+            return self._rows(rows, m)
+        low = map_tensors(rows, lambda t: t.to(self.precision) if t.is_floating_point() else t)
+        try:
+            return self._rows(low, m).float()
+        except (RuntimeError, TypeError, DataError) as e:
+            raise ConfigError(
+                f"the gradient rows could not be computed in {self.precision} ({e}); if the "
+                "model runs in float32, pass gradient_precision='model'") from e
+
+    def _rows(self, rows: Batch, m: int) -> torch.Tensor:
         with plain_kernels(self.model), unrolled_recurrent(self.model):
             if self.mode == VMAP:
                 lean = _without_full_mask(rows)
@@ -147,6 +164,7 @@ def gradient_store(
     plan: StoragePlan | None = None,
     on_mode: Callable[[str], None] | None = None,
     ranks: Ranks | None = None,
+    precision: torch.dtype | None = None,
 ) -> GradientStore | ShardedStore:
     """The gradient matrix X (n_gradients, p) in a :class:`GradientStore`.
 
@@ -160,7 +178,9 @@ def gradient_store(
     With ``ranks`` of more than one process (default: the initialised ``torch.distributed``
     group, if any; :mod:`falcon_prune.distributed`), this process computes and stores only
     its share of the rows and a :class:`ShardedStore` is returned; every rank must call
-    this with the same samples.
+    this with the same samples. ``precision`` (e.g. torch.bfloat16): the forward and
+    backward run with the weights, buffers and floating inputs in that dtype (None: as
+    they are); the rows are stored in ``dtype``.
 
     Where X lives comes from ``plan`` or :func:`~falcon_prune.storage.plan_storage`
     (``storage``, ``dtype``, ``memory_limit`` in bytes, ``scratch_dir``), decided before
@@ -171,7 +191,7 @@ def gradient_store(
     p = cost_model.num_weights if columns is None else int(columns.numel())
     if plan is None:
         plan = _agreed_plan(n_gradients, p, dtype, storage, memory_limit, scratch_dir, ranks)
-    rows_fn = _Rows(model, [lay.name for lay in cost_model.layers], as_task(task))
+    rows_fn = _Rows(model, [lay.name for lay in cost_model.layers], as_task(task), precision)
     # a vmap call holds its per-sample gradients twice (the dict and the assembled rows)
     per_chunk = max(1, min(max(1, chunk // m), min(plan.limit // 8, CHUNK_BYTES)
                            // (2 * cost_model.num_weights * 4)))

@@ -129,6 +129,19 @@ def check_storage(storage: object) -> str:
     return storage  # type: ignore[return-value]
 
 
+def native_bfloat16(device: str | torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 in hardware: a CUDA GPU that supports it
+    without emulation, or a CPU with AMX tiles or AVX-512 BF16 (as PyTorch detects them)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(
+            including_emulation=False)
+    if device.type != "cpu":
+        return False
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def check_dtype(dtype: object) -> torch.dtype:
     """``dtype`` if it is a storage dtype of the gradient matrix, else a ValueError."""
     if dtype not in DTYPES:
