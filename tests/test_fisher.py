@@ -9,10 +9,11 @@ from helpers import BatchNormCNN, SmallCNN, small_data
 
 import falcon_prune as fp
 from falcon_prune.batches import Samples
+from falcon_prune.config import resolve
 from falcon_prune.costs import CostModel
 from falcon_prune.errors import ConfigError, DataError, MemoryBudgetError
 from falcon_prune.fisher import VMAP, gradient_matrix, gradient_store
-from falcon_prune.storage import estimate_bytes
+from falcon_prune.storage import estimate_bytes, native_bfloat16
 
 
 def setup():
@@ -103,10 +104,8 @@ def test_gradient_precision_setting_is_checked_and_reported():
     assert r.config.gradient_precision == "bfloat16" and r.flops_fraction <= 0.6
     assert fp.defaults("falcon").gradient_precision == "model"
     assert fp.defaults("mp").gradient_precision is None
-    auto = fp.prune(model, (x, y), flops=0.6, method="mp", progress=False)  # no gradients
-    assert auto.config.gradient_precision is None
-    from falcon_prune.config import resolve
-    from falcon_prune.storage import native_bfloat16
+    no_gradients = fp.prune(model, (x, y), flops=0.6, method="mp", progress=False)
+    assert no_gradients.config.gradient_precision is None
     cfg, _ = resolve("falcon", None, {"gradient_precision": "auto"})
     assert cfg.gradient_precision == ("bfloat16" if native_bfloat16("cpu") else "model")
     with pytest.raises(ConfigError, match="gradient_precision must be one of"):
