@@ -10,7 +10,7 @@ from torch import nn
 
 from falcon_prune import channels, oneshot
 from falcon_prune.config import PruneConfig, check_fraction, resolve
-from falcon_prune.errors import ModelError
+from falcon_prune.errors import BudgetError, ConfigError, ModelError
 from falcon_prune.masks import plain_copy
 from falcon_prune.recount import recount
 from falcon_prune.results import PruneResult
@@ -35,6 +35,7 @@ def prune(
     seed: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    latency: float | None = None,
     **settings: Any,
 ) -> PruneResult:
     """Prune a copy of ``model`` so that it keeps at most ``flops`` of the dense
@@ -58,18 +59,49 @@ def prune(
     method's defaults (:func:`~falcon_prune.defaults`); a setting the method does not use
     is refused. ``result.config`` holds every setting actually used.
 
+    ``latency`` (structure='channels'; with ``flops``, not with ``nnz``): the kept fraction
+    of the network's time per forward at ``latency_batch`` samples on ``device``, predicted
+    from a lookup table of layer times measured on this machine
+    (:mod:`falcon_prune.latency`); ``result.details['latency']`` has the prediction and
+    the pruned network's time measured against the dense one. Timings differ between
+    runs, so a latency budget is not deterministic.
+
     Raises a :class:`~falcon_prune.errors.FalconPruneError` subclass (also a ValueError,
     TypeError or MemoryError) for bad input, before any expensive work where it can be
     told; the returned network never exceeds a budget (checked by an independent recount).
     """
     flops = check_fraction("flops", flops)
     nnz = check_fraction("nnz", nnz)
+    latency = check_fraction("latency", latency)
     run = {k: v for k, v in (("task", task), ("seed", seed), ("device", device))
            if v is not None}
     cfg, given = resolve(method, config, {**settings, **run})
-    pipeline = channels.run if cfg.structure == "channels" else oneshot.run
+    cfg = _latency_settings(cfg, nnz, latency)
     with torch.random.fork_rng(devices=_rng_devices(cfg.device)):
-        return pipeline(model, data, flops, nnz, cfg, given, progress)
+        if cfg.structure == "channels":
+            return channels.run(model, data, flops, nnz, cfg, given, progress, latency)
+        return oneshot.run(model, data, flops, nnz, cfg, given, progress)
+
+
+def _latency_settings(cfg: PruneConfig, nnz: float | None,
+                      latency: float | None) -> PruneConfig:
+    """Refuse a latency budget where it cannot apply; resolve ``latency_batch`` (1) and
+    ``round_to`` (4; ``round_to=1`` allows every channel count) when a latency budget is
+    given without them."""
+    if latency is None:
+        if cfg.latency_batch is not None:
+            raise ConfigError("latency_batch is the batch size of a latency budget; give "
+                              "latency=<fraction kept> too, or drop it")
+        return cfg
+    if cfg.structure != "channels":
+        raise ConfigError("latency= budgets need structure='channels': a network with "
+                          "masked weights runs at the dense speed")
+    if cfg.method not in ("mp_flops", "falcon", "falcon++"):
+        raise ConfigError(f"latency= budgets are met by mp_flops, falcon and falcon++, not "
+                          f"{cfg.method!r} (its rule ignores costs)")
+    if nnz is not None:
+        raise BudgetError("give nnz= or latency=, not both")
+    return cfg.replace(latency_batch=cfg.latency_batch or 1, round_to=cfg.round_to or 4)
 
 
 def count_macs(model: nn.Module, inputs: object, task: Task | str | None = None

@@ -11,23 +11,31 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from falcon_prune.batches import to_device
+from falcon_prune.batches import map_tensors, to_device
 from falcon_prune.batchnorm import recalibrate_batchnorm
 from falcon_prune.config import PruneConfig
 from falcon_prune.costs import CostModel, flatten_weights
 from falcon_prune.engine import HeldOutScorer, Step, UnitState, solve_unit_step
-from falcon_prune.errors import BudgetViolation, ModelError
+from falcon_prune.errors import BudgetViolation, ConfigError, ModelError
 from falcon_prune.group_solvers import UnitBudget
-from falcon_prune.masks import write_weights
+from falcon_prune.latency import (
+    LATENCY_REPEATS,
+    LATENCY_ROUNDS,
+    LatencyTable,
+    interleaved_seconds,
+    latency_batch,
+)
+from falcon_prune.masks import clone_model, write_weights
 from falcon_prune.oneshot import HALF, Run, bn_note, run_details, setup
 from falcon_prune.recount import recount
 from falcon_prune.results import LayerReport, PruneResult, peak_rss_mb
-from falcon_prune.structure import remove_channels
+from falcon_prune.structure import channel_units, remove_channels
 from falcon_prune.tasks import metric_key
 
 
@@ -35,9 +43,13 @@ def _row(k: int, state: UnitState, cm: CostModel, f_k, s_k, step: Step,
          scorer: HeldOutScorer | None, r: Run, seconds: float) -> dict:
     """A falcon++ trajectory row: budgets, exact kept fractions, units, held-out loss."""
     cost, size = state.costs.exact(state.alive)
-    row = {"stage": k, "flops_budget": f_k, "nnz_budget": s_k,
+    second = "nnz" if state.latency is None else "latency"
+    row = {"stage": k, "flops_budget": f_k, f"{second}_budget": s_k,
            "flops_fraction": cost / cm.dense_macs, "nnz_fraction": size / state.total_params,
            "units_kept": int(state.alive.sum())}
+    if state.latency is not None:
+        row["latency_predicted"] = state.latency.seconds(state.dead(state.alive)) / (
+            state.latency.total)
     known = step.held_out
     if known is None and scorer is not None:
         ev = scorer.evaluation(flatten_weights(cm))
@@ -50,33 +62,56 @@ def _row(k: int, state: UnitState, cm: CostModel, f_k, s_k, step: Step,
     return row
 
 
-def run_unit_stages(r: Run, state: UnitState) -> tuple[Step, list[dict]]:
+def _stage_budget(state: UnitState, cm, flops: float | None, second: float | None
+                  ) -> UnitBudget:
+    """A stage's budgets: the plan's second budget is the latency fraction when the
+    state has a latency table, else the parameter fraction."""
+    if state.latency is not None:
+        return state.budget(cm, flops, None, second)
+    return state.budget(cm, flops, second)
+
+
+def held_out_scorer(r: Run) -> HeldOutScorer | None:
+    """falcon++'s scorer of every stage's network on the held-out samples (None for the
+    single-stage methods or without held-out samples)."""
+    if r.config.method != "falcon++" or not len(r.draw.held):
+        return None
+    return HeldOutScorer(r.work, r.cm, r.draw.held, r.problem.task, r.problem.device,
+                         ranks=r.problem.ranks)
+
+
+def run_unit_stages(r: Run, state: UnitState, scorer: HeldOutScorer | None
+                    ) -> tuple[Step, list[dict]]:
     """Every stage of the plan: choose units, write the weights, zero the dead units."""
-    cm, cfg, problem = r.cm, r.config, r.problem
-    multistage = cfg.method == "falcon++"
-    held = r.draw.held
-    scorer = (HeldOutScorer(r.work, cm, held, problem.task, problem.device,
-                            ranks=problem.ranks)
-              if multistage and len(held) else None)
+    multistage = r.config.method == "falcon++"
     trajectory: list[dict] = []
     bar = tqdm(total=len(r.plan), desc="falcon++ stages", unit="stage",
-               disable=not problem.progress or not multistage)
-    bn = None if r.draw.bn is None else to_device(problem.task.inputs(r.draw.bn.batch),
-                                                  problem.device)
+               disable=not r.problem.progress or not multistage)
     for k, (f_k, s_k) in enumerate(r.plan, 1):
-        t = time.perf_counter()
-        step = solve_unit_step(r.work, cm, state, state.budget(cm, f_k, s_k),
-                               r.draw.fit(k, bool(cfg.resample)), held, problem, r.times, bn)
-        write_weights(cm, step.w)
-        state.apply(r.work, step.keep)
-        if bn is not None:  # the next stage's gradients see the statistics it will use
-            recalibrate_batchnorm(r.work, bn, problem.device, call=problem.task.call)
+        step, row = _stage(r, state, k, f_k, s_k, scorer)
         if multistage:
-            trajectory.append(_row(k, state, cm, f_k, s_k, step, scorer, r,
-                                   time.perf_counter() - t))
+            trajectory.append(row)
             bar.update(1)
     bar.close()
     return step, trajectory
+
+
+def _stage(r: Run, state: UnitState, k: int, f_k: float | None, s_k: float | None,
+           scorer: HeldOutScorer | None) -> tuple[Step, dict]:
+    """Stage k at kept fractions ``f_k`` (FLOPs) and ``s_k`` (parameters, or latency with
+    a latency table): the step, its weights written and dead units zeroed, BatchNorm
+    re-estimated if asked; returns the step and its trajectory row."""
+    cm, problem, t = r.cm, r.problem, time.perf_counter()
+    held = r.draw.held
+    bn = None if r.draw.bn is None else to_device(problem.task.inputs(r.draw.bn.batch),
+                                                  problem.device)
+    step = solve_unit_step(r.work, cm, state, _stage_budget(state, cm, f_k, s_k),
+                           r.draw.fit(k, bool(r.config.resample)), held, problem, r.times, bn)
+    write_weights(cm, step.w)
+    state.apply(r.work, step.keep)
+    if bn is not None:  # the next stage's gradients see the statistics it will use
+        recalibrate_batchnorm(r.work, bn, problem.device, call=problem.task.call)
+    return step, _row(k, state, cm, f_k, s_k, step, scorer, r, time.perf_counter() - t)
 
 
 def _finish(r: Run, state: UnitState) -> str:
@@ -121,11 +156,14 @@ def verify_units(r: Run, state: UnitState, budget: UnitBudget
             f"internal error: the pruned network has {count.dense:,.0f} MACs and {params:,} "
             f"parameters (uncounted {unseen}) but the channel choice says {cost:,.0f} and "
             f"{size:,.0f}; please report this")
+    secs = None if budget.latency is None else state.latency.seconds(state.dead(state.alive))
     if (budget.cost is not None and count.dense > budget.cost * (1 + 1e-12)) or (
-            budget.size is not None and params > budget.size):
+            budget.size is not None and params > budget.size) or (
+            secs is not None and secs > budget.latency * (1 + 1e-9)):
         raise BudgetViolation(
             f"internal error: the pruned network keeps {count.dense:,.0f} MACs and {params:,} "
-            f"parameters, over the budgets ({budget.cost}, {budget.size}); please report this")
+            f"parameters ({secs} s predicted), over the budgets ({budget.cost}, {budget.size}, "
+            f"{budget.latency} s); please report this")
     sizes = [small.get_parameter(lay.name).numel() for lay in cm.layers]
     layers = [LayerReport(lay.name, lay.kind, lay.numel, k, lay.dense_macs, k * lay.cost)
               for k, lay in zip(sizes, cm.layers, strict=True)]
@@ -144,19 +182,98 @@ def _removed(state: UnitState) -> dict[str, list[int]]:
     return out
 
 
+def _latency_table(r: Run, state: UnitState) -> LatencyTable:
+    """The measured layer-time table of the dense working copy at ``latency_batch``
+    samples (one process: every timing would differ between ranks)."""
+    if r.problem.ranks.active:
+        raise ConfigError("a latency= budget is measured in one process; run it without "
+                          "torchrun (or drop latency=)")
+    t = time.perf_counter()
+    x = latency_batch(r.probe, r.config.latency_batch)
+    table = LatencyTable(r.work, state.units, r.cm, x, r.problem.task.call,
+                         r.problem.device, LATENCY_REPEATS)
+    r.times["latency_table"] = time.perf_counter() - t
+    return table
+
+
+def _pruned_copy(r: Run, state: UnitState) -> nn.Module:
+    """A physically smaller copy of the working network with the units alive now, in the
+    model's dtype (the units are rebuilt on the copy, which the graph tracer numbers the
+    same way; the working copy keeps its full size)."""
+    small = clone_model(r.work)
+    call = r.problem.task.call
+    cm = CostModel.from_model(small, r.probe, call, r.config.include, r.config.exclude)
+    units = channel_units(small, cm, r.probe, call, r.config.keep_layers or ())
+    if units.labels != state.units.labels or not torch.equal(units.group, state.units.group):
+        raise BudgetViolation("internal error: the channel units of a copy of the network "
+                              "differ from the run's; please report this")
+    remove_channels(units, state.alive)
+    return small.to(r.dtype)
+
+
+def meet_latency(r: Run, state: UnitState, latency: float, dense: nn.Module, step: Step,
+                 trajectory: list[dict], scorer: HeldOutScorer | None) -> tuple[Step, dict]:
+    """Measure the pruned network against the ``dense`` one (same device, dtype and batch,
+    interleaved medians); while it is slower than ``latency`` of it, run one more stage at
+    the last FLOP budget with the table's budget lowered by the prediction's error (at most
+    ``LATENCY_ROUNDS`` stages). Returns the last step and ``details['latency']``."""
+    t, call, k = time.perf_counter(), r.problem.task.call, len(r.plan)
+    x = map_tensors(latency_batch(r.probe, r.config.latency_batch),
+                    lambda v: v.to(r.dtype) if v.is_floating_point() else v)
+    rounds: list[dict] = []
+    target = latency
+    while True:
+        small = _pruned_copy(r, state)
+        secs = interleaved_seconds({"dense": lambda: call(dense, x),
+                                    "pruned": lambda m=small: call(m, x)},
+                                   LATENCY_REPEATS * 2, r.problem.device)
+        predicted = state.latency.seconds(state.dead(state.alive)) / state.latency.total
+        measured = secs["pruned"] / secs["dense"]
+        rounds.append({"table_budget": target, "predicted_fraction": predicted,
+                       "measured_fraction": measured, "dense_ms": secs["dense"] * 1e3,
+                       "pruned_ms": secs["pruned"] * 1e3})
+        if measured <= latency or len(rounds) > LATENCY_ROUNDS:
+            break
+        target = predicted * latency / measured
+        k += 1
+        step, row = _stage(r, state, k, r.plan[-1][0], target, scorer)
+        if r.config.method == "falcon++":
+            trajectory.append(row)
+    r.times["latency_check"] = time.perf_counter() - t
+    out = {"batch": r.config.latency_batch, "budget": latency, **rounds[-1],
+           "extra_stages": len(rounds) - 1, "rounds": rounds,
+           "widths_timed": len(state.latency.table)}
+    if measured > latency:
+        warnings.warn(
+            f"the pruned network ran in {measured:.2f} of the dense one's time at batch "
+            f"{out['batch']} on {r.problem.device} (measured side by side), above the latency "
+            f"budget {latency:.2f}, after {len(rounds) - 1} extra stages; timings on a busy "
+            "machine vary: see docs/api.md, 'Latency budgets'", UserWarning, stacklevel=4)
+    return step, out
+
+
 def run(model: nn.Module, data: object, flops: float | None, nnz: float | None,
-        cfg: PruneConfig, given: frozenset, progress: bool) -> PruneResult:
-    """Prune whole channels of a copy of ``model``; the result is physically smaller."""
+        cfg: PruneConfig, given: frozenset, progress: bool, latency: float | None = None
+        ) -> PruneResult:
+    """Prune whole channels of a copy of ``model``; the result is physically smaller.
+    ``latency``: the kept fraction of the measured time (``nnz`` is then None)."""
     t_start = time.perf_counter()
-    r = setup(model, data, flops, nnz, cfg, given, progress)
+    r = setup(model, data, flops, nnz if latency is None else latency, cfg, given, progress)
     t = time.perf_counter()
     state = UnitState.build(r.work, r.cm, r.probe, r.config.task, r.config)
-    final = state.budget(r.cm, flops, nnz)
+    r.times["units"] = time.perf_counter() - t
+    if latency is not None:
+        state.latency = _latency_table(r, state)
+    final = state.budget(r.cm, flops, nnz, latency)
     state.check(r.cm, final, r.config.round_to)
     with torch.no_grad():
         shape = r.problem.task.output(r.problem.task.call(r.work, r.probe)).shape
-    r.times["units"] = time.perf_counter() - t
-    step, trajectory = run_unit_stages(r, state)
+    dense = None if latency is None else clone_model(r.work).to(r.dtype)
+    scorer = held_out_scorer(r)
+    step, trajectory = run_unit_stages(r, state, scorer)
+    if latency is not None:
+        step, timing = meet_latency(r, state, latency, dense, step, trajectory, scorer)
+        del dense
     note = _finish(r, state)
     with torch.no_grad():
         now = r.problem.task.output(r.problem.task.call(r.work, r.probe)).shape
@@ -168,6 +285,8 @@ def run(model: nn.Module, data: object, flops: float | None, nnz: float | None,
     details = {**run_details(r, step, note),
                "units": f"{int(state.alive.sum())} of {state.units.m} channels kept",
                "removed_channels": _removed(state)}
+    if latency is not None:
+        details["latency"] = timing
     return PruneResult(
         model=r.work, config=r.config, flops_budget=flops, nnz_budget=nnz,
         flops_fraction=flops_kept, nnz_fraction=nnz_kept, dense_macs=r.cm.dense_macs,

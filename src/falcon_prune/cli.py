@@ -133,6 +133,10 @@ def _add_prune(sub) -> None:
     p.add_argument("--ridge", type=float)
     p.add_argument("--alpha", type=float, help="scale of the first-order term (default 0; "
                    f"falcon++: {ms.alpha})")
+    p.add_argument("--latency", type=float, help="channels: fraction of the dense network's "
+                   "measured time per forward to keep, in (0, 1] (with --flops, not --nnz)")
+    p.add_argument("--latency-batch", type=int, help="batch size the latency is measured at "
+                   "(default 1)")
     p.add_argument("--block-size", type=int, help="block-diagonal Hessian, blocks of this size")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="storage of the gradient matrix")
     p.add_argument("--gradient-precision", choices=GRADIENT_PRECISIONS,
@@ -237,7 +241,7 @@ def _prune_settings(a: argparse.Namespace) -> dict:
         "n_gradients": a.n_gradients, "samples_per_gradient": a.samples_per_gradient,
         "n_validation": a.n_validation, "ridge": a.ridge, "alpha": a.alpha,
         "block_size": a.block_size, "dtype": DTYPE_NAMES.get(a.dtype), "storage": a.storage,
-        "gradient_precision": a.gradient_precision,
+        "gradient_precision": a.gradient_precision, "latency_batch": a.latency_batch,
         "scratch_dir": a.scratch_dir, "memory_limit": limit, "sampling": a.sampling,
         "min_density": a.min_density, "allow_empty_layers": a.allow_empty_layers or None,
         "recalibrate_bn": a.recalibrate_bn or None, **_multistage_settings(a),
@@ -290,7 +294,7 @@ def cmd_prune(a: argparse.Namespace) -> int:
     model, train = _load(a)
     with process_group(a.device) as device:
         r = prune(model, train, flops=a.flops, nnz=a.nnz, method=a.method, seed=a.seed,
-                  device=device, progress=not a.no_progress, **settings)
+                  device=device, progress=not a.no_progress, latency=a.latency, **settings)
         if not Ranks.current().is_main:  # under torchrun, rank 0 alone reports and writes
             return 0
     print(r.table())

@@ -66,7 +66,9 @@ class PruneConfig:
       besides the output layers), ``obs_rank`` (leading eigen-directions of the Fisher
       the group OBS saliency uses; None: all n), ``round_to`` (every group keeps a
       multiple of this many channels, or all: CPU and GPU kernels run faster on such
-      counts).
+      counts; 4 by default with a ``latency=`` budget), ``latency_batch`` (the batch size
+      a ``latency=`` budget is measured at; 1 when a latency budget is given without it,
+      None without one).
 
     - falcon++: ``effort``, the named preset the defaults came from ('default', the most
       accurate; 'balanced'; 'fast': see :data:`EFFORTS`); settings given beside it are
@@ -104,6 +106,7 @@ class PruneConfig:
     keep_layers: tuple[str, ...] | None = None
     obs_rank: int | None = None
     round_to: int | None = None
+    latency_batch: int | None = None
     effort: str | None = None
 
     def replace(self, **changes: Any) -> PruneConfig:
@@ -339,7 +342,7 @@ CHECKS = {
     "structure": _choice(STRUCTURES), "obs_rank": _optional(_integer(1)),
     "include": lambda name, v: _selector(name, v), "exclude": lambda name, v: _selector(name, v),
     "flops_of": _choice(("prunable", "model")),
-    "round_to": _optional(_integer(1)),
+    "round_to": _optional(_integer(1)), "latency_batch": _optional(_integer(1)),
     "keep_layers": lambda name, v: _names(name, v),
 }
 
@@ -374,7 +377,8 @@ def _check_keys(method: str, settings: dict) -> None:
 
 
 def _check_structure(structure: str, method: str, settings: dict) -> None:
-    only = [k for k in ("keep_layers", "obs_rank", "round_to") if k in settings]
+    only = [k for k in ("keep_layers", "obs_rank", "round_to", "latency_batch")
+            if k in settings]
     if structure == "weights" and only:
         raise ConfigError(f"{', '.join(only)} apply to structure='channels'; drop them or "
                           "pass structure='channels'")

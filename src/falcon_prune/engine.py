@@ -36,6 +36,7 @@ from falcon_prune.group_solvers import (
     group_magnitude,
 )
 from falcon_prune.ilp import CostGroups
+from falcon_prune.latency import LatencyTable
 from falcon_prune.masks import clone_model, plain_copy
 from falcon_prune.quadratic import QuadraticModel
 from falcon_prune.recount import recount
@@ -337,7 +338,8 @@ def verify(model: nn.Module, cm: CostModel, budget: Budget, task: Task, inputs: 
 class UnitState:
     """The channel units of a run and which are still alive, with what a unit choice does
     to the parameters that are not prunable weights (biases, norms): their ``originals``
-    and ranges in the global parameter space."""
+    and ranges in the global parameter space; ``latency``, the measured lookup table of a
+    ``latency=`` budget."""
 
     units: ChannelUnits
     costs: UnitCosts
@@ -345,6 +347,7 @@ class UnitState:
     alive: torch.Tensor
     total_params: int
     originals: dict[str, tuple[int, torch.Tensor]]
+    latency: LatencyTable | None = None
 
     @classmethod
     def build(cls, model: nn.Module, cm: CostModel, inputs: Batch, task: Task,
@@ -368,11 +371,19 @@ class UnitState:
         return cls(units, UnitCosts(units, entry_cost), floors,
                    torch.ones(units.m, dtype=torch.bool), space.size, originals)
 
-    def budget(self, cm: CostModel, flops: float | None, nnz: float | None) -> UnitBudget:
-        """Absolute budgets: kept MACs of the prunable weights and kept parameters."""
+    def budget(self, cm: CostModel, flops: float | None, nnz: float | None,
+               latency: float | None = None) -> UnitBudget:
+        """Absolute budgets: kept MACs of the prunable weights, kept parameters and
+        predicted seconds per forward (``latency``: the kept fraction of the dense
+        network's measured time)."""
         return UnitBudget(None if flops is None else flops * cm.dense_macs,
                           None if nnz is None else math.floor(nnz * self.total_params + 1e-9),
-                          self.floors)
+                          self.floors,
+                          None if latency is None else latency * self.latency.total)
+
+    def dead(self, keep: torch.Tensor) -> list[int]:
+        """(G,) units of each group not in ``keep`` (m,) bool."""
+        return torch.bincount(self.units.group[~keep], minlength=len(self.floors)).tolist()
 
     def overrides(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         """{name: value} of the non-weight parameters with the dead units' entries zeroed."""
@@ -426,6 +437,15 @@ class UnitState:
             raise BudgetError(
                 f"the parameter budget keeps {budget.size:,} but {why} need {size:,.0f} "
                 f"({size / self.total_params:.2%}); raise the budget or lower min_density")
+        if budget.latency is not None:
+            secs = self.latency.seconds(self.dead(least))
+            if secs > budget.latency:
+                total = self.latency.total
+                raise BudgetError(
+                    f"the latency budget keeps {budget.latency / total:.2%} of the dense "
+                    f"network's {total * 1e3:.3g} ms but {why} take {secs / total:.2%} "
+                    "(measured layer by layer); raise the budget, lower min_density or "
+                    "round_to, or name fewer keep_layers")
 
 
 def solve_unit_step(model: nn.Module, cm: CostModel, state: UnitState, budget: UnitBudget,
@@ -444,7 +464,7 @@ def solve_unit_step(model: nn.Module, cm: CostModel, state: UnitState, budget: U
     wdtype = torch.float64 if w_all.dtype == torch.float64 else torch.float32
     w_bar = w_all.to(wdtype if cfg.dtype is None else compute_dtype_of(cfg.dtype))[idx]
     up = UnitProblem.build(state.units, state.costs, budget, state.alive, allowed,
-                           cfg.round_to)
+                           cfg.round_to, state.latency)
     t = time.perf_counter()
     if method in ("mp", "mp_flops"):
         out = group_magnitude(w_bar, up, flop_aware=method == "mp_flops")

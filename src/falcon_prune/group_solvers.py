@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from falcon_prune.knapsack import solve_knapsack
+from falcon_prune.latency import LatencyTable
 from falcon_prune.quadratic import QuadraticModel
 from falcon_prune.solvers import SolverOptions, SolverResult, SolverTrace, refine, timed
 from falcon_prune.structure import ChannelUnits
@@ -33,12 +34,15 @@ from falcon_prune.structure import ChannelUnits
 
 @dataclass(frozen=True)
 class UnitBudget:
-    """Absolute budgets on units: kept MACs per sample (``cost``) and kept parameters
-    (``size``), None for no limit; ``floors`` (G,) the least units kept per group."""
+    """Absolute budgets on units: kept MACs per sample (``cost``), kept parameters
+    (``size``) and predicted seconds per forward (``latency``, with a
+    :class:`~falcon_prune.latency.LatencyTable`), None for no limit; ``floors`` (G,) the
+    least units kept per group."""
 
     cost: float | None
     size: float | None
     floors: torch.Tensor
+    latency: float | None = None
 
 
 class UnitCosts:
@@ -206,9 +210,15 @@ class UnitProblem:
     position: torch.Tensor
     unit_macs: torch.Tensor
     round_to: int | None = None
+    latency: LatencyTable | None = None
 
     def select(self, scores: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The knapsack choice of units for ``scores`` (in blocks with ``round_to``)."""
+        """The knapsack choice of units for ``scores`` (in blocks with ``round_to``); with
+        a latency table, the greedy choice under the measured latency
+        (:func:`select_latency`)."""
+        if self.latency is not None:
+            return select_latency(scores, self.costs, self.budget, self.allowed,
+                                  self.round_to or 1, self.latency), 0.0
         if self.round_to and self.round_to > 1:
             return select_blocks(scores, self.costs, self.budget, self.allowed, self.round_to)
         return select_units(scores, self.costs, self.budget, self.allowed)
@@ -216,7 +226,8 @@ class UnitProblem:
     @classmethod
     def build(cls, units: ChannelUnits, costs: UnitCosts, budget: UnitBudget,
               allowed_units: torch.Tensor, allowed_weights: torch.Tensor,
-              round_to: int | None = None) -> UnitProblem:
+              round_to: int | None = None, latency: LatencyTable | None = None
+              ) -> UnitProblem:
         flat = units.space.flat[units.entries]
         position = torch.full((len(allowed_weights),), -1, dtype=torch.int64)
         position[allowed_weights] = torch.arange(int(allowed_weights.sum()))
@@ -228,7 +239,8 @@ class UnitProblem:
         counts = torch.bincount(owner[ok], minlength=units.m)
         ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
         macs, _ = costs.marginal(allowed_units)
-        return cls(units, costs, budget, allowed_units, ptr, pos[ok], position, macs, round_to)
+        return cls(units, costs, budget, allowed_units, ptr, pos[ok], position, macs, round_to,
+                   latency)
 
     def owner(self) -> torch.Tensor:
         return torch.repeat_interleave(torch.arange(self.units.m), torch.diff(self.ptr))
@@ -534,3 +546,107 @@ def _fill_blocks(blocks, counts, scores, costs: UnitCosts, budget: UnitBudget
                 break
             counts[g] -= 1
     return _keep_of(blocks, counts, costs.units.m)
+
+
+# -- a measured latency budget --------------------------------------------------------------
+def _dead(blocks, counts: list[int], sizes: list[int]) -> list[int]:
+    """Units removed per group when group g keeps the first ``counts[g]`` of its blocks
+    (``sizes[g]``: all of its units)."""
+    return [n - sum(len(b) for b in bl[:c]) for bl, c, n in zip(blocks, counts, sizes,
+                                                                 strict=True)]
+
+
+def _over(costs: UnitCosts, budget: UnitBudget, table: LatencyTable, keep: torch.Tensor,
+          dead: list[int]) -> tuple[float, float, float]:
+    """How far the choice is over each budget, relative to it (0 where it fits):
+    (MACs, parameters, seconds)."""
+    cost, size = costs.exact(keep)
+    secs = table.seconds(dead)
+
+    def rel(v, b):
+        return 0.0 if b is None or v <= b * (1 + 1e-12) else (v - b) / max(b, 1e-300)
+    return rel(cost, budget.cost), rel(size, budget.size), rel(secs, budget.latency)
+
+
+#: the most blocks one greedy cut removes from a group (enough to cross a kernel's step of
+#: 16 channels in blocks of 4)
+CUT_BLOCKS = 4
+
+
+def _cheapest_cut(blocks, counts, least, sizes, scores, c, s, budget: UnitBudget,
+                  table: LatencyTable, over: tuple[float, float, float], most: int
+                  ) -> list[int] | None:
+    """The counts after removing, from one group, the last j blocks (j <= ``most``) that lose the
+    least score per budget saved: MACs and parameters from the linearised costs ``c``,
+    ``s`` (m,), seconds from the table; only budgets that are exceeded count."""
+    now = table.seconds(_dead(blocks, counts, sizes))
+    best, best_ratio = None, math.inf
+    for g, bl in enumerate(blocks):
+        lost = torch.zeros(0, dtype=torch.int64)
+        for j in range(counts[g] - 1, max(least[g], counts[g] - most) - 1, -1):
+            lost = torch.cat([lost, bl[j]])
+            new = list(counts)
+            new[g] = j
+            gain = 0.0
+            if over[0] > 0:
+                gain += float(c[lost].sum()) / budget.cost
+            if over[1] > 0:
+                gain += float(s[lost].sum()) / budget.size
+            if over[2] > 0:
+                gain += max(0.0, now - table.seconds(_dead(blocks, new, sizes))) / budget.latency
+            ratio = float(scores[lost].sum()) / gain if gain > 0 else math.inf
+            if ratio < best_ratio:
+                best, best_ratio = new, ratio
+    return best
+
+
+def select_latency(scores: torch.Tensor, costs: UnitCosts, budget: UnitBudget,
+                   allowed: torch.Tensor, k: int, table: LatencyTable) -> torch.Tensor:
+    """The units to keep among ``allowed`` (m,) bool under ``budget`` with its seconds
+    predicted by the measured ``table``: every group keeps a prefix of its units by
+    decreasing ``scores`` in blocks of ``k``. Greedy: from all allowed units, cut the
+    blocks that lose the least score per budget saved (several at once, so that a cut can
+    cross a step of a kernel's speed) until every budget fits, then add back blocks, best
+    score first, while they fit."""
+    units = costs.units
+    blocks = _blocks(scores, units, allowed, k)
+    sizes = torch.bincount(units.group, minlength=len(blocks)).tolist()
+    least = [min(len(bl), -(-int(f) // k)) for bl, f in zip(blocks, budget.floors.tolist(),
+                                                            strict=True)]
+    c, s = costs.marginal(allowed)
+    counts = [len(bl) for bl in blocks]
+    while True:
+        keep = _keep_of(blocks, counts, units.m)
+        over = _over(costs, budget, table, keep, _dead(blocks, counts, sizes))
+        if not any(over):
+            break
+        cut = _cheapest_cut(blocks, counts, least, sizes, scores, c, s, budget, table, over,
+                            CUT_BLOCKS)
+        if cut is None:  # no short cut saves time (steps, or timing noise): any length
+            cut = _cheapest_cut(blocks, counts, least, sizes, scores, c, s, budget, table,
+                                over, max(len(bl) for bl in blocks))
+        if cut is None:  # nothing saves: the floors, which fit (checked beforehand)
+            cut = list(least)
+        if cut == counts:
+            break
+        counts = cut
+    return _fill_latency(blocks, counts, sizes, scores, costs, budget, table)
+
+
+def _fill_latency(blocks, counts, sizes, scores, costs: UnitCosts, budget: UnitBudget,
+                  table: LatencyTable) -> torch.Tensor:
+    """Add each group's next block, the most valuable first, while every budget fits."""
+    counts, m = list(counts), costs.units.m
+    progress = True
+    while progress:
+        progress = False
+        cand = sorted((g for g in range(len(blocks)) if counts[g] < len(blocks[g])),
+                      key=lambda g: -_block_value(blocks, g, counts[g], scores))
+        for g in cand:
+            counts[g] += 1
+            keep = _keep_of(blocks, counts, m)
+            if not any(_over(costs, budget, table, keep, _dead(blocks, counts, sizes))):
+                progress = True
+                break
+            counts[g] -= 1
+    return _keep_of(blocks, counts, m)

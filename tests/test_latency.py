@@ -1,0 +1,238 @@
+"""Latency budgets (``latency=``, structure='channels'): the measured layer-time table,
+the greedy choice under it, and the run's checks and refusals."""
+
+import pytest
+import torch
+from helpers import BatchNormCNN, DepthwiseNet, TinyResNet, same_state, small_data, state
+from torch import nn
+
+import falcon_prune as fp
+from falcon_prune.costs import CostModel
+from falcon_prune.errors import BudgetError, ConfigError, FalconPruneError
+from falcon_prune.group_solvers import UnitBudget, UnitCosts, select_latency
+from falcon_prune.latency import LatencyTable, sliced
+from falcon_prune.structure import channel_units
+from falcon_prune.tasks import as_task
+
+TASK = as_task(None)
+KW = dict(structure="channels", progress=False, n_gradients=60, n_validation=60)
+
+
+def image_data(channels=3, n=200, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, channels, size, size, generator=g), torch.randint(0, 3, (n,),
+                                                                               generator=g)
+
+
+class WideResNet(nn.Module):
+    """A stem and one residual block of 24 channels (16 inside) on 16 x 16 images: wide
+    enough that its time is the convolutions', not the per-call overhead."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(24)
+        self.conv1 = nn.Conv2d(24, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 24, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(x + self.bn2(self.conv2(h)))
+        return self.fc(x.mean((2, 3)))
+
+
+def table_of(model, x):
+    cm = CostModel.from_model(model, x, TASK.call)
+    units = channel_units(model, cm, x, TASK.call)
+    return LatencyTable(model, units, cm, x, TASK.call, torch.device("cpu"), repeats=3), units
+
+
+def test_sliced_layers_compute_the_first_channels():
+    torch.manual_seed(0)
+    conv, dw, lin = nn.Conv2d(6, 5, 3, padding=1), nn.Conv2d(6, 6, 3, groups=6), nn.Linear(6, 5)
+    x = torch.randn(2, 6, 7, 7)
+    with torch.no_grad():
+        thin, xs = sliced(conv, x, 3, 4)
+        ref = nn.functional.conv2d(x[:, :4], conv.weight[:3, :4], conv.bias[:3], padding=1)
+        assert torch.allclose(thin(xs), ref, atol=1e-6)
+        thin, xs = sliced(dw, x, 4, 6)  # depthwise: its input channels are its outputs
+        assert thin.groups == 4 and torch.allclose(thin(xs), dw(x)[:, :4], atol=1e-6)
+        thin, xs = sliced(lin, x[:, :, 0, 0], 2, 3)
+        assert torch.allclose(thin(xs), x[:, :3, 0, 0] @ lin.weight[:2, :3].T + lin.bias[:2],
+                              atol=1e-6)
+    assert conv.weight.shape == (5, 6, 3, 3)  # the originals are untouched
+
+
+def test_table_maps_groups_to_layer_widths_on_a_residual_network():
+    model = TinyResNet().eval()
+    x = small_data()[0][:8]
+    table, units = table_of(model, x)
+    L = table.layers
+    assert len(units.groups) == 2 and len(L["stem"].out_terms) == 1
+    res = L["stem"].out_terms[0][0]
+    mid = 1 - res
+    assert int((units.group == res).sum()) == 6 and int((units.group == mid).sum()) == 5
+    assert L["stem"].in_terms == []
+    assert L["conv1"].out_terms == [(mid, 1)] and L["conv1"].in_terms == [(res, 1)]
+    assert L["conv2"].out_terms == [(res, 1)] and L["conv2"].in_terms == [(mid, 1)]
+    assert L["fc"].out_terms == [] and L["fc"].in_terms == [(res, 1)]
+    dead = [0] * len(units.groups)
+    dead[res], dead[mid] = 2, 1
+    assert L["conv1"].widths(dead) == (4, 4) and L["conv2"].widths(dead) == (4, 4)
+    assert L["fc"].widths(dead) == (4, 4)
+    # the dense prediction is the measured total (the rest is shared out exactly)
+    assert table.seconds([0] * len(units.groups)) == pytest.approx(table.total, rel=1e-9)
+    assert all(v > 0 for v in table.table.values())
+
+
+def test_table_of_a_depthwise_network():
+    model = DepthwiseNet().eval()
+    x = image_data()[0][:8]
+    table, units = table_of(model, x)
+    g = table.layers["dw"].out_terms[0][0]
+    assert table.layers["c1"].out_terms == [(g, 1)] and table.layers["pw"].in_terms == [(g, 1)]
+    dead = [0] * len(units.groups)
+    dead[g] = 3
+    assert table.layers["dw"].widths(dead) == (5, 8)  # a depthwise layer slices as (co, co)
+    assert table.layer_seconds("dw", 5, 5) > 0 and ("dw", 5, 5) in table.table
+
+
+class StepTable:
+    """A stand-in table whose time drops in a step: a group costs 10 s while it keeps more
+    than 4 units, 1 s at 4 or fewer (like a kernel that changes with the channel count)."""
+
+    def __init__(self, sizes):
+        self.sizes, self.total = sizes, 10.0 * len(sizes)
+
+    def seconds(self, dead):
+        return sum(10.0 if n - d > 4 else 1.0 for n, d in zip(self.sizes, dead, strict=True))
+
+
+def test_greedy_choice_crosses_a_step_and_fits_every_budget():
+    model = BatchNormCNN().eval()
+    x = small_data()[0][:8]
+    cm = CostModel.from_model(model, x, TASK.call)
+    units = channel_units(model, cm, x, TASK.call)
+    from falcon_prune.structure import ParamSpace
+
+    space = ParamSpace.of(model, cm)
+    cost = torch.zeros(space.size, dtype=torch.float64)
+    sel = space.flat >= 0
+    cost[sel] = cm.per_weight_costs()[space.flat[sel]]
+    costs = UnitCosts(units, cost)
+    sizes = torch.bincount(units.group).tolist()
+    table = StepTable(sizes)
+    scores = torch.linspace(1, 2, units.m, dtype=torch.float64)
+    floors = torch.ones(len(sizes), dtype=torch.int64)
+    allowed = torch.ones(units.m, dtype=torch.bool)
+    # 11 s: one group must cross its step (to 4 units), the other stays whole
+    keep = select_latency(scores, costs, UnitBudget(None, None, floors, 11.0), allowed, 1,
+                          table)
+    kept = torch.bincount(units.group[keep], minlength=len(sizes)).tolist()
+    assert table.seconds([n - k for n, k in zip(sizes, kept, strict=True)]) <= 11.0
+    assert sorted(k <= 4 for k in kept) == [False, True]
+    assert max(kept) == max(sizes)  # the fill gave back every unit that costs no time
+    # with a FLOP budget too, both hold
+    dense, _ = costs.exact(allowed)
+    keep = select_latency(scores, costs, UnitBudget(0.5 * dense, None, floors, 11.0),
+                          allowed, 1, table)
+    kept = torch.bincount(units.group[keep], minlength=len(sizes)).tolist()
+    assert costs.exact(keep)[0] <= 0.5 * dense
+    assert table.seconds([n - k for n, k in zip(sizes, kept, strict=True)]) <= 11.0
+    assert all(k >= 1 for k in kept)
+
+
+@pytest.mark.filterwarnings("ignore:the pruned network ran")
+@pytest.mark.parametrize("method", ["mp_flops", "falcon", "falcon++"])
+def test_a_latency_budget_gives_a_smaller_network_with_its_measured_time(method):
+    torch.manual_seed(0)
+    model = WideResNet().eval()
+    data = image_data(size=16)
+    before = state(model)
+    kw = dict(KW, stages=2) if method == "falcon++" else dict(KW)
+    if method == "mp_flops":
+        kw = dict(structure="channels", progress=False)
+    r = fp.prune(model, data, flops=0.8, latency=0.7, method=method, latency_batch=16, **kw)
+    lat = r.details["latency"]
+    assert lat["batch"] == 16 and lat["budget"] == 0.7
+    assert lat["predicted_fraction"] <= 0.7 + 1e-9
+    assert lat["measured_fraction"] > 0 and lat["dense_ms"] > 0 and lat["pruned_ms"] > 0
+    assert r.flops_fraction <= 0.8
+    assert r.config.latency_batch == 16 and r.config.round_to == 4
+    assert sum(p.numel() for p in r.model.parameters()) < sum(p.numel()
+                                                              for p in model.parameters())
+    if method == "falcon++":
+        assert all("latency_predicted" in s and "latency_budget" in s for s in r.stages)
+    assert same_state(model, before)
+
+
+@pytest.mark.filterwarnings("ignore:the pruned network ran")
+def test_latency_with_every_channel_count():
+    r = fp.prune(WideResNet().eval(), image_data(size=16), latency=0.8, method="mp_flops",
+                 structure="channels", progress=False, round_to=1, latency_batch=16)
+    assert r.config.latency_batch == 16 and r.config.round_to == 1
+    assert r.flops_budget is None and r.details["latency"]["predicted_fraction"] <= 0.8 + 1e-9
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(latency=0.5), ConfigError, "structure='channels'"),
+    (dict(latency=0.5, structure="channels", method="mp"), ConfigError, "mp_flops"),
+    (dict(latency=0.5, nnz=0.5, structure="channels", method="mp_flops"), BudgetError,
+     "not both"),
+    (dict(latency_batch=8, structure="channels", method="mp_flops", flops=0.5), ConfigError,
+     "latency_batch"),
+    (dict(latency=1.5, structure="channels", method="mp_flops"), ValueError, "latency"),
+    (dict(latency=0.5, latency_batch=0, structure="channels", method="mp_flops"),
+     ConfigError, "latency_batch"),
+    (dict(latency=0.01, structure="channels", method="mp_flops", min_density=0.9),
+     BudgetError, "latency budget keeps"),
+])
+def test_latency_refusals(kw, exc, match):
+    model = TinyResNet().eval()
+    before = state(model)
+    with pytest.raises(exc, match=match) as info:
+        fp.prune(model, small_data(), progress=False, **kw)
+    assert isinstance(info.value, FalconPruneError)
+    assert same_state(model, before)
+
+
+def test_a_network_measured_over_the_budget_gets_another_stage(monkeypatch):
+    """The measured check drives extra stages: a first measurement over the budget makes
+    the run prune once more with the table's budget lowered by the prediction's error."""
+    import falcon_prune.channels as channels
+
+    measured = iter([0.9, 0.5])
+
+    def fake(runs, repeats, device, repeat_seconds=0.004):
+        for fn in runs.values():
+            fn()
+        return {"dense": 1.0, "pruned": next(measured)}
+
+    monkeypatch.setattr(channels, "interleaved_seconds", fake)
+    r = fp.prune(WideResNet().eval(), image_data(size=16), flops=0.9, latency=0.8,
+                 method="falcon", latency_batch=16, **KW)
+    lat = r.details["latency"]
+    assert lat["extra_stages"] == 1 and len(lat["rounds"]) == 2
+    first, second = lat["rounds"]
+    assert first["table_budget"] == 0.8 and first["measured_fraction"] == 0.9
+    assert second["table_budget"] == pytest.approx(first["predicted_fraction"] * 0.8 / 0.9)
+    assert second["predicted_fraction"] <= second["table_budget"] + 1e-9
+    assert lat["measured_fraction"] == 0.5 and r.flops_fraction <= 0.9
+
+
+def test_the_extra_stages_stop_and_warn(monkeypatch):
+    import falcon_prune.channels as channels
+
+    def fake(runs, repeats, device, repeat_seconds=0.004):
+        return {"dense": 1.0, "pruned": 0.95}
+
+    monkeypatch.setattr(channels, "interleaved_seconds", fake)
+    with pytest.warns(UserWarning, match="above the latency budget 0.80, after 2 extra"):
+        r = fp.prune(WideResNet().eval(), image_data(size=16), latency=0.8,
+                     method="mp_flops", latency_batch=16, structure="channels",
+                     progress=False)
+    assert r.details["latency"]["extra_stages"] == 2
