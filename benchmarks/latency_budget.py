@@ -31,6 +31,7 @@ from structured_speed import (
     data,
     latencies,
     macs_params,
+    plot,
     resnet20,
     tp_at_budget,
 )
@@ -46,8 +47,8 @@ def ours(base, train, test, flops: float, latency: float | None, dense, a) -> tu
                  recalibrate_bn=1000, seed=a.seed, progress=False, **extra)
     seconds = time.perf_counter() - t
     macs, params = macs_params(r.model, train[0])
-    label = "falcon-prune falcon++" + ("" if latency is None else f", latency={latency}")
-    row = {"method": label, "flops_budget": flops, "latency_budget": latency,
+    row = {"network": "resnet20", "method": "falcon-prune falcon++", "flops_budget": flops,
+           "latency_budget": latency,
            "macs": macs, "flops_fraction": macs / dense[0], "params": params,
            "params_fraction": params / dense[1], "seconds": seconds,
            "latency_in_run": r.details.get("latency"), "config": r.config.to_dict(),
@@ -60,36 +61,13 @@ def theirs(base, train, test, name: str, flops: float, dense, a) -> tuple[dict, 
     t = time.perf_counter()
     m, ratio = tp_at_budget(base, name, flops, True, train, dense[0])
     macs, params = macs_params(m, train[0])
-    row = {"method": f"torch-pruning {name} global", "flops_budget": flops,
+    row = {"network": "resnet20", "method": f"torch-pruning {name} global",
+           "flops_budget": flops,
            "pruning_ratio": ratio, "macs": macs, "flops_fraction": macs / dense[0],
            "params": params, "params_fraction": params / dense[1],
            "seconds": time.perf_counter() - t,
            **accuracies(m, train, test, a.ft_epochs, a.ft_lr, a.seed)}
     return row, m
-
-
-def plot(rows: list, path: Path) -> None:
-    """Accuracy after fine-tuning against eager batch-64 latency (fraction of dense)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"].split(",")[0] for r in rows if "latency_ratio" in r):
-        pts = sorted((r["latency_ratio"]["eager_b64"], 100 * r["accuracy_finetuned"])
-                     for r in rows if r["method"].split(",")[0] == method
-                     and "latency_ratio" in r)
-        style = dict(marker="o", linewidth=2) if method.startswith("falcon") else \
-            dict(marker=".", linestyle=":")
-        ax.plot(*zip(*pts, strict=True), label=method, **style)
-    ax.set_xlabel("torch eager latency at batch 64 (fraction of dense)")
-    ax.set_ylabel("top-1 accuracy after fine-tuning (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -111,7 +89,7 @@ def main() -> None:
     train, test = data()
     base = resnet20()
     dense = macs_params(base, train[0])
-    rows = [{"method": "dense", "macs": dense[0], "params": dense[1],
+    rows = [{"network": "resnet20", "method": "dense", "macs": dense[0], "params": dense[1],
              **accuracies(base, train, test, 0, a.ft_lr, a.seed)}]
     record = {"command": " ".join(["python", *sys.argv]), "rows": rows}
     models = {0: base}
@@ -131,7 +109,9 @@ def main() -> None:
     for i, row in enumerate(rows):
         row["latency"] = lat[i]
         row["latency_ratio"] = {k: lat[i][k] / lat[0][k] for k in lat[i]}
-        print(f"{row['method']:<40} FLOPs {row.get('flops_fraction', 1):.3f} BN "
+        label = row["method"] + (f", latency={row['latency_budget']}"
+                                 if row.get("latency_budget") else "")
+        print(f"{label:<40} FLOPs {row.get('flops_fraction', 1):.3f} BN "
               f"{row['accuracy_bn']:.4f} FT {row.get('accuracy_finetuned', 0):.4f} latency",
               {k: round(v, 3) for k, v in row["latency_ratio"].items()}, flush=True)
     write_results(a.out, record, prov)

@@ -84,17 +84,18 @@ def trained_bn_cnn(seed=0, steps=150):
 
 class TinyResNet(nn.Module):
     """Stem conv+BN, one residual block (conv-BN-ReLU-conv-BN plus identity skip), global
-    pool and a linear head: residual channels (6) and the block's internal channels (5)."""
+    pool and a linear head: ``width`` residual channels (6) and ``inner`` channels inside
+    the block (5), on images of ``in_channels`` (1) into ``classes`` (4)."""
 
-    def __init__(self):
+    def __init__(self, width=6, inner=5, in_channels=1, classes=4):
         super().__init__()
-        self.stem = nn.Conv2d(1, 6, 3, padding=1, bias=False)
-        self.bn0 = nn.BatchNorm2d(6)
-        self.conv1 = nn.Conv2d(6, 5, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(5)
-        self.conv2 = nn.Conv2d(5, 6, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 4)
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(width, inner, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, classes)
 
     def forward(self, x):
         x = F.relu(self.bn0(self.stem(x)))

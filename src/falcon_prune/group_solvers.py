@@ -508,7 +508,8 @@ def select_blocks(scores: torch.Tensor, costs: UnitCosts, budget: UnitBudget,
     for (g, _), take in zip(items, r.mask.tolist() if r else [], strict=False):
         counts[g] += int(take)
     counts = _repair_blocks(blocks, counts, least, scores, costs, budget)
-    return _fill_blocks(blocks, counts, scores, costs, budget), (r.gap if r else 0.0)
+    return _fill_blocks(blocks, counts, scores, lambda n: costs.fits(
+        _keep_of(blocks, n, units.m), budget)), (r.gap if r else 0.0)
 
 
 def _block_value(blocks, g: int, j: int, scores: torch.Tensor) -> float:
@@ -530,9 +531,9 @@ def _repair_blocks(blocks, counts, least, scores, costs: UnitCosts, budget: Unit
     return counts
 
 
-def _fill_blocks(blocks, counts, scores, costs: UnitCosts, budget: UnitBudget
-                 ) -> torch.Tensor:
-    """Add each group's next block, the most valuable first, while the totals fit."""
+def _fill_blocks(blocks, counts, scores, fits: Callable[[list[int]], bool]) -> torch.Tensor:
+    """Add each group's next block, the most valuable first, while ``fits(counts)``; the
+    choice as (m,) bool."""
     counts = list(counts)
     progress = True
     while progress:
@@ -541,11 +542,11 @@ def _fill_blocks(blocks, counts, scores, costs: UnitCosts, budget: UnitBudget
                       key=lambda g: -_block_value(blocks, g, counts[g], scores))
         for g in cand:
             counts[g] += 1
-            if costs.fits(_keep_of(blocks, counts, costs.units.m), budget):
+            if fits(counts):
                 progress = True
                 break
             counts[g] -= 1
-    return _keep_of(blocks, counts, costs.units.m)
+    return _keep_of(blocks, counts, len(scores))
 
 
 # -- a measured latency budget --------------------------------------------------------------
@@ -630,23 +631,5 @@ def select_latency(scores: torch.Tensor, costs: UnitCosts, budget: UnitBudget,
         if cut == counts:
             break
         counts = cut
-    return _fill_latency(blocks, counts, sizes, scores, costs, budget, table)
-
-
-def _fill_latency(blocks, counts, sizes, scores, costs: UnitCosts, budget: UnitBudget,
-                  table: LatencyTable) -> torch.Tensor:
-    """Add each group's next block, the most valuable first, while every budget fits."""
-    counts, m = list(counts), costs.units.m
-    progress = True
-    while progress:
-        progress = False
-        cand = sorted((g for g in range(len(blocks)) if counts[g] < len(blocks[g])),
-                      key=lambda g: -_block_value(blocks, g, counts[g], scores))
-        for g in cand:
-            counts[g] += 1
-            keep = _keep_of(blocks, counts, m)
-            if not any(_over(costs, budget, table, keep, _dead(blocks, counts, sizes))):
-                progress = True
-                break
-            counts[g] -= 1
-    return _keep_of(blocks, counts, m)
+    return _fill_blocks(blocks, counts, scores, lambda n: not any(_over(
+        costs, budget, table, _keep_of(blocks, n, units.m), _dead(blocks, n, sizes))))
