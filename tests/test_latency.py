@@ -69,9 +69,19 @@ def test_table_maps_groups_to_layer_widths_on_a_residual_network():
     dead[res], dead[mid] = 2, 1
     assert L["conv1"].widths(dead) == (4, 4) and L["conv2"].widths(dead) == (4, 4)
     assert L["fc"].widths(dead) == (4, 4)
-    # the dense prediction is the measured total (the rest is shared out exactly)
+    # the dense prediction is the measured total (the rest is kept whole)
     assert table.seconds([0] * len(units.groups)) == pytest.approx(table.total, rel=1e-9)
     assert all(v > 0 for v in table.table.values())
+    # calibration scales the table's saving so that one measured choice is predicted as
+    # measured, and leaves the dense prediction alone
+    saved = 1 - table.raw_seconds(dead) / table.total
+    if saved > 0.05:
+        table.calibrate(dead, 1 - 0.8 * saved)
+        assert table.scale == pytest.approx(0.8)
+        assert table.seconds(dead) / table.total == pytest.approx(1 - 0.8 * saved)
+        assert table.seconds([0] * len(units.groups)) == pytest.approx(table.total)
+        table.calibrate(dead, 1 - 5 * saved)  # far off: clamped
+        assert table.scale == 2.0
 
 
 def test_table_of_a_depthwise_network():
@@ -190,7 +200,7 @@ def test_a_network_measured_over_the_budget_gets_another_stage(monkeypatch):
     the run prune once more with the table's budget lowered by the prediction's error."""
     import falcon_prune.channels as channels
 
-    measured = iter([0.9, 0.5])
+    measured = iter([0.5, 0.9, 0.5])  # the calibration, then the checks
 
     def fake(runs, repeats, device, repeat_seconds=0.004):
         for fn in runs.values():
@@ -201,6 +211,7 @@ def test_a_network_measured_over_the_budget_gets_another_stage(monkeypatch):
     r = fp.prune(WideResNet().eval(), image_data(size=16), flops=0.9, latency=0.8,
                  method="falcon", latency_batch=16, **KW)
     lat = r.details["latency"]
+    assert lat["calibration"]["measured_fraction"] == 0.5
     assert lat["extra_stages"] == 1 and len(lat["rounds"]) == 2
     first, second = lat["rounds"]
     assert first["table_budget"] == 0.8 and first["measured_fraction"] == 0.9

@@ -182,9 +182,10 @@ def _removed(state: UnitState) -> dict[str, list[int]]:
     return out
 
 
-def _latency_table(r: Run, state: UnitState) -> LatencyTable:
+def _latency_table(r: Run, state: UnitState, dense: nn.Module) -> tuple[LatencyTable, dict]:
     """The measured layer-time table of the dense working copy at ``latency_batch``
-    samples (one process: every timing would differ between ranks)."""
+    samples, calibrated on a copy that keeps half of every group's units (one process:
+    every timing would differ between ranks); returns it and the calibration's record."""
     if r.problem.ranks.active:
         raise ConfigError("a latency= budget is measured in one process; run it without "
                           "torchrun (or drop latency=)")
@@ -192,14 +193,34 @@ def _latency_table(r: Run, state: UnitState) -> LatencyTable:
     x = latency_batch(r.probe, r.config.latency_batch)
     table = LatencyTable(r.work, state.units, r.cm, x, r.problem.task.call,
                          r.problem.device, LATENCY_REPEATS)
+    half = torch.zeros(state.units.m, dtype=torch.bool)
+    for g in range(len(state.floors)):
+        idx = (state.units.group == g).nonzero().reshape(-1)
+        half[idx[:max(int(state.floors[g]), -(-len(idx) // 2))]] = True
+    dead = state.dead(half)
+    measured = measure_fraction(r, dense, _pruned_copy(r, state, half))["measured_fraction"]
+    table.calibrate(dead, measured)
     r.times["latency_table"] = time.perf_counter() - t
-    return table
+    return table, {"table_fraction": table.raw_seconds(dead) / table.total,
+                   "measured_fraction": measured, "scale": table.scale}
 
 
-def _pruned_copy(r: Run, state: UnitState) -> nn.Module:
-    """A physically smaller copy of the working network with the units alive now, in the
-    model's dtype (the units are rebuilt on the copy, which the graph tracer numbers the
-    same way; the working copy keeps its full size)."""
+def measure_fraction(r: Run, dense: nn.Module, small: nn.Module) -> dict:
+    """The time of ``small`` as a fraction of ``dense``'s at ``latency_batch`` samples,
+    both run in turn in every repeat (median of 14), with the times in ms."""
+    call = r.problem.task.call
+    x = map_tensors(latency_batch(r.probe, r.config.latency_batch),
+                    lambda v: v.to(r.dtype) if v.is_floating_point() else v)
+    secs = interleaved_seconds({"dense": lambda: call(dense, x), "pruned": lambda: call(small, x)},
+                               LATENCY_REPEATS * 2, r.problem.device)
+    return {"measured_fraction": secs["pruned"] / secs["dense"],
+            "dense_ms": secs["dense"] * 1e3, "pruned_ms": secs["pruned"] * 1e3}
+
+
+def _pruned_copy(r: Run, state: UnitState, keep: torch.Tensor) -> nn.Module:
+    """A physically smaller copy of the working network that keeps the units ``keep``,
+    in the model's dtype (the units are rebuilt on the copy, which the graph tracer
+    numbers the same way; the working copy keeps its full size)."""
     small = clone_model(r.work)
     call = r.problem.task.call
     cm = CostModel.from_model(small, r.probe, call, r.config.include, r.config.exclude)
@@ -207,8 +228,8 @@ def _pruned_copy(r: Run, state: UnitState) -> nn.Module:
     if units.labels != state.units.labels or not torch.equal(units.group, state.units.group):
         raise BudgetViolation("internal error: the channel units of a copy of the network "
                               "differ from the run's; please report this")
-    remove_channels(units, state.alive)
-    return small.to(r.dtype)
+    remove_channels(units, keep)
+    return small.to(r.dtype).eval()
 
 
 def meet_latency(r: Run, state: UnitState, latency: float, dense: nn.Module, step: Step,
@@ -217,21 +238,14 @@ def meet_latency(r: Run, state: UnitState, latency: float, dense: nn.Module, ste
     interleaved medians); while it is slower than ``latency`` of it, run one more stage at
     the last FLOP budget with the table's budget lowered by the prediction's error (at most
     ``LATENCY_ROUNDS`` stages). Returns the last step and ``details['latency']``."""
-    t, call, k = time.perf_counter(), r.problem.task.call, len(r.plan)
-    x = map_tensors(latency_batch(r.probe, r.config.latency_batch),
-                    lambda v: v.to(r.dtype) if v.is_floating_point() else v)
+    t, k = time.perf_counter(), len(r.plan)
     rounds: list[dict] = []
     target = latency
     while True:
-        small = _pruned_copy(r, state)
-        secs = interleaved_seconds({"dense": lambda: call(dense, x),
-                                    "pruned": lambda m=small: call(m, x)},
-                                   LATENCY_REPEATS * 2, r.problem.device)
+        m = measure_fraction(r, dense, _pruned_copy(r, state, state.alive))
         predicted = state.latency.seconds(state.dead(state.alive)) / state.latency.total
-        measured = secs["pruned"] / secs["dense"]
-        rounds.append({"table_budget": target, "predicted_fraction": predicted,
-                       "measured_fraction": measured, "dense_ms": secs["dense"] * 1e3,
-                       "pruned_ms": secs["pruned"] * 1e3})
+        measured = m["measured_fraction"]
+        rounds.append({"table_budget": target, "predicted_fraction": predicted, **m})
         if measured <= latency or len(rounds) > LATENCY_ROUNDS:
             break
         target = predicted * latency / measured
@@ -262,17 +276,18 @@ def run(model: nn.Module, data: object, flops: float | None, nnz: float | None,
     t = time.perf_counter()
     state = UnitState.build(r.work, r.cm, r.probe, r.config.task, r.config)
     r.times["units"] = time.perf_counter() - t
+    dense = None if latency is None else clone_model(r.work).to(r.dtype).eval()
     if latency is not None:
-        state.latency = _latency_table(r, state)
+        state.latency, calibration = _latency_table(r, state, dense)
     final = state.budget(r.cm, flops, nnz, latency)
     state.check(r.cm, final, r.config.round_to)
     with torch.no_grad():
         shape = r.problem.task.output(r.problem.task.call(r.work, r.probe)).shape
-    dense = None if latency is None else clone_model(r.work).to(r.dtype)
     scorer = held_out_scorer(r)
     step, trajectory = run_unit_stages(r, state, scorer)
     if latency is not None:
         step, timing = meet_latency(r, state, latency, dense, step, trajectory, scorer)
+        timing["calibration"] = calibration
         del dense
     note = _finish(r, state)
     with torch.no_grad():

@@ -24,9 +24,11 @@ runs on and at the deployment batch size:
 
 The table maps the units a choice removes (per coupled group) to the layers' widths
 through the units' weights: a unit owns whole rows of a layer's weight (an output channel)
-or whole columns (an input channel). A prediction is a sum of layer times, so ``prune``
-also measures the physically pruned network against the dense one and reports both
-(``details['latency']``).
+or whole columns (an input channel). A sum of layer times misses what the rest saves and
+how layers behave together, so the table is calibrated once: a copy of the network with
+half of every group's channels is built and measured against the dense one, and the
+table's predicted saving is scaled to match it. ``prune`` also measures the pruned network
+against the dense one at the end and reports both (``details['latency']``).
 """
 
 from __future__ import annotations
@@ -178,8 +180,10 @@ class LatencyTable:
     is that figure times the ratio of the layer timed alone at those widths to the layer
     timed alone at full width, the two interleaved (a ratio holds when the machine's speed
     drifts between measurements, and a layer inside the network is not timed like one
-    alone). ``seconds(dead)`` for ``dead`` (G,) units removed per group adds every
-    layer's time at the widths left and ``base``, the time outside the sliced layers."""
+    alone). ``raw_seconds(dead)`` for ``dead`` (G,) units removed per group adds every
+    layer's time at the widths left and ``base``, the time outside the sliced layers;
+    ``seconds(dead)`` scales its saving on the dense time by ``scale``, calibrated on one
+    physically pruned network (:meth:`calibrate`)."""
 
     def __init__(self, model: nn.Module, units: ChannelUnits, cm: CostModel, inputs: Batch,
                  call: Callable, device: torch.device, repeats: int = LATENCY_REPEATS):
@@ -192,6 +196,7 @@ class LatencyTable:
             (k, lay.out_full, lay.in_full): inside[k] / lay.calls
             for k, lay in self.layers.items()}
         self.base = self.total - sum(inside.values())
+        self.scale = 1.0
 
     def layer_seconds(self, name: str, co: int, ci: int) -> float:
         """Seconds per call of layer ``name`` inside the network with ``co`` output and
@@ -209,13 +214,27 @@ class LatencyTable:
             self.table[key] = inside * secs["thin"] / max(secs["full"], 1e-12)
         return self.table[key]
 
-    def seconds(self, dead: list[int]) -> float:
-        """Predicted seconds per forward with ``dead[g]`` units of group g removed."""
+    def raw_seconds(self, dead: list[int]) -> float:
+        """The sum of the table: ``base`` and every sliced layer's time at the widths that
+        ``dead[g]`` units removed per group leave."""
         t = self.base
         for name, lay in self.layers.items():
             co, ci = lay.widths(dead)
             t += lay.calls * self.layer_seconds(name, co, ci)
         return t
+
+    def seconds(self, dead: list[int]) -> float:
+        """Predicted seconds per forward with ``dead[g]`` units of group g removed: the
+        table's saving on the dense time times ``scale`` (:meth:`calibrate`)."""
+        return self.total - self.scale * (self.total - self.raw_seconds(dead))
+
+    def calibrate(self, dead: list[int], measured: float) -> None:
+        """Set ``scale`` so that the choice ``dead`` is predicted at ``measured`` (its
+        time as a fraction of the dense network's, measured side by side): the table's
+        savings are then scaled by what one real network saved (within [0.5, 2])."""
+        saved = 1.0 - self.raw_seconds(dead) / self.total
+        if saved > 0.05:
+            self.scale = min(2.0, max(0.5, (1.0 - measured) / saved))
 
 
 def _inside_seconds(model: nn.Module, call: Callable, inputs: Batch,
