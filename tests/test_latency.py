@@ -216,7 +216,8 @@ def test_a_network_measured_over_the_budget_gets_another_stage(monkeypatch):
     first, second = lat["rounds"]
     assert first["table_budget"] == 0.8 and first["measured_fraction"] == 0.9
     assert second["table_budget"] == pytest.approx(first["predicted_fraction"] * 0.8 / 0.9)
-    assert second["predicted_fraction"] <= second["table_budget"] + 1e-9
+    # it pruned further (down to the floors at most, so not always to the lower budget)
+    assert second["predicted_fraction"] <= first["predicted_fraction"] + 1e-9
     assert lat["measured_fraction"] == 0.5 and r.flops_fraction <= 0.9
 
 

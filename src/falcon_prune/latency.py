@@ -16,11 +16,9 @@ runs on and at the deployment batch size:
   pair is asked for and kept (the lookup table);
 - the rest (normalisations, activations, additions, pooling, layers that are not sliced,
   and the per-call overhead of eager execution): ``total`` minus the layers' times, kept
-  whole. It does shrink with the channels, but little: on ResNet20 at batch 64 a network
-  with 12 of the first stage's 16 residual channels and 47 % of the FLOPs spent 12-14 ms
-  outside its convolutions against 13-16 ms for the dense network, measured with the
-  same hooks, so scaling it with the channels predicted 0.66 of the dense time where
-  0.70-0.79 was measured, and keeping it whole predicted 0.75.
+  whole (on ResNet20 at batch 64 a network with 12 of the first stage's 16 residual
+  channels spent 12-14 ms outside its convolutions against 13-16 ms for the dense one,
+  measured with the same hooks: it shrinks, but far less than the channels).
 
 The table maps the units a choice removes (per coupled group) to the layers' widths
 through the units' weights: a unit owns whole rows of a layer's weight (an output channel)
