@@ -731,14 +731,14 @@ def test_cli_latency_budget(files, tmp_path, capsys):
     ckpt, npz = files
     out = tmp_path / "fast.pt"
     args = ["prune", "--model", "mlpnet", "--checkpoint", str(ckpt), "--dataset", "mnist",
-            "--data", str(npz), "--flops", "0.9", "--latency", "0.8", "--latency-batch",
+            "--data", str(npz), "--flops", "0.9", "--latency", "0.9", "--latency-batch",
             "256", "--method", "mp_flops", "--output", str(out), "--no-progress",
             "--structure", "channels"]
     assert cli.main(args) == 0
     report = torch.load(out, weights_only=False)["report"]
     assert report["config"]["latency_batch"] == 256 and report["config"]["round_to"] == 4
     lat = report["details"]["latency"]
-    assert lat["budget"] == 0.8 and lat["predicted_fraction"] <= 0.8 + 1e-9
+    assert lat["budget"] == 0.9 and lat["predicted_fraction"] <= 0.9 + 1e-9
     assert report["flops_fraction"] <= 0.9
     capsys.readouterr()
     bad = args[:-2]  # without --structure channels: refused before any work, no traceback

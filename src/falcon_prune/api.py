@@ -10,6 +10,7 @@ from torch import nn
 
 from falcon_prune import channels, oneshot
 from falcon_prune.config import PruneConfig, check_fraction, resolve
+from falcon_prune.distributed import Ranks
 from falcon_prune.errors import BudgetError, ConfigError, ModelError
 from falcon_prune.masks import plain_copy
 from falcon_prune.recount import recount
@@ -59,12 +60,12 @@ def prune(
     method's defaults (:func:`~falcon_prune.defaults`); a setting the method does not use
     is refused. ``result.config`` holds every setting actually used.
 
-    ``latency`` (structure='channels'; with ``flops``, not with ``nnz``): the kept fraction
+    ``latency`` (structure='channels'; alone or with ``flops``, not with ``nnz``): the kept fraction
     of the network's time per forward at ``latency_batch`` samples on ``device``, predicted
     from a lookup table of layer times measured on this machine
     (:mod:`falcon_prune.latency`); ``result.details['latency']`` has the prediction and
-    the pruned network's time measured against the dense one. Timings differ between
-    runs, so a latency budget is not deterministic.
+    the pruned network's time measured against the dense one (reported, not certified:
+    timings differ between runs, so a latency budget is not deterministic either).
 
     Raises a :class:`~falcon_prune.errors.FalconPruneError` subclass (also a ValueError,
     TypeError or MemoryError) for bad input, before any expensive work where it can be
@@ -96,6 +97,9 @@ def _latency_settings(cfg: PruneConfig, nnz: float | None,
     if cfg.structure != "channels":
         raise ConfigError("latency= budgets need structure='channels': a network with "
                           "masked weights runs at the dense speed")
+    if Ranks.current().active:
+        raise ConfigError("a latency= budget is measured in one process; run it without "
+                          "torchrun (or drop latency=)")
     if cfg.method not in ("mp_flops", "falcon", "falcon++"):
         raise ConfigError(f"latency= budgets are met by mp_flops, falcon and falcon++, not "
                           f"{cfg.method!r} (its rule ignores costs)")

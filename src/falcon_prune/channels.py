@@ -22,7 +22,7 @@ from falcon_prune.batchnorm import recalibrate_batchnorm
 from falcon_prune.config import PruneConfig
 from falcon_prune.costs import CostModel, flatten_weights
 from falcon_prune.engine import HeldOutScorer, Step, UnitState, solve_unit_step
-from falcon_prune.errors import BudgetViolation, ConfigError, ModelError
+from falcon_prune.errors import BudgetViolation, ModelError
 from falcon_prune.group_solvers import UnitBudget
 from falcon_prune.latency import (
     LATENCY_REPEATS,
@@ -183,15 +183,13 @@ def _removed(state: UnitState) -> dict[str, list[int]]:
 
 
 def _latency_table(r: Run, state: UnitState, dense: nn.Module) -> tuple[LatencyTable, dict]:
-    """The measured layer-time table of the dense working copy at ``latency_batch``
-    samples, calibrated on a copy that keeps half of every group's units (one process:
-    every timing would differ between ranks); returns it and the calibration's record."""
-    if r.problem.ranks.active:
-        raise ConfigError("a latency= budget is measured in one process; run it without "
-                          "torchrun (or drop latency=)")
+    """The measured layer-time table of ``dense`` (a copy of the working network in the
+    model's dtype) at ``latency_batch`` samples, calibrated on a copy that keeps half of
+    every group's units; returns it and the calibration's record."""
     t = time.perf_counter()
-    x = latency_batch(r.probe, r.config.latency_batch)
-    table = LatencyTable(r.work, state.units, r.cm, x, r.problem.task.call,
+    x = map_tensors(latency_batch(r.probe, r.config.latency_batch),
+                    lambda v: v.to(r.dtype) if v.is_floating_point() else v)
+    table = LatencyTable(dense, state.units, r.cm, x, r.problem.task.call,
                          r.problem.device, LATENCY_REPEATS)
     half = torch.zeros(state.units.m, dtype=torch.bool)
     for g in range(len(state.floors)):
@@ -240,16 +238,17 @@ def meet_latency(r: Run, state: UnitState, latency: float, dense: nn.Module, ste
     ``LATENCY_ROUNDS`` stages). Returns the last step and ``details['latency']``."""
     t, k = time.perf_counter(), len(r.plan)
     rounds: list[dict] = []
-    target = latency
+    target, before = latency, state.alive
     while True:
         m = measure_fraction(r, dense, _pruned_copy(r, state, state.alive))
         predicted = state.latency.seconds(state.dead(state.alive)) / state.latency.total
         measured = m["measured_fraction"]
         rounds.append({"table_budget": target, "predicted_fraction": predicted, **m})
-        if measured <= latency or len(rounds) > LATENCY_ROUNDS:
-            break
+        if measured <= latency or len(rounds) > LATENCY_ROUNDS or (
+                len(rounds) > 1 and torch.equal(before, state.alive)):
+            break  # met, out of rounds, or the floors allow no smaller choice
         target = predicted * latency / measured
-        k += 1
+        k, before = k + 1, state.alive.clone()
         step, row = _stage(r, state, k, r.plan[-1][0], target, scorer)
         if r.config.method == "falcon++":
             trajectory.append(row)

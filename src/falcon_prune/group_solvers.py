@@ -477,6 +477,13 @@ def _blocks(scores: torch.Tensor, units: ChannelUnits, allowed: torch.Tensor, k:
     return out
 
 
+def _least_blocks(blocks, units: ChannelUnits, floors: torch.Tensor, k: int) -> list[int]:
+    """Per group, the fewest blocks that keep its floor of units (a block is ``k`` units,
+    or one head in a group of heads)."""
+    return [min(len(bl), -(-int(f) // units.block(g, k)))
+            for g, (bl, f) in enumerate(zip(blocks, floors.tolist(), strict=True))]
+
+
 def _keep_of(blocks: list[list[torch.Tensor]], counts: list[int], m: int) -> torch.Tensor:
     keep = torch.zeros(m, dtype=torch.bool)
     for bl, n in zip(blocks, counts, strict=True):
@@ -492,8 +499,7 @@ def select_blocks(scores: torch.Tensor, costs: UnitCosts, budget: UnitBudget,
     the counts are repaired and filled a block at a time against exact totals."""
     units = costs.units
     blocks = _blocks(scores, units, allowed, k)
-    least = [min(len(bl), -(-int(f) // k)) for bl, f in zip(blocks, budget.floors.tolist(),
-                                                            strict=True)]
+    least = _least_blocks(blocks, units, budget.floors, k)
     c, s = costs.marginal(allowed)
     items = [(g, j) for g, bl in enumerate(blocks) for j in range(least[g], len(bl))]
     base = _keep_of(blocks, least, units.m)
@@ -575,17 +581,20 @@ CUT_BLOCKS = 4
 
 
 def _cheapest_cut(blocks, counts, least, sizes, scores, c, s, budget: UnitBudget,
-                  table: LatencyTable, over: tuple[float, float, float], most: int
-                  ) -> list[int] | None:
-    """The counts after removing, from one group, the last j blocks (j <= ``most``) that lose the
-    least score per budget saved: MACs and parameters from the linearised costs ``c``,
-    ``s`` (m,), seconds from the table; only budgets that are exceeded count."""
+                  table: LatencyTable, over: tuple[float, float, float],
+                  lengths: Callable[[int, bool], bool]) -> list[int] | None:
+    """The counts after removing, from one group, the last j blocks (the lengths that
+    ``lengths(j, to_floor)`` allows) that lose the least score per budget saved: MACs and
+    parameters from the linearised costs ``c``, ``s`` (m,), seconds from the table; only
+    budgets that are exceeded count."""
     now = table.seconds(_dead(blocks, counts, sizes))
     best, best_ratio = None, math.inf
     for g, bl in enumerate(blocks):
         lost = torch.zeros(0, dtype=torch.int64)
-        for j in range(counts[g] - 1, max(least[g], counts[g] - most) - 1, -1):
+        for j in range(counts[g] - 1, least[g] - 1, -1):
             lost = torch.cat([lost, bl[j]])
+            if not lengths(counts[g] - j, j == least[g]):
+                continue
             new = list(counts)
             new[g] = j
             gain = 0.0
@@ -612,8 +621,7 @@ def select_latency(scores: torch.Tensor, costs: UnitCosts, budget: UnitBudget,
     units = costs.units
     blocks = _blocks(scores, units, allowed, k)
     sizes = torch.bincount(units.group, minlength=len(blocks)).tolist()
-    least = [min(len(bl), -(-int(f) // k)) for bl, f in zip(blocks, budget.floors.tolist(),
-                                                            strict=True)]
+    least = _least_blocks(blocks, units, budget.floors, k)
     c, s = costs.marginal(allowed)
     counts = [len(bl) for bl in blocks]
     while True:
@@ -622,10 +630,12 @@ def select_latency(scores: torch.Tensor, costs: UnitCosts, budget: UnitBudget,
         if not any(over):
             break
         cut = _cheapest_cut(blocks, counts, least, sizes, scores, c, s, budget, table, over,
-                            CUT_BLOCKS)
-        if cut is None:  # no short cut saves time (steps, or timing noise): any length
+                            lambda j, to_floor: j <= CUT_BLOCKS)
+        if cut is None:  # no short cut saves time (steps, or timing noise): longer ones,
+            # 8, 16, 32, ... blocks or down to the floor (a few new timings per group)
             cut = _cheapest_cut(blocks, counts, least, sizes, scores, c, s, budget, table,
-                                over, max(len(bl) for bl in blocks))
+                                over, lambda j, to_floor: to_floor or (
+                                    j > CUT_BLOCKS and j & (j - 1) == 0))
         if cut is None:  # nothing saves: the floors, which fit (checked beforehand)
             cut = list(least)
         if cut == counts:

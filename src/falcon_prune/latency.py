@@ -131,11 +131,14 @@ class _Layer:
     in_full: int
     out_terms: list[tuple[int, int]] = field(default_factory=list)
     in_terms: list[tuple[int, int]] = field(default_factory=list)
+    depthwise: bool = False
 
     def widths(self, dead: list[int]) -> tuple[int, int]:
+        """(output, input) channels left when ``dead[g]`` units of group g are removed
+        (a depthwise convolution's input channels are its outputs)."""
         co = self.out_full - sum(dead[g] * n for g, n in self.out_terms)
         ci = self.in_full - sum(dead[g] * n for g, n in self.in_terms)
-        return co, ci
+        return (co, co) if self.depthwise else (co, ci)
 
 
 def _unit_terms(units: ChannelUnits, cm: CostModel, layers: dict[str, _Layer]) -> None:
@@ -311,5 +314,5 @@ def _capture(model: nn.Module, cm: CostModel, run: Callable[[], object]) -> dict
             w = modules[k].weight
             depthwise = isinstance(modules[k], nn.modules.conv._ConvNd) and modules[k].groups > 1
             out[k] = _Layer(modules[k], x, calls, w.shape[0],
-                            w.shape[0] if depthwise else w.shape[1])
+                            w.shape[0] if depthwise else w.shape[1], depthwise=depthwise)
     return out
