@@ -134,7 +134,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--alpha", type=float, help="scale of the first-order term (default 0; "
                    f"falcon++: {ms.alpha})")
     p.add_argument("--latency", type=float, help="channels: fraction of the dense network's "
-                   "measured time per forward to keep, in (0, 1] (with --flops, not --nnz)")
+                   "measured time per forward to keep, in (0, 1] (alone or with --flops; not "
+                   "with --nnz)")
     p.add_argument("--latency-batch", type=int, help="batch size the latency is measured at "
                    "(default 1)")
     p.add_argument("--block-size", type=int, help="block-diagonal Hessian, blocks of this size")
