@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from falcon_prune.batches import map_tensors, to_device
+from falcon_prune.batches import Batch, map_tensors, to_device
 from falcon_prune.batchnorm import recalibrate_batchnorm
 from falcon_prune.config import PruneConfig
 from falcon_prune.costs import CostModel, flatten_weights
@@ -48,8 +48,7 @@ def _row(k: int, state: UnitState, cm: CostModel, f_k, s_k, step: Step,
            "flops_fraction": cost / cm.dense_macs, "nnz_fraction": size / state.total_params,
            "units_kept": int(state.alive.sum())}
     if state.latency is not None:
-        row["latency_predicted"] = state.latency.seconds(state.dead(state.alive)) / (
-            state.latency.total)
+        row["latency_predicted"] = state.latency_fraction(state.alive)
     known = step.held_out
     if known is None and scorer is not None:
         ev = scorer.evaluation(flatten_weights(cm))
@@ -80,15 +79,23 @@ def held_out_scorer(r: Run) -> HeldOutScorer | None:
                          ranks=r.problem.ranks)
 
 
-def run_unit_stages(r: Run, state: UnitState, scorer: HeldOutScorer | None
-                    ) -> tuple[Step, list[dict]]:
+def bn_inputs(r: Run) -> Batch | None:
+    """The BatchNorm re-estimation inputs on the device (None without ``recalibrate_bn``),
+    moved once per run."""
+    if r.draw.bn is None:
+        return None
+    return to_device(r.problem.task.inputs(r.draw.bn.batch), r.problem.device)
+
+
+def run_unit_stages(r: Run, state: UnitState, scorer: HeldOutScorer | None,
+                    bn: Batch | None) -> tuple[Step, list[dict]]:
     """Every stage of the plan: choose units, write the weights, zero the dead units."""
     multistage = r.config.method == "falcon++"
     trajectory: list[dict] = []
     bar = tqdm(total=len(r.plan), desc="falcon++ stages", unit="stage",
                disable=not r.problem.progress or not multistage)
     for k, (f_k, s_k) in enumerate(r.plan, 1):
-        step, row = _stage(r, state, k, f_k, s_k, scorer)
+        step, row = _stage(r, state, k, f_k, s_k, scorer, bn)
         if multistage:
             trajectory.append(row)
             bar.update(1)
@@ -97,14 +104,12 @@ def run_unit_stages(r: Run, state: UnitState, scorer: HeldOutScorer | None
 
 
 def _stage(r: Run, state: UnitState, k: int, f_k: float | None, s_k: float | None,
-           scorer: HeldOutScorer | None) -> tuple[Step, dict]:
+           scorer: HeldOutScorer | None, bn: Batch | None) -> tuple[Step, dict]:
     """Stage k at kept fractions ``f_k`` (FLOPs) and ``s_k`` (parameters, or latency with
     a latency table): the step, its weights written and dead units zeroed, BatchNorm
-    re-estimated if asked; returns the step and its trajectory row."""
+    re-estimated on ``bn`` if given; returns the step and its trajectory row."""
     cm, problem, t = r.cm, r.problem, time.perf_counter()
     held = r.draw.held
-    bn = None if r.draw.bn is None else to_device(problem.task.inputs(r.draw.bn.batch),
-                                                  problem.device)
     step = solve_unit_step(r.work, cm, state, _stage_budget(state, cm, f_k, s_k),
                            r.draw.fit(k, bool(r.config.resample)), held, problem, r.times, bn)
     write_weights(cm, step.w)
@@ -187,9 +192,7 @@ def _latency_table(r: Run, state: UnitState, dense: nn.Module) -> tuple[LatencyT
     model's dtype) at ``latency_batch`` samples, calibrated on a copy that keeps half of
     every group's units; returns it and the calibration's record."""
     t = time.perf_counter()
-    x = map_tensors(latency_batch(r.probe, r.config.latency_batch),
-                    lambda v: v.to(r.dtype) if v.is_floating_point() else v)
-    table = LatencyTable(dense, state.units, r.cm, x, r.problem.task.call,
+    table = LatencyTable(dense, state.units, r.cm, latency_inputs(r), r.problem.task.call,
                          r.problem.device, LATENCY_REPEATS)
     half = torch.zeros(state.units.m, dtype=torch.bool)
     for g in range(len(state.floors)):
@@ -203,12 +206,17 @@ def _latency_table(r: Run, state: UnitState, dense: nn.Module) -> tuple[LatencyT
                    "measured_fraction": measured, "scale": table.scale}
 
 
+def latency_inputs(r: Run) -> Batch:
+    """``latency_batch`` samples made from the probe, floating tensors in the model's
+    dtype: what every latency measurement of the run feeds the networks."""
+    return map_tensors(latency_batch(r.probe, r.config.latency_batch),
+                       lambda v: v.to(r.dtype) if v.is_floating_point() else v)
+
+
 def measure_fraction(r: Run, dense: nn.Module, small: nn.Module) -> dict:
     """The time of ``small`` as a fraction of ``dense``'s at ``latency_batch`` samples,
     both run in turn in every repeat (median of 14), with the times in ms."""
-    call = r.problem.task.call
-    x = map_tensors(latency_batch(r.probe, r.config.latency_batch),
-                    lambda v: v.to(r.dtype) if v.is_floating_point() else v)
+    call, x = r.problem.task.call, latency_inputs(r)
     secs = interleaved_seconds({"dense": lambda: call(dense, x), "pruned": lambda: call(small, x)},
                                LATENCY_REPEATS * 2, r.problem.device)
     return {"measured_fraction": secs["pruned"] / secs["dense"],
@@ -231,7 +239,8 @@ def _pruned_copy(r: Run, state: UnitState, keep: torch.Tensor) -> nn.Module:
 
 
 def meet_latency(r: Run, state: UnitState, latency: float, dense: nn.Module, step: Step,
-                 trajectory: list[dict], scorer: HeldOutScorer | None) -> tuple[Step, dict]:
+                 trajectory: list[dict], scorer: HeldOutScorer | None, bn: Batch | None
+                 ) -> tuple[Step, dict]:
     """Measure the pruned network against the ``dense`` one (same device, dtype and batch,
     interleaved medians); while it is slower than ``latency`` of it, run one more stage at
     the last FLOP budget with the table's budget lowered by the prediction's error (at most
@@ -241,7 +250,7 @@ def meet_latency(r: Run, state: UnitState, latency: float, dense: nn.Module, ste
     target, before = latency, state.alive
     while True:
         m = measure_fraction(r, dense, _pruned_copy(r, state, state.alive))
-        predicted = state.latency.seconds(state.dead(state.alive)) / state.latency.total
+        predicted = state.latency_fraction(state.alive)
         measured = m["measured_fraction"]
         rounds.append({"table_budget": target, "predicted_fraction": predicted, **m})
         if measured <= latency or len(rounds) > LATENCY_ROUNDS or (
@@ -249,7 +258,7 @@ def meet_latency(r: Run, state: UnitState, latency: float, dense: nn.Module, ste
             break  # met, out of rounds, or the floors allow no smaller choice
         target = predicted * latency / measured
         k, before = k + 1, state.alive.clone()
-        step, row = _stage(r, state, k, r.plan[-1][0], target, scorer)
+        step, row = _stage(r, state, k, r.plan[-1][0], target, scorer, bn)
         if r.config.method == "falcon++":
             trajectory.append(row)
     r.times["latency_check"] = time.perf_counter() - t
@@ -282,10 +291,10 @@ def run(model: nn.Module, data: object, flops: float | None, nnz: float | None,
     state.check(r.cm, final, r.config.round_to)
     with torch.no_grad():
         shape = r.problem.task.output(r.problem.task.call(r.work, r.probe)).shape
-    scorer = held_out_scorer(r)
-    step, trajectory = run_unit_stages(r, state, scorer)
+    scorer, bn = held_out_scorer(r), bn_inputs(r)
+    step, trajectory = run_unit_stages(r, state, scorer, bn)
     if latency is not None:
-        step, timing = meet_latency(r, state, latency, dense, step, trajectory, scorer)
+        step, timing = meet_latency(r, state, latency, dense, step, trajectory, scorer, bn)
         timing["calibration"] = calibration
         del dense
     note = _finish(r, state)

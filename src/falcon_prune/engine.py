@@ -385,6 +385,11 @@ class UnitState:
         """(G,) units of each group not in ``keep`` (m,) bool."""
         return torch.bincount(self.units.group[~keep], minlength=len(self.floors)).tolist()
 
+    def latency_fraction(self, keep: torch.Tensor) -> float:
+        """The latency table's predicted time of the choice ``keep`` (m,) bool, as a
+        fraction of the dense network's."""
+        return self.latency.seconds(self.dead(keep)) / self.latency.total
+
     def overrides(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         """{name: value} of the non-weight parameters with the dead units' entries zeroed."""
         alive = self.units.alive_entries(keep)
