@@ -277,3 +277,18 @@ def test_the_extra_stages_stop_and_warn(monkeypatch):
                      method="mp_flops", latency_batch=16, structure="channels",
                      progress=False)
     assert r.details["latency"]["extra_stages"] == 2
+
+
+def test_a_latency_budget_is_refused_under_torchrun(monkeypatch):
+    import falcon_prune.api as api
+
+    class Active:
+        active = True
+
+    monkeypatch.setattr(api.Ranks, "current", staticmethod(lambda: Active()))
+    model = TinyResNet().eval()
+    before = state(model)
+    with pytest.raises(ConfigError, match="one process; run it without torchrun"):
+        fp.prune(model, small_data(), latency=0.5, structure="channels", method="mp_flops",
+                 progress=False)
+    assert same_state(model, before)
