@@ -24,6 +24,10 @@ shapes with zeros), and MobileNetV1 and ResNet50 at 224 x 224 (seeded initial we
 latency only, group magnitude pruning at each budget).
 
     python benchmarks/structured_speed.py --out benchmarks/results/structured_speed.json
+
+``--tp-criteria L1 L2`` compares with those criteria only; ``--accuracy-only`` keeps the
+ResNet20 accuracy rows (no latency, no unstructured or ImageNet-size network), for runs
+over several seeds.
 """
 
 from __future__ import annotations
@@ -236,7 +240,7 @@ def resnet20_budget(flops: float, a: argparse.Namespace, train, test, base, dens
                  **accuracies(r.model, train, test, a.ft_epochs, a.ft_lr, a.seed)})
     print(_line(rows[-1]), flush=True)
     models = {"ours": r.model}
-    for name in tp_criteria():
+    for name in a.tp_criteria:
         for glob in (True, False):
             t = time.perf_counter()
             m, ratio = tp_at_budget(base, name, flops, glob, train, dense[0])
@@ -364,11 +368,17 @@ def main() -> None:
     ap.add_argument("--method", default="falcon++")
     ap.add_argument("--kwargs", type=json.loads, default={},
                     help="further prune() settings for ours, as JSON")
+    ap.add_argument("--tp-criteria", nargs="*", default=list(tp_criteria()),
+                    choices=list(tp_criteria()),
+                    help="Torch-Pruning criteria to compare with (default: all)")
     ap.add_argument("--ft-epochs", type=int, default=3)
     ap.add_argument("--ft-lr", type=float, default=0.01)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--imagenet-repeats", type=int, default=10)
     ap.add_argument("--skip-imagenet", action="store_true")
+    ap.add_argument("--accuracy-only", action="store_true",
+                    help="only the ResNet20 accuracy rows: no latency, no unstructured "
+                         "network, no ImageNet-size networks")
     ap.add_argument("--imagenet-only", action="store_true",
                     help="only the ImageNet-size latency rows, appended to --out (its "
                          "ResNet20 rows and their provenance are kept)")
@@ -393,6 +403,8 @@ def main() -> None:
         timed.update({len(rows) + i: m for i, m in enumerate(models.values())})
         rows += new
         write_results(a.out, record, prov)
+    if a.accuracy_only:
+        return print(f"wrote {a.out}")
     row, masked = unstructured(base, train, test, a)
     timed[len(rows)] = masked
     rows.append(row)

@@ -22,6 +22,15 @@ the tuning rounds are in benchmarks/tune_grids/, those that no longer run in
 benchmarks/archive/tune_grids/). ``--check`` only validates every setting of the grid
 (``falcon_prune.config.resolve``, nothing is pruned). Each row records the settings the run
 actually used (``config``); the file starts with the provenance of the run.
+
+``--ft-epochs N`` also scores every pruned network after N epochs of fine-tuning on the
+prune images (``structured_speed.fine_tune``, its benchmark's recipe), for settings chosen
+on accuracy after fine-tuning; ``--torch-pruning L1 L2 ...`` scores those Torch-Pruning
+criteria (global, ratio bisected to each budget) on the same split as a reference:
+
+    python benchmarks/tune_falcon_pp.py --settings benchmarks/tune_grids/channels_ft30.json \
+        --budgets 0.3 --seeds 0 1 2 --ft-epochs 3 --torch-pruning L1 L2 \
+        --out benchmarks/results/tune_channels_ft30.json
 """
 
 from __future__ import annotations
@@ -70,10 +79,10 @@ def check(grid: list[dict]) -> list[tuple[dict, str | None]]:
     return out
 
 
-def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
+def split_data(prune_images: int):
+    """The ResNet20 checkpoint, the prune images (x, y) and the validation images (x, y)."""
     import torch
 
-    import falcon_prune as fp
     from falcon_prune.data import load_cifar10
     from falcon_prune.models import load_checkpoint, resnet20
 
@@ -82,19 +91,44 @@ def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
     x, y = load_cifar10(npz, "train").tensors
     split = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
     tr, va = split[:prune_images], split[prune_images:]
+    return model, (x[tr], y[tr]), (x[va], y[va])
+
+
+def fine_tuned_accuracy(model, train, val, epochs: int, seed: int) -> float:
+    """Validation accuracy of a copy of ``model`` after ``structured_speed.fine_tune``
+    (``epochs`` epochs on the prune images, learning rate 0.01: its benchmark's recipe)."""
+    import copy
+
+    from structured_speed import fine_tune
+
+    import falcon_prune as fp
+
+    model = copy.deepcopy(model)
+    fine_tune(model, train, epochs, 0.01, seed)
+    return fp.evaluate(model.eval(), val).metric
+
+
+def run_one(setting: dict, flops: float, seed: int, prune_images: int,
+            ft_epochs: int = 0) -> dict:
+
+    import falcon_prune as fp
+
+    model, (xt, yt), val = split_data(prune_images)
     # options not named keep falcon++'s defaults (round 2 and earlier used SolverOptions'
     # own defaults for them, e.g. max_iter=30, whenever a setting named any option)
     kw = setting_kwargs(setting)
-    units = [unit_seconds(model, x[tr], y[tr])]  # measured before and after the run
+    units = [unit_seconds(model, xt, yt)]  # measured before and after the run
     t = time.perf_counter()
-    r = fp.prune(model.eval(), (x[tr], y[tr]), flops=flops, method="falcon++", seed=seed,
+    r = fp.prune(model.eval(), (xt, yt), flops=flops, method="falcon++", seed=seed,
                  progress=False, **kw)
     seconds = time.perf_counter() - t
-    units.append(unit_seconds(model, x[tr], y[tr]))
-    ev = fp.evaluate(r.model, (x[va], y[va]))
+    units.append(unit_seconds(model, xt, yt))
+    ev = fp.evaluate(r.model, val)
+    ft = {"val_accuracy_finetuned": fine_tuned_accuracy(r.model, (xt, yt), val, ft_epochs, seed)
+          } if ft_epochs else {}
     return {
         "setting": setting, "flops_budget": flops, "seed": seed,
-        "val_accuracy": ev.metric, "val_loss": ev.loss,
+        "val_accuracy": ev.metric, "val_loss": ev.loss, **ft,
         "flops_fraction": r.flops_fraction, "seconds": seconds,
         "unit_seconds": units, "units": seconds / (sum(units) / 2), "times": r.times,
         "stages": [{k: v for k, v in row.items()
@@ -104,6 +138,43 @@ def run_one(setting: dict, flops: float, seed: int, prune_images: int) -> dict:
     }
 
 
+def torch_pruning_row(name: str, flops: float, seed: int, prune_images: int,
+                      ft_epochs: int) -> dict:
+    """Torch-Pruning's criterion ``name`` (global MetaPruner, its ratio bisected until the
+    MACs meet ``flops``; ``structured_speed.tp_at_budget``) on the same split: validation
+    accuracy after BatchNorm re-estimation on 1,000 prune images, and after fine-tuning."""
+    from structured_speed import macs_params, tp_at_budget
+
+    import falcon_prune as fp
+
+    model, train, val = split_data(prune_images)
+    dense = macs_params(model.eval(), train[0])[0]
+    pruned, ratio = tp_at_budget(model, name, flops, True, train, dense)
+    fp.recalibrate_batchnorm(pruned, train[0][:1000])
+    row = {"setting": {"torch_pruning": name}, "flops_budget": flops, "seed": seed,
+           "pruning_ratio": ratio, "flops_fraction": macs_params(pruned, train[0])[0] / dense,
+           "val_accuracy": fp.evaluate(pruned, val).metric}
+    if ft_epochs:
+        row["val_accuracy_finetuned"] = fine_tuned_accuracy(pruned, train, val, ft_epochs, seed)
+    return row
+
+
+def summary(rows: list, budgets: list[float]) -> None:
+    """Median validation accuracy (and after fine-tuning, when measured) per setting and
+    budget."""
+    print("\nmedian validation accuracy per setting and budget (after fine-tuning):")
+    for setting in {json.dumps(r["setting"]): r["setting"] for r in rows}.values():
+        cells = []
+        for flops in budgets:
+            mine = [r for r in rows if r["setting"] == setting and r["flops_budget"] == flops]
+            cell = f"{flops:.2f}: {statistics.median(r['val_accuracy'] for r in mine):.4f}"
+            if all("val_accuracy_finetuned" in r for r in mine):
+                ft = statistics.median(r["val_accuracy_finetuned"] for r in mine)
+                cell += f" ({ft:.4f})"
+            cells.append(cell)
+        print(f"{json.dumps(setting):<70} " + "  ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.3, 0.2])
@@ -111,6 +182,12 @@ def main() -> None:
     ap.add_argument("--prune-images", type=int, default=3000)
     ap.add_argument("--settings", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/tune_falcon_pp.json"))
+    ap.add_argument("--ft-epochs", type=int, default=0,
+                    help="also score each pruned network after this many epochs of "
+                         "fine-tuning on the prune images (structured_speed's recipe)")
+    ap.add_argument("--torch-pruning", nargs="*", default=[], metavar="CRITERION",
+                    help="also score these Torch-Pruning criteria (L1, L2, Taylor, Hessian; "
+                         "global) on the same split, budgets and seeds")
     ap.add_argument("--check", action="store_true",
                     help="only check that every setting of the grid can run; prune nothing")
     ap.add_argument("--single", nargs=3, metavar=("SETTING", "FLOPS", "SEED"),
@@ -118,7 +195,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.single:
         row = run_one(json.loads(a.single[0]), float(a.single[1]), int(a.single[2]),
-                      a.prune_images)
+                      a.prune_images, a.ft_epochs)
         print("RESULT " + json.dumps(row))
         return
     grid = json.loads(a.settings.read_text()) if a.settings else GRID
@@ -132,25 +209,29 @@ def main() -> None:
         sys.exit(f"{SHARED} is absent: this benchmark needs the project's shared data")
     prov = provenance()
     rows = []
+    for name in a.torch_pruning:
+        for flops in a.budgets:
+            for seed in a.seeds:
+                rows.append(torch_pruning_row(name, flops, seed, a.prune_images, a.ft_epochs))
+                report(rows[-1])
+                save_rows(a.out, rows, prov=prov)
     for setting in grid:
         for flops in a.budgets:
             for seed in a.seeds:
-                row = run_isolated(__file__, ["--prune-images", str(a.prune_images),
-                                              "--single", json.dumps(setting), str(flops),
-                                              str(seed)])
-                rows.append(row)
-                print(f"{json.dumps(setting):<70} {flops:.2f} seed {seed} val acc "
-                      f"{row['val_accuracy']:.4f} loss {row['val_loss']:.4f} "
-                      f"{row['seconds']:.1f}s ({row['units']:.1f} units)", flush=True)
+                rows.append(run_isolated(__file__, [
+                    "--prune-images", str(a.prune_images), "--ft-epochs", str(a.ft_epochs),
+                    "--single", json.dumps(setting), str(flops), str(seed)]))
+                report(rows[-1])
                 save_rows(a.out, rows, prov=prov)
-    print("\nmedian validation accuracy per setting and budget:")
-    for setting in grid:
-        cells = []
-        for flops in a.budgets:
-            accs = [r["val_accuracy"] for r in rows
-                    if r["setting"] == setting and r["flops_budget"] == flops]
-            cells.append(f"{flops:.2f}: {statistics.median(accs):.4f}")
-        print(f"{json.dumps(setting):<70} " + "  ".join(cells))
+    summary(rows, a.budgets)
+
+
+def report(row: dict) -> None:
+    ft = (f" fine-tuned {row['val_accuracy_finetuned']:.4f}"
+          if "val_accuracy_finetuned" in row else "")
+    took = f" {row['seconds']:.1f}s ({row['units']:.1f} units)" if "units" in row else ""
+    print(f"{json.dumps(row['setting']):<70} {row['flops_budget']:.2f} seed {row['seed']} "
+          f"val acc {row['val_accuracy']:.4f}{ft}{took}", flush=True)
 
 
 if __name__ == "__main__":
