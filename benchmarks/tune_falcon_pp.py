@@ -110,7 +110,8 @@ def fine_tuned_accuracy(model, train, val, epochs: int, seed: int) -> float:
 
 def run_one(setting: dict, flops: float, seed: int, prune_images: int,
             ft_epochs: int = 0) -> dict:
-
+    """One falcon++ run of ``setting`` at ``flops`` and ``seed`` on the split, scored on
+    the validation images (also after ``ft_epochs`` epochs of fine-tuning when > 0)."""
     import falcon_prune as fp
 
     model, (xt, yt), val = split_data(prune_images)
@@ -162,7 +163,8 @@ def torch_pruning_row(name: str, flops: float, seed: int, prune_images: int,
 def summary(rows: list, budgets: list[float]) -> None:
     """Median validation accuracy (and after fine-tuning, when measured) per setting and
     budget."""
-    print("\nmedian validation accuracy per setting and budget (after fine-tuning):")
+    print("\nmedian validation accuracy per setting and budget "
+          "(in parentheses: after fine-tuning):")
     for setting in {json.dumps(r["setting"]): r["setting"] for r in rows}.values():
         cells = []
         for flops in budgets:
@@ -185,7 +187,8 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=0,
                     help="also score each pruned network after this many epochs of "
                          "fine-tuning on the prune images (structured_speed's recipe)")
-    ap.add_argument("--torch-pruning", nargs="*", default=[], metavar="CRITERION",
+    ap.add_argument("--torch-pruning", nargs="*", default=[],
+                    choices=["L1", "L2", "Taylor", "Hessian"],
                     help="also score these Torch-Pruning criteria (L1, L2, Taylor, Hessian; "
                          "global) on the same split, budgets and seeds")
     ap.add_argument("--check", action="store_true",
