@@ -360,6 +360,22 @@ def imagenet_only(a: argparse.Namespace, prov: dict) -> None:
     print(f"wrote {a.out}")
 
 
+def speed_rows(record: dict, timed: dict, base, train, test, a: argparse.Namespace,
+               prov: dict) -> None:
+    """The unstructured network's row, every network's latency (``timed``: {row index:
+    network}, with "dense") and the ImageNet-size rows, appended to ``record`` and
+    written as they come."""
+    rows = record["rows"]
+    row, masked = unstructured(base, train, test, a)
+    timed[len(rows)] = masked
+    rows.append(row)
+    add_latency(rows, timed, a)  # last, in a quiet process: nothing else runs meanwhile
+    write_results(a.out, record, prov)
+    if not a.skip_imagenet:
+        rows += imagenet_rows(a)
+        write_results(a.out, record, prov)
+
+
 def main() -> None:
     import json
 
@@ -386,6 +402,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/structured_speed.json"))
     ap.add_argument("--plot", type=Path, default=None)
     a = ap.parse_args()
+    if a.accuracy_only and a.plot:
+        ap.error("--plot draws accuracy against latency, which --accuracy-only skips")
     if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
         sys.exit(f"{SHARED} is absent: this benchmark needs the project's shared data")
     prov = {**provenance(), "torch_threads": torch.get_num_threads()}
@@ -403,16 +421,8 @@ def main() -> None:
         timed.update({len(rows) + i: m for i, m in enumerate(models.values())})
         rows += new
         write_results(a.out, record, prov)
-    if a.accuracy_only:
-        return print(f"wrote {a.out}")
-    row, masked = unstructured(base, train, test, a)
-    timed[len(rows)] = masked
-    rows.append(row)
-    add_latency(rows, timed, a)  # last, in a quiet process: nothing else runs meanwhile
-    write_results(a.out, record, prov)
-    if not a.skip_imagenet:
-        rows += imagenet_rows(a)
-        write_results(a.out, record, prov)
+    if not a.accuracy_only:
+        speed_rows(record, timed, base, train, test, a, prov)
     if a.plot:
         plot(rows, a.plot)
     print(f"wrote {a.out}")

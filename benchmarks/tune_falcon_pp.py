@@ -143,20 +143,19 @@ def torch_pruning_row(name: str, flops: float, seed: int, prune_images: int,
                       ft_epochs: int) -> dict:
     """Torch-Pruning's criterion ``name`` (global MetaPruner, its ratio bisected until the
     MACs meet ``flops``; ``structured_speed.tp_at_budget``) on the same split: validation
-    accuracy after BatchNorm re-estimation on 1,000 prune images, and after fine-tuning."""
-    from structured_speed import macs_params, tp_at_budget
-
-    import falcon_prune as fp
+    accuracy after BatchNorm re-estimation on 1,000 prune images, and after fine-tuning
+    (``structured_speed.accuracies``, the benchmark's own scoring, on the split)."""
+    from structured_speed import accuracies, macs_params, tp_at_budget
 
     model, train, val = split_data(prune_images)
     dense = macs_params(model.eval(), train[0])[0]
     pruned, ratio = tp_at_budget(model, name, flops, True, train, dense)
-    fp.recalibrate_batchnorm(pruned, train[0][:1000])
+    acc = accuracies(pruned, train, val, ft_epochs, 0.01, seed)
     row = {"setting": {"torch_pruning": name}, "flops_budget": flops, "seed": seed,
            "pruning_ratio": ratio, "flops_fraction": macs_params(pruned, train[0])[0] / dense,
-           "val_accuracy": fp.evaluate(pruned, val).metric}
+           "val_accuracy": acc["accuracy_bn"]}
     if ft_epochs:
-        row["val_accuracy_finetuned"] = fine_tuned_accuracy(pruned, train, val, ft_epochs, seed)
+        row["val_accuracy_finetuned"] = acc["accuracy_finetuned"]
     return row
 
 
