@@ -69,13 +69,14 @@ def test_prune_with_gradients_on_disk_in_float16(tmp_path, capsys):
                  "--data", str(data), "--flops", "0.3", "--n-gradients", "100",
                  "--n-validation", "100", "--storage", "disk", "--dtype", "float16",
                  "--scratch-dir", str(tmp_path), "--output", str(tmp_path / "o.pt"),
-                 "--gradient-precision", "bfloat16",
+                 "--gradient-precision", "bfloat16", "--held-out-precision", "bfloat16",
                  "--report", str(report), "--no-progress"]) == 0
     out = json.loads(report.read_text())
     details = out["details"]
     assert details["storage"].startswith("gradient matrix on disk") and "float16" in \
         details["storage"]
     assert out["config"]["gradient_precision"] == "bfloat16"
+    assert out["config"]["held_out_precision"] == "bfloat16"
 
 
 def test_falcon_plus_plus_and_gradual_from_the_command_line(tmp_path, capsys):

@@ -115,6 +115,43 @@ def test_gradient_precision_setting_is_checked_and_reported():
                  progress=False)
 
 
+def test_held_out_scores_in_bfloat16_are_close_and_the_setting_is_reported():
+    from falcon_prune.engine import HeldOutScorer
+    from falcon_prune.tasks import as_task
+
+    model = BatchNormCNN().eval()
+    x, y = small_data(64)
+    cm = CostModel.from_model(model, x[:1])
+    w = torch.cat([lay.module.weight.detach().reshape(-1) for lay in cm.layers])
+    held, task = Samples((x, y)), as_task(None)
+    exact = HeldOutScorer(model, cm, held, task, torch.device("cpu"))
+    low = HeldOutScorer(model, cm, held, task, torch.device("cpu"), precision=torch.bfloat16)
+    assert low.batches[0][0].dtype == torch.bfloat16 and low.batches[0][1].dtype == torch.int64
+    half = w.clone()
+    half[::2] = 0
+    for v in (w, half):  # the same network's loss within bfloat16's rounding
+        assert abs(low(v) - exact(v)) < 0.03 * exact(v)
+    bn = HeldOutScorer(model, cm, held, task, torch.device("cpu"), bn_inputs=x,
+                       precision=torch.bfloat16)
+    bn_exact = HeldOutScorer(model, cm, held, task, torch.device("cpu"), bn_inputs=x)
+    assert abs(bn(half) - bn_exact(half)) < 0.03 * bn_exact(half)
+    assert next(model.parameters()).dtype == torch.float32  # the model is not cast
+
+    m2, _, x2, y2 = setup()
+    r = fp.prune(m2, (x2, y2), flops=0.6, method="falcon", n_gradients=8, n_validation=16,
+                 held_out_precision="bfloat16", progress=False)
+    assert r.config.held_out_precision == "bfloat16" and r.flops_fraction <= 0.6
+    assert fp.defaults("falcon++").held_out_precision == "model"
+    assert fp.defaults("woodfisher").held_out_precision is None
+    cfg, _ = resolve("falcon++", None, {"held_out_precision": "auto"})
+    assert cfg.held_out_precision == ("bfloat16" if native_bfloat16("cpu") else "model")
+    with pytest.raises(ConfigError, match="held_out_precision must be one of"):
+        fp.prune(m2, (x2, y2), flops=0.6, held_out_precision="half", progress=False)
+    with pytest.raises(ConfigError, match="does not use held_out_precision"):
+        fp.prune(m2, (x2, y2), flops=0.6, method="woodfisher", held_out_precision="bfloat16",
+                 progress=False)
+
+
 def test_dict_batches_and_a_custom_task():
     class KeywordCNN(SmallCNN):
         def forward(self, image):

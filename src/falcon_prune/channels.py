@@ -21,7 +21,7 @@ from falcon_prune.batches import Batch, map_tensors, to_device
 from falcon_prune.batchnorm import recalibrate_batchnorm
 from falcon_prune.config import PruneConfig
 from falcon_prune.costs import CostModel, flatten_weights
-from falcon_prune.engine import HeldOutScorer, Step, UnitState, solve_unit_step
+from falcon_prune.engine import HeldOutScorer, Step, UnitState, scorer_of, solve_unit_step
 from falcon_prune.errors import BudgetViolation, ModelError
 from falcon_prune.group_solvers import UnitBudget
 from falcon_prune.latency import (
@@ -75,8 +75,7 @@ def held_out_scorer(r: Run) -> HeldOutScorer | None:
     single-stage methods or without held-out samples)."""
     if r.config.method != "falcon++" or not len(r.draw.held):
         return None
-    return HeldOutScorer(r.work, r.cm, r.draw.held, r.problem.task, r.problem.device,
-                         ranks=r.problem.ranks)
+    return scorer_of(r.work, r.cm, r.draw.held, r.problem)
 
 
 def bn_inputs(r: Run) -> Batch | None:

@@ -143,6 +143,9 @@ def _add_prune(sub) -> None:
     p.add_argument("--gradient-precision", choices=GRADIENT_PRECISIONS,
                    help="compute the gradient rows in the model's dtype (default), in "
                    "bfloat16, or auto (bfloat16 where the device multiplies it natively)")
+    p.add_argument("--held-out-precision", choices=GRADIENT_PRECISIONS,
+                   help="falcon/falcon++: score the candidates on the held-out samples in the "
+                   "model's dtype (default), in bfloat16, or auto")
     p.add_argument("--storage", choices=STORAGES, help="where the gradient matrix lives (auto: "
                    "memory if it fits the limit, else a smaller dtype, else disk)")
     p.add_argument("--scratch-dir", help="directory for an on-disk gradient matrix")
@@ -243,6 +246,7 @@ def _prune_settings(a: argparse.Namespace) -> dict:
         "n_validation": a.n_validation, "ridge": a.ridge, "alpha": a.alpha,
         "block_size": a.block_size, "dtype": DTYPE_NAMES.get(a.dtype), "storage": a.storage,
         "gradient_precision": a.gradient_precision, "latency_batch": a.latency_batch,
+        "held_out_precision": a.held_out_precision,
         "scratch_dir": a.scratch_dir, "memory_limit": limit, "sampling": a.sampling,
         "min_density": a.min_density, "allow_empty_layers": a.allow_empty_layers or None,
         "recalibrate_bn": a.recalibrate_bn or None, **_multistage_settings(a),

@@ -47,7 +47,8 @@ class PruneConfig:
       it in hardware, else 'model'); ``ridge`` and ``alpha`` of the
       quadratic model; ``block_size`` (block-diagonal Hessian); X's storage ``dtype``,
       ``storage`` ('auto', 'memory', 'disk'), ``memory_limit`` (bytes), ``scratch_dir``.
-    - ``n_validation`` held-out samples that falcon/falcon++ choose hyperparameters on.
+    - ``n_validation`` held-out samples that falcon/falcon++ choose hyperparameters on,
+      scored in ``held_out_precision`` ('model', 'bfloat16' or 'auto', as for the rows).
     - ``solver``: :class:`~falcon_prune.solvers.SolverOptions` (chita, falcon, falcon++).
     - falcon++: ``schedule``, ``resample`` (new gradient samples at every stage),
       ``revive`` (let later stages bring pruned weights back).
@@ -96,6 +97,7 @@ class PruneConfig:
     sampling: str | None = None
     dtype: torch.dtype | None = torch.float32
     gradient_precision: str | None = "model"
+    held_out_precision: str | None = "model"
     storage: str | None = "auto"
     memory_limit: int | None = None
     scratch_dir: str | None = None
@@ -136,7 +138,7 @@ USED_BY: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("n_gradients", "samples_per_gradient", "ridge", "alpha", "block_size",
                      "dtype", "gradient_precision", "storage", "memory_limit", "scratch_dir"),
                     GRADIENT_METHODS),
-    "n_validation": ("falcon", "falcon++"),
+    **dict.fromkeys(("n_validation", "held_out_precision"), ("falcon", "falcon++")),
     "solver": ("chita", "falcon", "falcon++"),
     **dict.fromkeys(("schedule", "stages", "resample", "revive", "effort"), ("falcon++",)),
 }
@@ -336,6 +338,7 @@ CHECKS = {
     "recalibrate_bn": _bn, "sampling": _choice((None, "random", "first")),
     "dtype": lambda name, v: check_dtype(v), "storage": lambda name, v: check_storage(v),
     "gradient_precision": _choice(GRADIENT_PRECISIONS),
+    "held_out_precision": _choice(GRADIENT_PRECISIONS),
     "memory_limit": _optional(lambda n, v: int(_real(lambda x: x > 0, "> 0 bytes")(n, v))),
     "scratch_dir": _optional(lambda name, v: str(v)),
     "device": lambda name, v: check_device(v), "task": lambda name, v: as_task(v),
@@ -349,6 +352,7 @@ CHECKS = {
 _WHY_UNUSED = {
     "n_gradients": "it builds no loss model from gradients",
     "n_validation": "only falcon and falcon++ choose hyperparameters on held-out samples",
+    "held_out_precision": "only falcon and falcon++ score candidates on held-out samples",
     "solver": "only chita, falcon and falcon++ have solver options",
     "schedule": "it is single-stage (use method='falcon++' for stages)",
 }
@@ -460,7 +464,8 @@ def resolve(method: str | None, config: PruneConfig | None, settings: dict
             out = dataclasses.replace(out, **{f.name: CHECKS[f.name](f.name, v)})
     if out.task is None:
         out = out.replace(task=as_task(None))
-    if out.gradient_precision == "auto":  # the choice made is what the result reports
-        out = out.replace(gradient_precision="bfloat16" if native_bfloat16(out.device)
-                          else "model")
+    for name in ("gradient_precision", "held_out_precision"):
+        if getattr(out, name) == "auto":  # the choice made is what the result reports
+            out = out.replace(**{name: "bfloat16" if native_bfloat16(out.device)
+                                 else "model"})
     return out, frozenset(given)

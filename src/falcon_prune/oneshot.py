@@ -31,6 +31,7 @@ from falcon_prune.engine import (
     budget_of,
     check_floors,
     kept_fractions,
+    scorer_of,
     solve_step,
     verify,
 )
@@ -188,8 +189,7 @@ def run_stages(work: nn.Module, cm: CostModel, groups: CostGroups, plan: list, d
     cfg = problem.config
     multistage = cfg.method == "falcon++"
     held = d.held
-    scorer = (HeldOutScorer(work, cm, held, problem.task, problem.device,
-                            ranks=problem.ranks) if multistage and len(held) else None)
+    scorer = scorer_of(work, cm, held, problem) if multistage and len(held) else None
     # weights that come in pruned (zero) stay pruned, as do those of earlier stages
     mask = None if cfg.revive else flatten_weights(cm) != 0
     trajectory: list[dict] = []
