@@ -56,6 +56,10 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
     extra = prune_kwargs({**({"n_gradients": n_gradients}
                              if n_gradients is not None and uses_gradients else {}),
                           **(kwargs or {})}, method)
+    if "recalibrate_bn" in extra:  # given in --kwargs: one place only
+        if recalibrate_bn:
+            raise SystemExit("give recalibrate_bn in --kwargs or --recalibrate-bn, not both")
+        recalibrate_bn = extra.pop("recalibrate_bn")
     units = [unit_seconds(model, *train.tensors)]  # measured before and after the run
     t = time.perf_counter()
     r = fp.prune(model.eval(), train.tensors, flops=flops, method=method, seed=seed,

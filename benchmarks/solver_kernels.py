@@ -1,0 +1,91 @@
+"""The solver's two O(n^2 p) products, each formed two ways, timed side by side.
+
+falcon++ spends most of its solver time in two products over the gradient matrix X
+(n x p, read in the store's column chunks): the Gram matrix X X^T (the support solves and
+the OBS saliency) and the squared column norms of L^-1 X (the inverse Hessian's diagonal,
+L the Cholesky factor of X X^T + n lam I). Each is timed as the library formed it before
+(a plain ``X @ X.T``; a float32 triangular solve with L) and as it forms it now
+(``storage.self_gram``: two diagonal blocks and one off-diagonal block, the other mirrored;
+``solvers.lower_product_sq_norms``: L^-1 inverted once, its zero upper-right block
+skipped), on the shared ResNet20's gradient rows (2 samples each), at each ``--rows``;
+interleaved, median of ``--repeats``, with the largest difference between the two ways.
+
+    python benchmarks/solver_kernels.py --out benchmarks/results/solver_kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from gradient_speed import interleaved_medians
+from isolated import provenance, write_results
+from saliency_vs_magnitude import gradient_rows
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def kernels(X: torch.Tensor, ridge: float, repeats: int) -> dict:
+    """Seconds of both ways of each product over every column chunk of X, and the largest
+    relative difference of their results."""
+    from falcon_prune.solvers import lower_product_sq_norms
+    from falcon_prune.storage import GradientStore, self_gram
+
+    n = X.shape[0]
+    chunks = [X[:, a:b] for a, b in GradientStore.from_tensor(X).ranges()]
+    K = sum((c @ c.T).double() for c in chunks)
+    K.diagonal().add_(ridge * n)
+    L = torch.linalg.cholesky(K)
+    L32 = L.float()
+    L_inv = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False).float()
+    ways = {
+        "gram: X @ X.T": lambda: [c @ c.T for c in chunks],
+        "gram: self_gram": lambda: [self_gram(c) for c in chunks],
+        "diagonal: triangular solve": lambda: [
+            torch.linalg.solve_triangular(L32, c, upper=False).square().sum(0) for c in chunks],
+        "diagonal: lower_product_sq_norms": lambda: [
+            lower_product_sq_norms(L_inv, c) for c in chunks],
+    }
+    out = {k: [torch.cat([t.reshape(-1) for t in fn()]) for _ in (0,)][0]
+           for k, fn in ways.items()}
+    keys = list(ways)
+
+    def rel(a: str, b: str) -> float:
+        return float((out[a] - out[b]).abs().max() / out[a].abs().max())
+
+    return {"n": n, "p": X.shape[1], "chunks": len(chunks),
+            "seconds": interleaved_medians(ways, repeats),
+            "max_rel_difference": {"gram": rel(keys[0], keys[1]),
+                                   "diagonal": rel(keys[2], keys[3])}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[500, 1000])
+    ap.add_argument("--ridge", type=float, default=1e-3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/solver_kernels.json"))
+    a = ap.parse_args()
+    if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
+        raise SystemExit(f"{SHARED} is absent: this benchmark needs the project's shared data")
+    from falcon_prune.data import load_cifar10
+    from falcon_prune.models import load_checkpoint, resnet20
+
+    model = load_checkpoint(resnet20(), SHARED / "checkpoints" / "resnet20_cifar10.pth.tar")
+    x, y = load_cifar10(SHARED / "data" / "cifar10_subset.npz", "train").tensors
+    rows = []
+    for n in a.rows:
+        X, _ = gradient_rows(model.eval(), x, y, n)
+        rows.append(kernels(X, a.ridge, a.repeats))
+        s = rows[-1]["seconds"]
+        print(f"n={n}: " + ", ".join(f"{k} {v:.3f} s" for k, v in s.items()), flush=True)
+    write_results(a.out, {"command": "python benchmarks/solver_kernels.py --rows "
+                                     + " ".join(map(str, a.rows))
+                                     + f" --ridge {a.ridge} --repeats {a.repeats}",
+                          "threads": torch.get_num_threads(), "rows": rows}, provenance())
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
