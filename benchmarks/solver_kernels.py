@@ -3,12 +3,13 @@
 falcon++ spends most of its solver time in two products over the gradient matrix X
 (n x p, read in the store's column chunks): the Gram matrix X X^T (the support solves and
 the OBS saliency) and the squared column norms of L^-1 X (the inverse Hessian's diagonal,
-L the Cholesky factor of X X^T + n lam I). Each is timed as the library formed it before
-(a plain ``X @ X.T``; a float32 triangular solve with L) and as it forms it now
-(``storage.self_gram``: two diagonal blocks and one off-diagonal block, the other mirrored;
-``solvers.lower_product_sq_norms``: L^-1 inverted once, its zero upper-right block
-skipped), on the shared ResNet20's gradient rows (2 samples each), at each ``--rows``;
-interleaved, median of ``--repeats``, with the largest difference between the two ways.
+L the Cholesky factor of X X^T + n lam I). The Gram is timed as a plain ``X @ X.T`` (the
+library's earlier way) and as ``storage.self_gram`` forms it now (two diagonal blocks and
+one off-diagonal block, the other mirrored); the diagonal as the library forms it (a
+float32 triangular solve with L) and with L^-1 inverted once and its zero upper-right
+block skipped (``lower_product_sq_norms`` below, measured and not taken). On the shared
+ResNet20's gradient rows (2 samples each), at each ``--rows``; interleaved, median of
+``--repeats``, with the largest difference between the two ways.
 
     python benchmarks/solver_kernels.py --out benchmarks/results/solver_kernels.json
 """
@@ -26,10 +27,19 @@ from saliency_vs_magnitude import gradient_rows
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def lower_product_sq_norms(T: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """The squared column norms of T X (c,) for T (n, n) lower triangular and X (n, c),
+    from the product's two row blocks, its zero upper-right block skipped."""
+    h = T.shape[0] // 2
+    top = T[:h, :h] @ X[:h]
+    bottom = T[h:, :h] @ X[:h]
+    bottom += T[h:, h:] @ X[h:]
+    return top.square().sum(0) + bottom.square().sum(0)
+
+
 def kernels(X: torch.Tensor, ridge: float, repeats: int) -> dict:
     """Seconds of both ways of each product over every column chunk of X, and the largest
     relative difference of their results."""
-    from falcon_prune.solvers import lower_product_sq_norms
     from falcon_prune.storage import GradientStore, self_gram
 
     n = X.shape[0]
