@@ -9,13 +9,19 @@ here only to be measured; the library takes its rows with vmap.
 
 ResNet20 on 64 of the shared CIFAR-10 training images (../shared), median of 7 repeats
 each, interleaved; milliseconds per sample and the largest difference from vmap's rows.
+``--precision bfloat16`` runs every route in bfloat16 (the library's
+``gradient_precision="bfloat16"`` for vmap; a bfloat16 copy of the model for the others)
+and reports the difference from float32 vmap rows relative to their norm.
 
     python benchmarks/conv_gradient_routes.py --out benchmarks/results/conv_gradient_routes.json
+    python benchmarks/conv_gradient_routes.py --precision bfloat16 \
+        --out benchmarks/results/conv_gradient_routes_bf16.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -72,6 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--out", type=Path,
                     default=Path("benchmarks/results/conv_gradient_routes.json"))
     a = ap.parse_args()
@@ -83,18 +90,24 @@ def main() -> None:
     x, y = load_cifar10(SHARED / "data" / "cifar10_subset.npz", "train").tensors
     x, y = x[:a.samples], y[:a.samples]
     cm = CostModel.from_model(model, x[:1])
-    modules = [model.get_submodule(lay.name.rpartition(".")[0]) for lay in cm.layers]
-    params = [p for p in model.parameters()]
+    low = torch.bfloat16 if a.precision == "bfloat16" else None
+    # the hook and plain routes run on a copy in the precision asked for
+    run_model = model if low is None else copy.deepcopy(model).to(low)
+    xr = x if low is None else x.to(low)
+    modules = [run_model.get_submodule(lay.name.rpartition(".")[0]) for lay in cm.layers]
+    params = [p for p in run_model.parameters()]
 
     def plain():
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(run_model(xr), y)
         return torch.autograd.grad(loss, params)
 
     runs = {"vmap": lambda: fp.gradient_matrix(model, cm, Samples((x, y)), a.samples,
-                                                progress=False),
-            "hooks": lambda: hook_rows(model, modules, x, y),
-            "plain batched backward (unit)": plain}
-    diff = float((runs["hooks"]() - runs["vmap"]()).abs().max())
+                                                precision=low, progress=False),
+            "hooks": lambda: hook_rows(run_model, modules, xr, y),
+            "plain batched backward": plain}
+    ref = fp.gradient_matrix(model, cm, Samples((x, y)), a.samples, progress=False)
+    diff = float((runs["hooks"]().float() - runs["vmap"]()).abs().max())
+    rel = {k: float((runs[k]().float() - ref).norm() / ref.norm()) for k in ("vmap", "hooks")}
     times: dict = {k: [] for k in runs}
     for _ in range(a.repeats):
         for k, run in runs.items():
@@ -104,10 +117,12 @@ def main() -> None:
     ms = {k: 1000 * statistics.median(v) / a.samples for k, v in times.items()}
     for k, v in ms.items():
         print(f"{k:<32} {v:.3f} ms per sample")
-    print(f"largest difference hooks - vmap: {diff:.2e}")
+    print(f"largest difference hooks - vmap: {diff:.2e}; relative to float32 rows: {rel}")
     write_results(a.out, {"command": " ".join(["python", *sys.argv]),
                           "threads": torch.get_num_threads(), "samples": a.samples,
-                          "ms_per_sample": ms, "max_abs_difference_hooks_vmap": diff}, prov)
+                          "precision": a.precision, "ms_per_sample": ms,
+                          "max_abs_difference_hooks_vmap": diff,
+                          "relative_difference_from_float32_vmap": rel}, prov)
     print(f"wrote {a.out}")
 
 

@@ -43,6 +43,8 @@ def test_solve_on_support_matches_dense_solve(alpha, block):
     assert torch.allclose(w, ref, atol=1e-8)
     assert torch.all(w[~mask] == 0)
     assert qm.grad(w)[mask].abs().max() < 1e-8  # optimal on the support
+    w2, q = qm.solve_with_value(mask)  # Q from the solve's n-vectors (Woodbury)
+    assert torch.equal(w2, w) and q == pytest.approx(qm.value(w), rel=1e-10)
 
 
 def test_woodbury_accurate_for_tiny_ridge_in_float32():
@@ -64,6 +66,12 @@ def test_cached_gram_updates_equal_fresh_ones():
         K = qm.support_gram(mask)
         XT = X[:, mask]
         assert torch.allclose(K, XT @ XT.T, atol=1e-9)
+    # every route to a support's Gram: from its columns (no full Gram yet), the full Gram
+    # (all columns, cached), its complement, and updates
+    fresh = QuadraticModel(X, w_bar, 1e-2, chunk=16)
+    for m in (mask, torch.ones(64, dtype=torch.bool), ~mask, mask, torch.arange(64) < 3):
+        XT = X[:, m]
+        assert torch.allclose(fresh.support_gram(m), XT @ XT.T, atol=1e-9)
 
 
 def test_value_and_grad_match_autograd_and_lipschitz_bounds_hessian():

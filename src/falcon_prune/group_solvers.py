@@ -381,8 +381,11 @@ class _UnitSearch:
         mask = self.up.support(keep).to(self.qm.device)
         q = self.qm if lam is None else self.qm.with_ridge(lam)
         with timed(self.trace, "backsolve"):
-            w = self.qm.w_bar * mask if lam is None else q.solve_on_support(mask)
-            obj = q.value(w)
+            if lam is None:
+                w = self.qm.w_bar * mask
+                obj = q.value(w)
+            else:
+                w, obj = q.solve_with_value(mask)
         with timed(self.trace, "held_out"):
             s = self.evaluate(w, keep) if self.evaluate is not None else obj
         self.trace.history.append({"phase": "warm start", "saliency": key[0], "beta": key[1],

@@ -139,21 +139,31 @@ class QuadraticModel:
     # -- exact minimisation on a support --------------------------------------------------
     def solve_on_support(self, mask: torch.Tensor) -> torch.Tensor:
         """argmin Q(w) subject to w_i = 0 outside ``mask`` (p,) bool; returns w (p,)."""
+        return self.solve_with_value(mask)[0]
+
+    def solve_with_value(self, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """:meth:`solve_on_support` and Q at its minimiser. The exact (Woodbury) solve gets
+        Q from its n-vectors, with no further pass over X; the block solve evaluates Q."""
         m = mask.to(self.device, self.dtype)
         d_fixed = -self.w_bar * (1 - m)  # the change forced on pruned weights
-        if self.block_size is None:
-            d = self._woodbury(mask, d_fixed)
-        else:
+        if self.block_size is not None:
             rhs = -m * self._add_linear_(self.hessian_vec(d_fixed))
-            d = self._block_solve(mask, rhs)
-        return m * (self.w_bar + d)
+            w = m * (self.w_bar + self._block_solve(mask, rhs))
+            return w, self.value(w)
+        d_T, Xd = self._woodbury(mask, d_fixed)
+        sq = float(d_fixed.double().square().sum() + d_T.double().square().sum())
+        q = float(Xd @ Xd) / (2 * self.n) + self.lam / 2 * sq
+        if self.g is not None:  # alpha g^T d with g the mean row: alpha mean(X d)
+            q += self.alpha * float(Xd.mean())
+        return m * (self.w_bar + d_T), q
 
     def support_gram(self, mask: torch.Tensor) -> torch.Tensor:
         """K_T = X_T X_T^T (n, n) float64 for the support ``mask``.
 
         Costs O(n^2 |changed|): the Gram of the previous call is updated by the columns that
-        entered or left the support (IHT changes few), or rebuilt from the full Gram's
-        complement when that is cheaper."""
+        entered or left the support (IHT changes few); otherwise it is formed from the
+        support's columns, or from the full Gram (once formed) less the complement's,
+        whichever reads fewer columns."""
         mask = mask.to(self.device)
         if self._cache.mask is not None:
             added = (mask & ~self._cache.mask).nonzero().flatten()
@@ -165,11 +175,13 @@ class QuadraticModel:
                 self._cache.mask, self._cache.gram = mask.clone(), K
                 return K
         kept = mask.nonzero().flatten()
-        if kept.numel() <= self.p // 2:
-            K = self._gram_of(kept)
-        else:
+        if kept.numel() == self.p:
             if self._cache.full is None:
                 self._cache.full = self._gram_of(None)
+            K = self._cache.full.clone()
+        elif self._cache.full is None or kept.numel() <= self.p // 2:
+            K = self._gram_of(kept)
+        else:
             K = self._cache.full - self._gram_of((~mask).nonzero().flatten())
         self._cache.mask, self._cache.gram = mask.clone(), K
         return K
@@ -178,18 +190,22 @@ class QuadraticModel:
         """X[:, idx] X[:, idx]^T (n, n) float64 (all columns when idx is None), in chunks."""
         return self.X.gram(idx)
 
-    def _woodbury(self, mask: torch.Tensor, d_fixed: torch.Tensor) -> torch.Tensor:
-        """The support part d_T of the minimiser, without cancellation.
+    def _woodbury(self, mask: torch.Tensor, d_fixed: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The support part d_T (p,) of the minimiser, without cancellation, and X d (n,)
+        float64 for the whole change d = d_fixed + d_T.
 
         The right-hand side -(H d_fixed + alpha g)_T equals X_T^T r with the n-vector
         r = -(X d_fixed + alpha 1) / n, so (X_T^T X_T / n + lam I)^{-1} X_T^T r
-        = X_T^T (K_T + lam n I)^{-1} (n r) with K_T = X_T X_T^T (n x n, float64)."""
+        = X_T^T (K_T + lam n I)^{-1} (n r) with K_T = X_T X_T^T (n x n, float64); and
+        X d = X d_fixed + K_T y with y = (K_T + lam n I)^{-1} (n r)."""
         m = mask.to(self.device, self.dtype)
-        r = -(self.X.matvec(d_fixed).double() + self.alpha)  # n * r
-        K = self.support_gram(mask.bool()).clone()
+        X_fixed = self.X.matvec(d_fixed).double()
+        K_T = self.support_gram(mask.bool())
+        K = K_T.clone()
         K.diagonal().add_(self.lam * self.n)
-        y = torch.linalg.solve(K, r).to(self.dtype)
-        return m * self.X.rmatvec(y)
+        y = torch.linalg.solve(K, -(X_fixed + self.alpha))  # n * r
+        return m * self.X.rmatvec(y.to(self.dtype)), X_fixed + K_T @ y
 
     def _block_solve(self, mask: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         """Block-diagonal solve: for each block, (X_b^T X_b / n + lam I) restricted to the

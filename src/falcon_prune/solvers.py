@@ -188,8 +188,8 @@ def woodfisher(qm: QuadraticModel, groups: CostGroups, budget: Budget) -> Solver
     """The longest prefix by decreasing OBS saliency that fits, then the exact update."""
     order = torch.argsort(obs_saliency(qm), descending=True, stable=True)
     mask = select_prefix(order, groups, budget)
-    w = qm.solve_on_support(mask)
-    return SolverResult(w, mask, objective=qm.value(w))
+    w, objective = qm.solve_with_value(mask)
+    return SolverResult(w, mask, objective=objective)
 
 
 def obs_saliency(qm: QuadraticModel) -> torch.Tensor:
@@ -271,8 +271,8 @@ def obs_steps(qm: QuadraticModel, groups: CostGroups, budget: Budget, beta: floa
         step = _step_budget(budget, count0, cost0, j / steps, j == steps)
         r = select_ilp(weighted_scores(w, groups, beta, saliency), groups, step)
         mask = r.mask & mask  # the ILP's greedy fill may add zero-score weights
-        w = qm.solve_on_support(mask)
-    return SolverResult(w, mask, r.gap, r.upper_bound, 0, qm.value(w), qm.lam)
+        w, objective = qm.solve_with_value(mask)
+    return SolverResult(w, mask, r.gap, r.upper_bound, 0, objective, qm.lam)
 
 
 Projection = Callable[[torch.Tensor], tuple[torch.Tensor, object]]
@@ -332,8 +332,7 @@ def refine(qm: QuadraticModel, w0: torch.Tensor, project: Projection, opts: Solv
         w, mask, info, its = iht(qm, w, project, opts, trace, f"{desc} round {r + 1}")
         total += its
         with timed(trace, "backsolve"):
-            w = qm.solve_on_support(mask)
-            obj = qm.value(w)
+            w, obj = qm.solve_with_value(mask)
         if best is None or obj < best.objective:
             best = SolverResult(w, mask, getattr(info, "gap", None),
                                 getattr(info, "upper_bound", None), total, obj)
@@ -379,8 +378,7 @@ class _Search:
         """The back-solved warm start of the ILP support ``ilp`` with ridge ``lam``."""
         q = self.qm.with_ridge(lam)
         with timed(self.trace, "backsolve"):
-            w = q.solve_on_support(ilp.mask)
-            obj = q.value(w)
+            w, obj = q.solve_with_value(ilp.mask)
         s = self.score(w, obj)
         self.trace.history.append({"phase": "warm start", "saliency": key[0], "beta": key[1],
                                    "ridge": lam, "objective": obj, "score": s})
