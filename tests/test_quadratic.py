@@ -66,8 +66,8 @@ def test_cached_gram_updates_equal_fresh_ones():
         K = qm.support_gram(mask)
         XT = X[:, mask]
         assert torch.allclose(K, XT @ XT.T, atol=1e-9)
-    # every route to a support's Gram: from its columns (no full Gram yet), the full Gram
-    # (all columns, cached), its complement, and updates
+    # every route to a support's Gram: the full Gram less the complement's, the support's
+    # own columns, and updates
     fresh = QuadraticModel(X, w_bar, 1e-2, chunk=16)
     for m in (mask, torch.ones(64, dtype=torch.bool), ~mask, mask, torch.arange(64) < 3):
         XT = X[:, m]

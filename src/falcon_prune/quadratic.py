@@ -161,9 +161,8 @@ class QuadraticModel:
         """K_T = X_T X_T^T (n, n) float64 for the support ``mask``.
 
         Costs O(n^2 |changed|): the Gram of the previous call is updated by the columns that
-        entered or left the support (IHT changes few); otherwise it is formed from the
-        support's columns, or from the full Gram (once formed) less the complement's,
-        whichever reads fewer columns."""
+        entered or left the support (IHT changes few), or rebuilt from the full Gram's
+        complement when that is cheaper."""
         mask = mask.to(self.device)
         if self._cache.mask is not None:
             added = (mask & ~self._cache.mask).nonzero().flatten()
@@ -175,13 +174,11 @@ class QuadraticModel:
                 self._cache.mask, self._cache.gram = mask.clone(), K
                 return K
         kept = mask.nonzero().flatten()
-        if kept.numel() == self.p:
-            if self._cache.full is None:
-                self._cache.full = self._gram_of(None)
-            K = self._cache.full.clone()
-        elif self._cache.full is None or kept.numel() <= self.p // 2:
+        if kept.numel() <= self.p // 2:
             K = self._gram_of(kept)
         else:
+            if self._cache.full is None:
+                self._cache.full = self._gram_of(None)
             K = self._cache.full - self._gram_of((~mask).nonzero().flatten())
         self._cache.mask, self._cache.gram = mask.clone(), K
         return K
