@@ -9,7 +9,9 @@ from helpers import same_state, state
 
 import falcon_prune as fp
 from falcon_prune import engine
+from falcon_prune.config import resolve
 from falcon_prune.errors import ConfigError
+from falcon_prune.storage import native_bfloat16
 
 
 def record_steps(monkeypatch):
@@ -168,7 +170,12 @@ def test_effort_presets_are_named_defaults():
     assert fp.defaults("falcon++").effort == "default" == fp.defaults("falcon++",
                                                                        effort="default").effort
     assert set(fp.EFFORTS) == {"default", "balanced", "fast"}
-    assert fp.defaults("falcon++", effort="balanced").n_gradients == 500
+    balanced = fp.defaults("falcon++", effort="balanced")
+    assert (balanced.n_gradients, balanced.samples_per_gradient) == (1000, 1)
+    assert balanced.solver.saliencies == ("magnitude",)
+    assert balanced.gradient_precision == balanced.held_out_precision == "auto"
+    cfg, _ = resolve("falcon++", None, {"effort": "balanced"})  # auto resolved on this CPU
+    assert cfg.held_out_precision == ("bfloat16" if native_bfloat16("cpu") else "model")
 
 
 def test_effort_fast_prunes_with_its_preset_and_settings_override_it(cnn, data):

@@ -155,9 +155,9 @@ def _add_prune(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampling", choices=["random", "first"])
     p.add_argument("--effort", choices=list(EFFORTS),
-                   help="falcon++: preset of stages and gradients (default: default, the "
-                        "most accurate; 'balanced' and 'fast' trade accuracy for time, "
-                        "docs/tuning.md)")
+                   help="falcon++: preset of stages, gradients and candidates (default: "
+                        "default, the most accurate; 'balanced' and 'fast' trade accuracy "
+                        "for time, docs/benchmarks.md)")
     p.add_argument("--stages", type=int, help=f"falcon++: stages (default {ms.schedule.stages})")
     p.add_argument("--schedule", choices=KINDS, help="falcon++: schedule shape (default cubic)")
     p.add_argument("--start", type=float, help="falcon++: kept fraction at the first stage")

@@ -168,7 +168,11 @@ DEFAULTS: dict[str, PruneConfig] = _table()
 #: (docs/tuning.md has the validation runs that chose them and their cost in units)
 EFFORTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "balanced": {"n_gradients": 500},
+    # 1,000 one-sample rows, magnitude warm starts; rows and held-out scores in bfloat16
+    # where the device multiplies it natively (tuning rounds 11-12)
+    "balanced": {"samples_per_gradient": 1, "gradient_precision": "auto",
+                 "held_out_precision": "auto",
+                 "solver": MULTISTAGE_SOLVER.replace(saliencies=("magnitude",))},
     "fast": {"schedule": Schedule(6, "cubic", min_step=0.01), "n_gradients": 500},
 }
 
