@@ -97,25 +97,29 @@ def test_a_model_that_cannot_run_in_bfloat16_gets_a_clear_error():
     assert gradient_matrix(model, cm, Samples((x, y)), 4, progress=False).shape[0] == 4
 
 
-def test_gradient_precision_setting_is_checked_and_reported():
+@pytest.mark.parametrize("name, unused_by", [("gradient_precision", "mp"),
+                                             ("held_out_precision", "woodfisher")])
+def test_precision_settings_are_checked_and_reported(name, unused_by):
     model, _, x, y = setup()
-    r = fp.prune(model, (x, y), flops=0.6, method="falcon", n_gradients=8, n_validation=0,
-                 gradient_precision="bfloat16", progress=False)
-    assert r.config.gradient_precision == "bfloat16" and r.flops_fraction <= 0.6
-    assert fp.defaults("falcon").gradient_precision == "model"
-    assert fp.defaults("mp").gradient_precision is None
-    no_gradients = fp.prune(model, (x, y), flops=0.6, method="mp", progress=False)
-    assert no_gradients.config.gradient_precision is None
-    cfg, _ = resolve("falcon", None, {"gradient_precision": "auto"})
-    assert cfg.gradient_precision == ("bfloat16" if native_bfloat16("cpu") else "model")
-    with pytest.raises(ConfigError, match="gradient_precision must be one of"):
-        fp.prune(model, (x, y), flops=0.6, gradient_precision="float16", progress=False)
-    with pytest.raises(ConfigError, match="does not use gradient_precision"):
-        fp.prune(model, (x, y), flops=0.6, method="mp", gradient_precision="bfloat16",
-                 progress=False)
+    r = fp.prune(model, (x, y), flops=0.6, method="falcon", n_gradients=8, n_validation=16,
+                 progress=False, **{name: "bfloat16"})
+    assert getattr(r.config, name) == "bfloat16" and r.flops_fraction <= 0.6
+    assert getattr(fp.defaults("falcon"), name) == getattr(fp.defaults("falcon++"), name)
+    assert getattr(fp.defaults("falcon"), name) == "model"
+    rows = {"n_gradients": 8} if unused_by != "mp" else {}
+    other = fp.prune(model, (x, y), flops=0.6, method=unused_by, progress=False, **rows)
+    assert getattr(fp.defaults(unused_by), name) is None
+    assert getattr(other.config, name) is None
+    cfg, _ = resolve("falcon", None, {name: "auto"})
+    assert getattr(cfg, name) == ("bfloat16" if native_bfloat16("cpu") else "model")
+    with pytest.raises(ConfigError, match=f"{name} must be one of"):
+        fp.prune(model, (x, y), flops=0.6, progress=False, **{name: "float16"})
+    with pytest.raises(ConfigError, match=f"does not use {name}"):
+        fp.prune(model, (x, y), flops=0.6, method=unused_by, progress=False,
+                 **{name: "bfloat16"})
 
 
-def test_held_out_scores_in_bfloat16_are_close_and_the_setting_is_reported():
+def test_held_out_scores_in_bfloat16_are_close_to_float32_ones():
     from falcon_prune.engine import HeldOutScorer
     from falcon_prune.tasks import as_task
 
@@ -136,20 +140,6 @@ def test_held_out_scores_in_bfloat16_are_close_and_the_setting_is_reported():
     bn_exact = HeldOutScorer(model, cm, held, task, torch.device("cpu"), bn_inputs=x)
     assert abs(bn(half) - bn_exact(half)) < 0.03 * bn_exact(half)
     assert next(model.parameters()).dtype == torch.float32  # the model is not cast
-
-    m2, _, x2, y2 = setup()
-    r = fp.prune(m2, (x2, y2), flops=0.6, method="falcon", n_gradients=8, n_validation=16,
-                 held_out_precision="bfloat16", progress=False)
-    assert r.config.held_out_precision == "bfloat16" and r.flops_fraction <= 0.6
-    assert fp.defaults("falcon++").held_out_precision == "model"
-    assert fp.defaults("woodfisher").held_out_precision is None
-    cfg, _ = resolve("falcon++", None, {"held_out_precision": "auto"})
-    assert cfg.held_out_precision == ("bfloat16" if native_bfloat16("cpu") else "model")
-    with pytest.raises(ConfigError, match="held_out_precision must be one of"):
-        fp.prune(m2, (x2, y2), flops=0.6, held_out_precision="half", progress=False)
-    with pytest.raises(ConfigError, match="does not use held_out_precision"):
-        fp.prune(m2, (x2, y2), flops=0.6, method="woodfisher", held_out_precision="bfloat16",
-                 progress=False)
 
 
 def test_dict_batches_and_a_custom_task():
