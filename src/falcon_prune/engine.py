@@ -136,8 +136,6 @@ class HeldOutScorer:
         self.bn_inputs, self.device = bn_inputs, device
         self.scratch = clone_model(model) if bn_inputs is not None else None
         self.scratch_runner = TaskRunner(self.scratch, task) if bn_inputs is not None else None
-        # the model's other parameters and buffers in ``precision`` (none needed without)
-        self.fixed = {} if precision is None else self._cast_all(model, set(self.names))
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.precision) if self.precision and t.is_floating_point() else t
@@ -175,7 +173,10 @@ class HeldOutScorer:
     def _local(self, w: torch.Tensor, overrides: dict | None) -> Evaluation:
         """:meth:`evaluation` on this rank's held-out samples."""
         if self.scratch is None:
-            runner, swap = self.runner, {**self.fixed, **self._params(w, overrides)}
+            # in ``precision``, the model's other parameters and buffers as they are now too
+            fixed = {} if self.precision is None else self._cast_all(self.runner.model,
+                                                                     set(self.names))
+            runner, swap = self.runner, {**fixed, **self._params(w, overrides)}
         else:
             own = dict(self.scratch.named_parameters())
             with torch.no_grad():
