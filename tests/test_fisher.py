@@ -95,6 +95,13 @@ def test_a_model_that_cannot_run_in_bfloat16_gets_a_clear_error():
     with pytest.raises(ConfigError, match="gradient_precision='model'"):
         gradient_matrix(model, cm, Samples((x, y)), 4, precision=torch.bfloat16, progress=False)
     assert gradient_matrix(model, cm, Samples((x, y)), 4, progress=False).shape[0] == 4
+    from falcon_prune.engine import HeldOutScorer
+    from falcon_prune.tasks import as_task
+
+    low = HeldOutScorer(model, cm, Samples((x, y)), as_task(None), torch.device("cpu"),
+                        precision=torch.bfloat16)
+    with pytest.raises(ConfigError, match="held_out_precision='model'"):
+        low(model.fc.weight.detach().reshape(-1))
 
 
 @pytest.mark.parametrize("name, unused_by", [("gradient_precision", "mp"),

@@ -25,7 +25,7 @@ from falcon_prune.batchnorm import recalibrate_batchnorm
 from falcon_prune.config import GRADIENT_METHODS, PruneConfig
 from falcon_prune.costs import CostModel, flatten_weights
 from falcon_prune.distributed import Ranks
-from falcon_prune.errors import BudgetError, BudgetViolation
+from falcon_prune.errors import BudgetError, BudgetViolation, ConfigError
 from falcon_prune.evaluation import Evaluation, evaluate_batches
 from falcon_prune.fisher import gradient_store
 from falcon_prune.group_solvers import (
@@ -186,10 +186,17 @@ class HeldOutScorer:
                                   call=self.task.call)
             runner, swap = self.scratch_runner, (
                 {} if self.precision is None else self._cast_all(self.scratch))
-        with torch.inference_mode():
-            return evaluate_batches(lambda b: self._in_float(functional_call(runner, swap,
-                                                                             (b,))),
-                                    self.batches, self.task)
+        try:
+            with torch.inference_mode():
+                return evaluate_batches(
+                    lambda b: self._in_float(functional_call(runner, swap, (b,))),
+                    self.batches, self.task)
+        except (RuntimeError, TypeError) as e:
+            if self.precision is None:
+                raise
+            raise ConfigError(
+                f"the held-out scores could not be computed in {self.precision} ({e}); if "
+                "the model runs in float32, pass held_out_precision='model'") from e
 
     def _in_float(self, out: Batch) -> Batch:
         """(prediction, targets) back in float32 when the pass ran in ``precision``."""
