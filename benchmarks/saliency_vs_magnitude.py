@@ -42,7 +42,7 @@ def gradient_rows(model, x, y, rows: int):
     """X (rows, p): gradient rows of 2 samples each, and the flat weights w (p,)."""
     from falcon_prune import CostModel
     from falcon_prune.batches import Samples
-    from falcon_prune.engine import flatten_weights
+    from falcon_prune.costs import flatten_weights
     from falcon_prune.fisher import gradient_matrix
 
     cm = CostModel.from_model(model, x[:1])

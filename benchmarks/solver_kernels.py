@@ -43,8 +43,9 @@ def kernels(X: torch.Tensor, ridge: float, repeats: int) -> dict:
     from falcon_prune.storage import GradientStore, self_gram
 
     n = X.shape[0]
-    chunks = [X[:, a:b] for a, b in GradientStore.from_tensor(X).ranges()]
-    K = sum((c @ c.T).double() for c in chunks)
+    store = GradientStore.from_tensor(X)
+    chunks = [X[:, a:b] for a, b in store.ranges()]
+    K = store.gram()
     K.diagonal().add_(ridge * n)
     L = torch.linalg.cholesky(K)
     L32 = L.float()
@@ -57,8 +58,7 @@ def kernels(X: torch.Tensor, ridge: float, repeats: int) -> dict:
         "diagonal: lower_product_sq_norms": lambda: [
             lower_product_sq_norms(L_inv, c) for c in chunks],
     }
-    out = {k: [torch.cat([t.reshape(-1) for t in fn()]) for _ in (0,)][0]
-           for k, fn in ways.items()}
+    out = {k: torch.cat([t.reshape(-1) for t in fn()]) for k, fn in ways.items()}
     keys = list(ways)
 
     def rel(a: str, b: str) -> float:
