@@ -11,6 +11,7 @@ from falcon_prune.storage import (
     GradientStore,
     estimate_bytes,
     plan_storage,
+    self_gram,
     working_bytes,
 )
 
@@ -50,6 +51,15 @@ def test_products_match_dense_reference(backend, dtype, tmp_path):
     assert torch.allclose(store.columns(10, 40).double(), Xs[:, 10:40])
     assert torch.allclose(store.column_mean().double(), Xs.mean(0), rtol=1e-5, atol=1e-9)
     assert store.gram(idx[:0]).abs().sum() == 0
+
+
+@pytest.mark.parametrize("n", [5, 128, 301])
+def test_self_gram_equals_the_plain_product(n):
+    """Below 128 rows the plain product; from 128 on (odd n too) the mirrored blocks."""
+    A = torch.randn(n, 70, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    K = self_gram(A)
+    assert torch.allclose(K, A @ A.T, rtol=1e-12, atol=1e-12)
+    assert torch.equal(K, K.T)
 
 
 def test_disk_store_leaves_no_file_behind(tmp_path):
