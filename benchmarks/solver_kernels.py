@@ -7,7 +7,10 @@ L the Cholesky factor of X X^T + n lam I). The Gram is timed as a plain ``X @ X.
 library's earlier way) and as ``storage.self_gram`` forms it now (two diagonal blocks and
 one off-diagonal block, the other mirrored); the diagonal as the library forms it (a
 float32 triangular solve with L) and with L^-1 inverted once and its zero upper-right
-block skipped (``lower_product_sq_norms`` below, measured and not taken). On the shared
+block skipped (``lower_product_sq_norms`` below, measured and not taken). Rows computed
+in bfloat16 hold bfloat16 values, and their Gram is also timed on the CPU's bfloat16 units
+(``storage.bfloat16_products``: exact products, float32 sums) against float32 units on the
+same rounded rows. On the shared
 ResNet20's gradient rows (2 samples each), at each ``--rows``; interleaved, median of
 ``--repeats``, with the largest difference between the two ways.
 
@@ -40,7 +43,7 @@ def lower_product_sq_norms(T: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 def kernels(X: torch.Tensor, ridge: float, repeats: int) -> dict:
     """Seconds of both ways of each product over every column chunk of X, and the largest
     relative difference of their results."""
-    from falcon_prune.storage import GradientStore, self_gram
+    from falcon_prune.storage import GradientStore, bfloat16_products, self_gram
 
     n = X.shape[0]
     store = GradientStore.from_tensor(X)
@@ -50,9 +53,17 @@ def kernels(X: torch.Tensor, ridge: float, repeats: int) -> dict:
     L = torch.linalg.cholesky(K)
     L32 = L.float()
     L_inv = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False).float()
+    rounded = [c.bfloat16().float() for c in chunks]  # rows as bfloat16 rows hold them
+
+    def on_bfloat16_units() -> list[torch.Tensor]:
+        with bfloat16_products(X.device):
+            return [self_gram(c) for c in rounded]
+
     ways = {
         "gram: X @ X.T": lambda: [c @ c.T for c in chunks],
         "gram: self_gram": lambda: [self_gram(c) for c in chunks],
+        "gram of bfloat16 values: float32 units": lambda: [self_gram(c) for c in rounded],
+        "gram of bfloat16 values: bfloat16 units": on_bfloat16_units,
         "diagonal: triangular solve": lambda: [
             torch.linalg.solve_triangular(L32, c, upper=False).square().sum(0) for c in chunks],
         "diagonal: lower_product_sq_norms": lambda: [
@@ -67,7 +78,8 @@ def kernels(X: torch.Tensor, ridge: float, repeats: int) -> dict:
     return {"n": n, "p": X.shape[1], "chunks": len(chunks),
             "seconds": interleaved_medians(ways, repeats),
             "max_rel_difference": {"gram": rel(keys[0], keys[1]),
-                                   "diagonal": rel(keys[2], keys[3])}}
+                                   "gram of bfloat16 values": rel(keys[2], keys[3]),
+                                   "diagonal": rel(keys[4], keys[5])}}
 
 
 def main() -> None:

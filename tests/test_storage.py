@@ -9,7 +9,9 @@ from falcon_prune.errors import ConfigError, MemoryBudgetError, PathError
 from falcon_prune.quadratic import QuadraticModel
 from falcon_prune.storage import (
     GradientStore,
+    bfloat16_products,
     estimate_bytes,
+    native_bfloat16,
     plan_storage,
     self_gram,
     working_bytes,
@@ -60,6 +62,58 @@ def test_self_gram_equals_the_plain_product(n):
     K = self_gram(A)
     assert torch.allclose(K, A @ A.T, rtol=1e-12, atol=1e-12)
     assert torch.equal(K, K.T)
+
+
+@pytest.mark.parametrize("backend", ["memory", "disk"])
+def test_rows_written_in_bfloat16_give_exact_fast_grams(backend, tmp_path):
+    """float32 storage remembers rows that arrived in bfloat16; its Gram (computed on
+    bfloat16 units where the CPU has them) equals the float64 product of those values."""
+    g = torch.Generator().manual_seed(3)
+    R = (torch.randn(300, 200, generator=g) * torch.logspace(-4, 1, 300)[:, None]).bfloat16()
+    store = GradientStore(300, 200, backend=backend, scratch_dir=tmp_path,
+                          chunk_bytes=4 * 300 * 64)
+    store.write_rows(0, R[:150])
+    assert not store.bfloat16_values()  # rows 150.. not written in bfloat16 yet
+    store.write_rows(150, R[150:])
+    assert store.bfloat16_values() and store.bfloat16_values(scaled=False)
+    was = torch.backends.mkldnn.matmul.fp32_precision
+
+    def error(K, cols):  # entrywise, relative to the rows' norms (as float32 sums err)
+        ref = cols @ cols.T
+        norms = ref.diagonal().sqrt()
+        return float(((K - ref).abs() / (norms[:, None] * norms[None, :])).max())
+
+    for idx in (None, torch.arange(0, 200, 3)):
+        assert error(store.gram(idx), R.double() if idx is None else R.double()[:, idx]) < 1e-6
+    assert torch.backends.mkldnn.matmul.fp32_precision == was  # restored
+    store.write_rows(0, R[:1].float())  # one float32 row: no longer bfloat16 values
+    assert not store.bfloat16_values()
+    assert error(store.gram(), R.double()) < 1e-6
+
+
+def test_which_stores_hold_bfloat16_values():
+    R = torch.randn(4, 9).bfloat16()
+    half = GradientStore(4, 9, torch.bfloat16)
+    half.write_rows(0, R)  # stored divided by the row scale: bfloat16 values only unscaled
+    assert half.bfloat16_values(scaled=False) and not half.bfloat16_values(scaled=True)
+    # the scale is applied in float32, so the rows come back to bfloat16 rounding
+    assert torch.allclose(half.to_tensor(), R.float(), rtol=1e-2, atol=0)
+    assert GradientStore.from_tensor(R.float().clone()).bfloat16_values() is False
+    for dtype in (torch.float64, torch.float16):
+        store = GradientStore(4, 9, dtype)
+        store.write_rows(0, R)
+        assert not store.bfloat16_values(scaled=False)
+
+
+def test_bfloat16_products_set_and_restore_the_matmul_precision():
+    matmul = torch.backends.mkldnn.matmul
+    was = matmul.fp32_precision
+    with pytest.raises(RuntimeError), bfloat16_products("cpu"):
+        assert matmul.fp32_precision == ("bf16" if native_bfloat16("cpu") else was)
+        raise RuntimeError("inside")
+    assert matmul.fp32_precision == was
+    with bfloat16_products("cpu", enabled=False):
+        assert matmul.fp32_precision == was
 
 
 def test_disk_store_leaves_no_file_behind(tmp_path):

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from falcon_prune.errors import DataError, ModelError
-from falcon_prune.storage import GradientStore, StoragePlan
+from falcon_prune.storage import GradientStore, StoragePlan, bfloat16_products
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,11 @@ class ShardedStore:
         block = torch.zeros((self.stop - self.start, self.n), dtype=torch.float64,
                             device=self.device)
         bounds = [0, *itertools.accumulate(self.ranks.sizes(self.n))]
-        if idx is None or idx.numel():
+        if idx is not None and idx.numel() == 0:
+            return self.ranks.gather_rows(block, self.n)
+        # every rank computes its rows the same way, so its own rows say whether all are
+        # bfloat16 values
+        with bfloat16_products(self.device, self.local.bfloat16_values(scaled=True)):
             for _, Xb in self.local.column_blocks(idx):
                 for j in range(0, Xb.shape[1], self.chunk):
                     Xc = Xb[:, j:j + self.chunk]

@@ -104,7 +104,7 @@ class _Rows:
             return self._rows(rows, m)
         low = map_tensors(rows, lambda t: t.to(self.precision) if t.is_floating_point() else t)
         try:
-            return self._rows(low, m).float()
+            return self._rows(low, m)  # the store remembers they are bfloat16 values
         except (RuntimeError, TypeError, DataError) as e:
             raise ConfigError(
                 f"the gradient rows could not be computed in {self.precision} ({e}); if the "

@@ -18,6 +18,7 @@ and ``columns(a, b)`` returns a converted copy (or a view in the plain in-memory
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -50,6 +51,26 @@ def self_gram(A: torch.Tensor) -> torch.Tensor:
     K[h:, :h] = K[:h, h:].T
     K[h:, h:] = bottom @ bottom.T
     return K
+
+
+@contextlib.contextmanager
+def bfloat16_products(device: str | torch.device, enabled: bool = True) -> Iterator[None]:
+    """Within the block, float32 matrix products on ``device`` run on bfloat16 units with
+    float32 accumulation (oneDNN's 'bf16' float32 precision), where the device is a CPU that
+    multiplies bfloat16 natively; elsewhere, or with ``enabled`` False, nothing changes.
+    Only for factors that hold bfloat16 values (rows computed in bfloat16): their products
+    are then exact and only the order of the float32 sums differs. The setting is restored
+    on exit."""
+    if not enabled or torch.device(device).type != "cpu" or not native_bfloat16(device):
+        yield
+        return
+    matmul = torch.backends.mkldnn.matmul
+    was = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = was
 
 
 def available_memory() -> int:
@@ -299,6 +320,7 @@ class GradientStore:
         self.chunk = max(1, min(self.p, chunk_bytes // max(1, 4 * self.n)))
         self.row_scale = (torch.ones(self.n, dtype=self.compute_dtype, device=self.device)
                           if self.dtype in HALF else None)
+        self._bf16_rows = torch.zeros(self.n, dtype=torch.bool)  # row j arrived in bfloat16
         self._file = None
         self.data: torch.Tensor | None = None
         self.plan: StoragePlan | None = None  # how it was chosen, when it was planned
@@ -331,6 +353,7 @@ class GradientStore:
         store.chunk = max(1, min(store.p, (64 * 2**20) // max(1, 4 * store.n)))
         store.row_scale = (torch.ones(store.n, dtype=store.compute_dtype, device=X.device)
                            if X.dtype in HALF else None)
+        store._bf16_rows = torch.full((store.n,), X.dtype == torch.bfloat16)
         store._file = None
         store.data = X
         store.plan = None
@@ -350,6 +373,16 @@ class GradientStore:
     def nbytes(self) -> int:
         return self.n * self.p * itemsize(self.dtype)
 
+    def bfloat16_values(self, scaled: bool = True) -> bool:
+        """Whether every column read (with ``scaled``, as :meth:`column_blocks` gives it)
+        holds bfloat16 values in float32: bfloat16 storage read without its row scale, or
+        float32 storage whose every row was written in bfloat16."""
+        if self.compute_dtype != torch.float32:
+            return False
+        if self.dtype == torch.bfloat16:
+            return not scaled
+        return self.dtype == torch.float32 and bool(self._bf16_rows.all())
+
     @property
     def _plain(self) -> bool:
         """In memory and already in the compute dtype: reads are views, products direct."""
@@ -368,12 +401,15 @@ class GradientStore:
 
     # -- writing ----------------------------------------------------------------------------
     def write_rows(self, start: int, rows: torch.Tensor) -> None:
-        """Store rows ``start .. start + len(rows) - 1`` from ``rows`` (r, p), any float dtype."""
+        """Store rows ``start .. start + len(rows) - 1`` from ``rows`` (r, p), any float dtype
+        (bfloat16 rows are remembered: see :meth:`bfloat16_values`)."""
         r = rows.shape[0]
         if rows.shape[1] != self.p or start < 0 or start + r > self.n:
             raise ConfigError(f"rows {start}..{start + r} of width {rows.shape[1]} do not fit "
                              f"X of shape {self.shape}")
+        self._bf16_rows[start : start + r] = rows.dtype == torch.bfloat16
         if self.row_scale is not None:
+            rows = rows.to(self.compute_dtype)  # divided by the scale in full precision
             scale = rows.abs().amax(1).to(self.compute_dtype).clamp_min(1e-30)
             self.row_scale[start : start + r] = scale.to(self.device)
             rows = rows / scale.to(rows.device, rows.dtype)[:, None]
@@ -480,8 +516,9 @@ class GradientStore:
         K = torch.zeros((self.n, self.n), dtype=torch.float64, device=self.device)
         if idx is not None and idx.numel() == 0:
             return K
-        for _, Xc in self.column_blocks(idx, scaled=False):
-            K += self_gram(Xc).double()
+        with bfloat16_products(self.device, self.bfloat16_values(scaled=False)):
+            for _, Xc in self.column_blocks(idx, scaled=False):
+                K += self_gram(Xc).double()
         if self.row_scale is not None:
             s = self.row_scale.double()
             K *= s[:, None] * s[None, :]
