@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import falcon_prune as fp
 from falcon_prune.errors import BudgetError, ConfigError
+from falcon_prune.storage import native_bfloat16
 
 
 def kwargs_for(method, n=100):
@@ -110,6 +111,9 @@ def test_result_config_holds_every_setting_used(cnn, data):
     pp = fp.prune(cnn, data, flops=0.4, method="falcon++", n_gradients=50, stages=2,
                   progress=False)
     assert pp.config.samples_per_gradient == 2 and pp.config.alpha == 0.01
+    # 'auto' precisions are decided when the run starts, for this model on this device
+    auto = "bfloat16" if native_bfloat16("cpu") else "model"
+    assert pp.config.gradient_precision == pp.config.held_out_precision == auto
     assert pp.config.schedule.stages == 2 and pp.config.schedule.min_step == 0.01
     assert pp.config.solver == fp.multistage_options()
 
@@ -118,7 +122,7 @@ def test_defaults_table_and_config_argument(cnn, data):
     assert fp.defaults("mp").n_gradients is None and fp.defaults("mp").solver is None
     assert fp.defaults("falcon").n_gradients == 1000 and fp.defaults("falcon").schedule is None
     ms = fp.defaults("falcon++")
-    assert (ms.samples_per_gradient, ms.n_validation, ms.resample) == (2, 500, True)
+    assert (ms.samples_per_gradient, ms.n_validation, ms.resample) == (2, 1000, True)
     cfg = fp.defaults("falcon").replace(n_gradients=70, n_validation=50)
     r = fp.prune(cnn, data, flops=0.4, config=cfg, ridge=1e-2, progress=False)
     assert (r.config.n_gradients, r.config.n_validation, r.config.ridge) == (70, 50, 1e-2)

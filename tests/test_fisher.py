@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import BatchNormCNN, SmallCNN, small_data
+from torch import nn
 
 import falcon_prune as fp
 from falcon_prune.batches import Samples
-from falcon_prune.config import resolve
 from falcon_prune.costs import CostModel
 from falcon_prune.errors import ConfigError, DataError, MemoryBudgetError
 from falcon_prune.fisher import VMAP, gradient_matrix, gradient_store
@@ -111,14 +111,15 @@ def test_precision_settings_are_checked_and_reported(name, unused_by):
     r = fp.prune(model, (x, y), flops=0.6, method="falcon", n_gradients=8, n_validation=16,
                  progress=False, **{name: "bfloat16"})
     assert getattr(r.config, name) == "bfloat16" and r.flops_fraction <= 0.6
-    assert getattr(fp.defaults("falcon"), name) == getattr(fp.defaults("falcon++"), name)
     assert getattr(fp.defaults("falcon"), name) == "model"
+    assert getattr(fp.defaults("falcon++"), name) == "auto"
     rows = {"n_gradients": 8} if unused_by != "mp" else {}
     other = fp.prune(model, (x, y), flops=0.6, method=unused_by, progress=False, **rows)
     assert getattr(fp.defaults(unused_by), name) is None
     assert getattr(other.config, name) is None
-    cfg, _ = resolve("falcon", None, {name: "auto"})
-    assert getattr(cfg, name) == ("bfloat16" if native_bfloat16("cpu") else "model")
+    auto = fp.prune(model, (x, y), flops=0.6, method="falcon", n_gradients=8,
+                    n_validation=16, progress=False, **{name: "auto"})  # decided at the start
+    assert getattr(auto.config, name) == ("bfloat16" if native_bfloat16("cpu") else "model")
     with pytest.raises(ConfigError, match=f"{name} must be one of"):
         fp.prune(model, (x, y), flops=0.6, progress=False, **{name: "float16"})
     with pytest.raises(ConfigError, match=f"does not use {name}"):
@@ -147,6 +148,32 @@ def test_held_out_scores_in_bfloat16_are_close_to_float32_ones():
     bn_exact = HeldOutScorer(model, cm, held, task, torch.device("cpu"), bn_inputs=x)
     assert abs(bn(half) - bn_exact(half)) < 0.03 * bn_exact(half)
     assert next(model.parameters()).dtype == torch.float32  # the model is not cast
+
+
+def test_bfloat16_scores_and_rows_of_a_model_with_tied_weights():
+    """An output layer tied to the embedding (as in GPT-2): the tied weight takes the
+    candidate's value under either name, in bfloat16 as in float32."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(11, 8)
+            self.mix = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 11, bias=False)
+            self.out.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.mix(self.embed(ids).mean(1))))
+
+    model = Tied().eval()
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 11, (48, 5), generator=g), torch.randint(0, 11, (48,), generator=g)
+    for precision in ("model", "bfloat16"):
+        r = fp.prune(model, (ids, y), flops=0.6, method="falcon++", stages=2, n_gradients=16,
+                     n_validation=16, progress=False, gradient_precision=precision,
+                     held_out_precision=precision)
+        assert r.config.held_out_precision == precision and r.flops_fraction <= 0.6
+        assert r.model.out.weight is not None
 
 
 def test_dict_batches_and_a_custom_task():

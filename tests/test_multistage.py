@@ -9,7 +9,7 @@ from helpers import same_state, state
 
 import falcon_prune as fp
 from falcon_prune import engine
-from falcon_prune.config import resolve
+from falcon_prune.config import resolve, resolve_precisions
 from falcon_prune.errors import ConfigError
 from falcon_prune.storage import native_bfloat16
 
@@ -121,7 +121,8 @@ def test_stage_rows_report_the_held_out_loss_of_the_stage_result(cnn, data):
     on the held-out samples (with sampling='first' they are the data's last 80)."""
     x, y = data
     r = fp.prune(cnn, data, flops=0.4, method="falcon++", stages=2, n_gradients=60,
-                 n_validation=80, sampling="first", progress=False)
+                 n_validation=80, sampling="first", held_out_precision="model",
+                 progress=False)  # float32 scores, as fp.evaluate computes them
     fresh = fp.evaluate(r.model, (x[160:], y[160:]))
     assert r.stages[-1]["held_out_loss"] == pytest.approx(fresh.loss, rel=1e-5)
     assert r.stages[-1]["held_out_accuracy"] == pytest.approx(fresh.metric)
@@ -159,7 +160,7 @@ def test_multistage_options_change_one_choice_and_keep_the_others(cnn, data, mon
         fp.multistage_options(ridge=1e-2)  # not a SolverOptions field
     r = fp.prune(cnn, data, flops=0.5, method="falcon++", stages=2, n_gradients=60,
                  solver=opts, progress=False)
-    assert r.config.solver.ridges == (1e-2,) and r.config.solver.saliencies == ("obs",)
+    assert r.config.solver.ridges == (1e-2,) and r.config.solver.saliencies == ("magnitude",)
 
 
 # -- effort presets ------------------------------------------------------------------------
@@ -169,13 +170,26 @@ def test_effort_presets_are_named_defaults():
     assert (fast.n_gradients, fast.samples_per_gradient) == (500, 2)
     assert fp.defaults("falcon++").effort == "default" == fp.defaults("falcon++",
                                                                        effort="default").effort
-    assert set(fp.EFFORTS) == {"default", "balanced", "fast"}
-    balanced = fp.defaults("falcon++", effort="balanced")
-    assert (balanced.n_gradients, balanced.samples_per_gradient) == (1000, 1)
-    assert balanced.solver.saliencies == ("magnitude",)
-    assert balanced.gradient_precision == balanced.held_out_precision == "auto"
-    cfg, _ = resolve("falcon++", None, {"effort": "balanced"})  # auto resolved on this CPU
-    assert cfg.held_out_precision == ("bfloat16" if native_bfloat16("cpu") else "model")
+    assert set(fp.EFFORTS) == {"default", "best", "fast"}
+    default = fp.defaults("falcon++")
+    assert (default.n_gradients, default.samples_per_gradient, default.n_validation) == (
+        1000, 2, 1000)
+    assert default.solver.saliencies == ("magnitude",) and default.schedule.stages == 8
+    assert default.gradient_precision == default.held_out_precision == "auto"
+    best = fp.defaults("falcon++", effort="best")
+    assert (best.n_gradients, best.samples_per_gradient, best.n_validation) == (1000, 2, 500)
+    assert best.solver.saliencies == ("obs",) and best.schedule.stages == 12
+    assert best.gradient_precision == best.held_out_precision == "model"
+    assert fast.solver.saliencies == ("obs",) and fast.n_validation == 500
+    cfg, _ = resolve("falcon++", None, {})  # 'auto' stays until the model's dtype is known
+    assert cfg.gradient_precision == "auto"
+    native = "bfloat16" if native_bfloat16("cpu") else "model"
+    assert resolve_precisions(cfg, torch.float32).held_out_precision == native
+    assert resolve_precisions(cfg, torch.bfloat16).gradient_precision == native
+    f64 = resolve_precisions(cfg, torch.float64)  # a float64 model is pruned in float64
+    assert f64.gradient_precision == f64.held_out_precision == "model"
+    explicit = resolve_precisions(cfg.replace(gradient_precision="model"), torch.float32)
+    assert explicit.gradient_precision == "model"
 
 
 def test_effort_fast_prunes_with_its_preset_and_settings_override_it(cnn, data):
@@ -189,7 +203,7 @@ def test_effort_fast_prunes_with_its_preset_and_settings_override_it(cnn, data):
 
 @pytest.mark.parametrize("kw, match", [
     ({"method": "falcon", "effort": "fast"}, "does not use effort"),
-    ({"method": "falcon++", "effort": "quick"}, "effort must be one of default, balanced, fast"),
+    ({"method": "falcon++", "effort": "quick"}, "effort must be one of default, best, fast"),
     ({"method": "falcon++", "effort": "fast", "structure": "channels"},
      "preset of falcon\\+\\+ with structure='weights'"),
     ({"method": "falcon++", "effort": "default", "config": fp.defaults("falcon++", effort="fast")},

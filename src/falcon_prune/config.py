@@ -44,7 +44,8 @@ class PruneConfig:
       gradient of ``samples_per_gradient`` samples, computed in ``gradient_precision``
       ('model': the working copy's own dtype; 'bfloat16': model, inputs and backward in
       bfloat16, the rows stored as ``dtype``; 'auto': bfloat16 where ``device`` multiplies
-      it in hardware, else 'model'); ``ridge`` and ``alpha`` of the
+      it in hardware and the model is not float64, else 'model', decided when the run
+      starts and reported in the result's config); ``ridge`` and ``alpha`` of the
       quadratic model; ``block_size`` (block-diagonal Hessian); X's storage ``dtype``,
       ``storage`` ('auto', 'memory', 'disk'), ``memory_limit`` (bytes), ``scratch_dir``.
     - ``n_validation`` held-out samples that falcon/falcon++ choose hyperparameters on,
@@ -71,9 +72,9 @@ class PruneConfig:
       a ``latency=`` budget is measured at; 1 when a latency budget is given without it,
       None without one).
 
-    - falcon++: ``effort``, the named preset the defaults came from ('default', the most
-      accurate; 'balanced'; 'fast': see :data:`EFFORTS`); settings given beside it are
-      applied over the preset.
+    - falcon++: ``effort``, the named preset the defaults came from ('default'; 'best',
+      the most accurate and about twice the time; 'fast': see :data:`EFFORTS`); settings
+      given beside it are applied over the preset.
 
     A field the method does not use is None."""
 
@@ -144,7 +145,7 @@ USED_BY: dict[str, tuple[str, ...]] = {
 }
 
 MULTISTAGE_SOLVER = SolverOptions(max_iter=0, ridges=(1e-4,), cost_exponents=(0.25, 0.5, 0.75),
-                                  saliencies=("obs",))
+                                  saliencies=("magnitude",))
 
 
 def _table() -> dict[str, PruneConfig]:
@@ -156,24 +157,28 @@ def _table() -> dict[str, PruneConfig]:
         base = PruneConfig(method=m)
         out[m] = base.replace(**{k: v for k, v in unused.items() if m not in USED_BY[k]})
     out["falcon++"] = out["falcon++"].replace(
-        samples_per_gradient=2, n_validation=500, alpha=0.01, solver=MULTISTAGE_SOLVER,
-        schedule=Schedule(12, "cubic", min_step=0.01), resample=True, revive=False,
-        effort="default")
+        samples_per_gradient=2, n_validation=1000, alpha=0.01, solver=MULTISTAGE_SOLVER,
+        schedule=Schedule(8, "cubic", min_step=0.01), resample=True, revive=False,
+        gradient_precision="auto", held_out_precision="auto", effort="default")
     return out
 
 
 DEFAULTS: dict[str, PruneConfig] = _table()
 
+# the defaults before tuning round 16: 12 stages, OBS warm starts, 500 held-out samples,
+# rows and scores in the model's precision
+_OBS_12 = {"schedule": Schedule(12, "cubic", min_step=0.01), "n_validation": 500,
+           "gradient_precision": "model", "held_out_precision": "model",
+           "solver": MULTISTAGE_SOLVER.replace(saliencies=("obs",))}
+
 #: falcon++'s named presets of stages and gradients: the changes to its defaults
-#: (docs/tuning.md has the validation runs that chose them and their cost in units)
+#: (docs/tuning.md has the validation runs that chose them and their cost in units).
+#: The default: 8 cubic stages of 1,000 two-sample rows, magnitude warm starts, 1,000
+#: held-out samples, rows and scores in bfloat16 where the hardware has it (round 16).
 EFFORTS: dict[str, dict[str, Any]] = {
     "default": {},
-    # 1,000 one-sample rows, magnitude warm starts; rows and held-out scores in bfloat16
-    # where the device multiplies it natively (tuning rounds 11-12)
-    "balanced": {"samples_per_gradient": 1, "gradient_precision": "auto",
-                 "held_out_precision": "auto",
-                 "solver": MULTISTAGE_SOLVER.replace(saliencies=("magnitude",))},
-    "fast": {"schedule": Schedule(6, "cubic", min_step=0.01), "n_gradients": 500},
+    "best": _OBS_12,
+    "fast": {**_OBS_12, "schedule": Schedule(6, "cubic", min_step=0.01), "n_gradients": 500},
 }
 
 
@@ -468,8 +473,15 @@ def resolve(method: str | None, config: PruneConfig | None, settings: dict
             out = dataclasses.replace(out, **{f.name: CHECKS[f.name](f.name, v)})
     if out.task is None:
         out = out.replace(task=as_task(None))
-    for name in ("gradient_precision", "held_out_precision"):
-        if getattr(out, name) == "auto":  # the choice made is what the result reports
-            out = out.replace(**{name: "bfloat16" if native_bfloat16(out.device)
-                                 else "model"})
     return out, frozenset(given)
+
+
+def resolve_precisions(cfg: PruneConfig, model_dtype: torch.dtype) -> PruneConfig:
+    """``cfg`` with each 'auto' precision decided for a model of ``model_dtype`` (its own
+    floating dtype): 'bfloat16' where ``cfg.device`` multiplies it natively and the model
+    is not float64 (a float64 model is pruned in float64), else 'model'. The run reports
+    the decided values."""
+    fast = native_bfloat16(cfg.device) and model_dtype != torch.float64
+    return cfg.replace(**{name: "bfloat16" if fast else "model"
+                          for name in ("gradient_precision", "held_out_precision")
+                          if getattr(cfg, name) == "auto"})

@@ -53,6 +53,7 @@ from falcon_prune.config import (
     check_fraction,
     defaults,
     resolve,
+    resolve_precisions,
 )
 from falcon_prune.costs import CostModel, flatten_weights, parameter_holders
 from falcon_prune.distributed import Ranks, require_same_model, require_same_samples
@@ -640,7 +641,9 @@ def _setup(model, train_data, flops, nnz, config: GradualConfig) -> _Run:
     feed = as_feed(train_data, config.batch_size)
     first = feed.samples(min(len(feed.dataset), 8), step.seed)
     work = clone_model(model).to(device)
-    plain, _ = working_copy(work, device)
+    plain, model_dtype = working_copy(work, device)
+    step = resolve_precisions(step, model_dtype)
+    config = config.replace(step=step)
     check_prunable(plain, step.include, step.exclude)
     probe = check_task(plain, float32_samples(first), step.task, device)
     raw = step.task.inputs(to_device(first.take(slice(0, 2)).batch, device))
@@ -804,7 +807,9 @@ def _gradual(model, train_data, flops, nnz, cfg: GradualConfig, plan, total_epoc
                                          run.recount_inputs,
                                          (cfg.step.include, cfg.step.exclude))
     times["total"] = time.perf_counter() - t_start
-    return GradualResult(run.work, cfg, flops, nnz, flops_kept, nnz_kept, history, times)
+    # the config as run: 'auto' precisions decided for this model and device
+    return GradualResult(run.work, run.config, flops, nnz, flops_kept, nnz_kept, history,
+                         times)
 
 
 def data_parallel(model: nn.Module, ranks: Ranks) -> nn.Module:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from falcon_prune.batches import Batch, Samples, collect, leaves, map_tensors, to_device
 from falcon_prune.batchnorm import batchnorm_layers, recalibrate_batchnorm
-from falcon_prune.config import GRADIENT_METHODS, PruneConfig
+from falcon_prune.config import GRADIENT_METHODS, PruneConfig, resolve_precisions
 from falcon_prune.costs import CostModel, flatten_weights, prunable_parameters
 from falcon_prune.distributed import Ranks, require_same_model, require_same_samples
 from falcon_prune.engine import (
@@ -277,6 +277,7 @@ def setup(model: nn.Module, data: object, flops: float | None, nnz: float | None
             else [(flops, nnz)])
     work, dtype = working_copy(model, device)
     check_prunable(work, cfg.include, cfg.exclude)
+    cfg = resolve_precisions(cfg, dtype)
     d, cfg = draw(data, cfg, given, len(plan), progress)
     # the recount runs the finished model in its own dtype, on the samples as given
     recount_inputs = cfg.task.inputs(to_device(d.samples.take(slice(0, 2)).batch, device))
