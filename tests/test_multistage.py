@@ -180,7 +180,8 @@ def test_effort_presets_are_named_defaults():
     assert (best.n_gradients, best.samples_per_gradient, best.n_validation) == (1000, 2, 500)
     assert best.solver.saliencies == ("obs",) and best.schedule.stages == 12
     assert best.gradient_precision == best.held_out_precision == "model"
-    assert fast.solver.saliencies == ("obs",) and fast.n_validation == 500
+    assert fast.solver.saliencies == ("magnitude",) and fast.n_validation == 500
+    assert fast.gradient_precision == "auto"
     cfg, _ = resolve("falcon++", None, {})  # 'auto' stays until the model's dtype is known
     assert cfg.gradient_precision == "auto"
     native = "bfloat16" if native_bfloat16("cpu") else "model"

@@ -156,8 +156,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--sampling", choices=["random", "first"])
     p.add_argument("--effort", choices=list(EFFORTS),
                    help="falcon++: preset of stages, gradients and candidates (default: "
-                        "default; 'best' is the most accurate in about twice the time, "
-                        "'fast' trades accuracy for time; docs/benchmarks.md)")
+                        "default; 'best' is the most accurate in about 2.5x the time, "
+                        "'fast' trades accuracy for 0.4x the time; docs/benchmarks.md)")
     p.add_argument("--stages", type=int, help=f"falcon++: stages (default {ms.schedule.stages})")
     p.add_argument("--schedule", choices=KINDS, help="falcon++: schedule shape (default cubic)")
     p.add_argument("--start", type=float, help="falcon++: kept fraction at the first stage")
