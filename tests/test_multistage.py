@@ -191,6 +191,10 @@ def test_effort_presets_are_named_defaults():
     assert f64.gradient_precision == f64.held_out_precision == "model"
     explicit = resolve_precisions(cfg.replace(gradient_precision="model"), torch.float32)
     assert explicit.gradient_precision == "model"
+    # structure='channels' keeps its own tuned defaults (float32, 500 held-out samples)
+    channels = fp.defaults("falcon++", structure="channels")
+    assert channels.n_validation == 500 and channels.gradient_precision == "model"
+    assert channels.held_out_precision == "model" and channels.schedule.stages == 4
 
 
 def test_effort_fast_prunes_with_its_preset_and_settings_override_it(cnn, data):

@@ -196,6 +196,7 @@ def _channel_table() -> dict[str, PruneConfig]:
             cfg = cfg.replace(solver=MULTISTAGE_SOLVER.replace(saliencies=(
                 "magnitude", "obs", "fisher")), obs_rank=256, revive=None, n_gradients=500,
                 samples_per_gradient=1, schedule=Schedule(4, "cubic", min_step=0.01),
+                n_validation=500, gradient_precision="model", held_out_precision="model",
                 effort="default")
         out[m] = cfg
     return out
