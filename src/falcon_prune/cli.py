@@ -141,11 +141,13 @@ def _add_prune(sub) -> None:
     p.add_argument("--block-size", type=int, help="block-diagonal Hessian, blocks of this size")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="storage of the gradient matrix")
     p.add_argument("--gradient-precision", choices=GRADIENT_PRECISIONS,
-                   help="compute the gradient rows in the model's dtype (default), in "
-                   "bfloat16, or auto (bfloat16 where the device multiplies it natively)")
+                   help="compute the gradient rows in the model's dtype, in bfloat16, or "
+                   "auto (bfloat16 where the device multiplies it natively and the model is "
+                   f"not float64); default model, falcon++: {ms.gradient_precision}")
     p.add_argument("--held-out-precision", choices=GRADIENT_PRECISIONS,
                    help="falcon/falcon++: score the candidates on the held-out samples in the "
-                   "model's dtype (default), in bfloat16, or auto")
+                   f"model's dtype, in bfloat16, or auto; default model, falcon++: "
+                   f"{ms.held_out_precision}")
     p.add_argument("--storage", choices=STORAGES, help="where the gradient matrix lives (auto: "
                    "memory if it fits the limit, else a smaller dtype, else disk)")
     p.add_argument("--scratch-dir", help="directory for an on-disk gradient matrix")
