@@ -126,8 +126,7 @@ class HeldOutScorer:
         held = held.take(slice(*self.ranks.bounds(len(held))))
         self.runner, self.cm, self.task = TaskRunner(model, task), cm, task
         self.names = ["model." + lay.name for lay in cm.layers]
-        every = dict(model.named_parameters(remove_duplicate=False))  # tied: every name
-        self.prunable = {id(every[lay.name]) for lay in cm.layers if lay.name in every}
+        self.prunable = {id(lay.tensor) for lay in cm.layers}  # the parameters themselves
         self.precision = precision
         self.dtypes = [lay.tensor.dtype for lay in cm.layers]
         # on the device once; images channels-last (convolutions ~1.6x faster on CPU)
