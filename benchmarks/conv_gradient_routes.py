@@ -70,9 +70,9 @@ def hook_rows(model: nn.Module, modules: list[nn.Module], x, y) -> torch.Tensor:
 
 def main() -> None:
     import falcon_prune as fp
-    from falcon_prune.batches import Samples
-    from falcon_prune.costs import CostModel
-    from falcon_prune.data import load_cifar10
+    from falcon_prune.analysis.costs import CostModel
+    from falcon_prune.data.batches import Samples
+    from falcon_prune.data.datasets import load_cifar10
     from falcon_prune.models import load_checkpoint, resnet20
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

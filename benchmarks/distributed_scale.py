@@ -53,7 +53,7 @@ def worker(a: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     import falcon_prune as fp
-    from falcon_prune.distributed import Ranks, process_group
+    from falcon_prune.loss.distributed import Ranks, process_group
     from falcon_prune.models import create_model
     from falcon_prune.results import peak_rss_mb
 
@@ -116,7 +116,7 @@ def largest_n(p: int, dtype: str, world: int, limit: int) -> int:
     """The most gradients ``world`` ranks can hold in memory under ``limit`` bytes each."""
     import torch
 
-    from falcon_prune.storage import estimate_bytes
+    from falcon_prune.loss.planning import estimate_bytes
 
     lo, hi = 0, 1
     while estimate_bytes(hi, p, getattr(torch, dtype), world) <= limit:
@@ -156,7 +156,7 @@ def main() -> None:
         return
     import torch
 
-    from falcon_prune.storage import default_memory_limit
+    from falcon_prune.loss.planning import default_memory_limit
 
     prov = provenance()
     argv = list(sys.argv[1:])

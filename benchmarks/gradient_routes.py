@@ -5,7 +5,7 @@ PyTorch runs LSTM/GRU on the CPU as one oneDNN kernel and attention as a fused
 scaled-dot-product kernel. vmap has no batching rule for the first, so it loops over the
 samples (and warns "There is a performance drop"). The library takes its gradient rows with
 attention on the math backend and recurrent layers unrolled into matrix products
-(``falcon_prune.recurrent``). For each network the three routes compute the rows of the
+(``falcon_prune.analysis.recurrent``). For each network the three routes compute the rows of the
 same samples, interleaved, repeated; the table gives the median milliseconds per sample,
 whether vmap fell back to its loop, and the largest difference from the per-sample
 backward passes.
@@ -57,8 +57,8 @@ class Encoder(nn.Module):
 def routes(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     """{route: () -> (n, p) rows} for the prunable weights of ``model``."""
     import falcon_prune as fp
-    from falcon_prune.batches import Samples
-    from falcon_prune.fisher import gradient_matrix
+    from falcon_prune.data.batches import Samples
+    from falcon_prune.loss.gradients import gradient_matrix
 
     cm = fp.CostModel.from_model(model, x[:2])
     names = [lay.name for lay in cm.layers]

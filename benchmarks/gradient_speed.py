@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from isolated import provenance, write_results
 
 from falcon_prune import CostModel, gradient_store
-from falcon_prune.batches import Samples
-from falcon_prune.data import load_cifar10
+from falcon_prune.data.batches import Samples
+from falcon_prune.data.datasets import load_cifar10
 from falcon_prune.models import load_checkpoint, resnet20
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -31,8 +31,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 def run_one(method: str, flops: float, seed: int, a: argparse.Namespace) -> dict:
     import falcon_prune as fp
-    from falcon_prune.data import load_cifar10
-    from falcon_prune.evaluation import accuracy
+    from falcon_prune.data.datasets import load_cifar10
+    from falcon_prune.data.evaluation import accuracy
     from falcon_prune.models import load_checkpoint, resnet20
     from falcon_prune.results import peak_rss_mb
 

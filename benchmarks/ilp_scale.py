@@ -29,7 +29,7 @@ import torch
 from isolated import provenance, write_results
 
 from falcon_prune import CostGroups, CostModel, solve_ilp
-from falcon_prune.costs import flatten_weights
+from falcon_prune.analysis.costs import flatten_weights
 from falcon_prune.models import resnet50
 
 

@@ -40,9 +40,9 @@ def run_one(method: str, flops: float, seed: int, n_gradients: int | None,
     import torch
 
     import falcon_prune as fp
-    from falcon_prune.data import load_cifar10
-    from falcon_prune.evaluation import accuracy
-    from falcon_prune.masks import plain_copy
+    from falcon_prune.analysis.masks import plain_copy
+    from falcon_prune.data.datasets import load_cifar10
+    from falcon_prune.data.evaluation import accuracy
     from falcon_prune.models import load_checkpoint, resnet20
     from falcon_prune.results import peak_rss_mb
 

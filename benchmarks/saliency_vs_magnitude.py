@@ -41,9 +41,9 @@ def magnitude_pruned(model, kept: float):
 def gradient_rows(model, x, y, rows: int):
     """X (rows, p): gradient rows of 2 samples each, and the flat weights w (p,)."""
     from falcon_prune import CostModel
-    from falcon_prune.batches import Samples
-    from falcon_prune.costs import flatten_weights
-    from falcon_prune.fisher import gradient_matrix
+    from falcon_prune.analysis.costs import flatten_weights
+    from falcon_prune.data.batches import Samples
+    from falcon_prune.loss.gradients import gradient_matrix
 
     cm = CostModel.from_model(model, x[:1])
     X = gradient_matrix(model, cm, Samples((x, y)), rows, 2, progress=False)
@@ -53,8 +53,8 @@ def gradient_rows(model, x, y, rows: int):
 def compare(X, w, keep: float, ridge: float) -> dict:
     """Fraction of the kept set that differs between OBS saliency and magnitude, and
     quantiles of q = 1 - lam [H^-1]_ii over the surviving weights."""
-    from falcon_prune.quadratic import QuadraticModel
-    from falcon_prune.solvers import inverse_hessian_diagonal
+    from falcon_prune.loss.quadratic import QuadraticModel
+    from falcon_prune.loss.saliency import inverse_hessian_diagonal
 
     alive = w != 0
     d = inverse_hessian_diagonal(QuadraticModel(X, w, ridge, 0.01))[alive]
@@ -73,8 +73,8 @@ def product_seconds(X, w, ridge: float, repeats: int) -> dict:
     in bfloat16; and the bfloat16 diagonal's largest relative error."""
     from gradient_speed import interleaved_medians
 
-    from falcon_prune.quadratic import QuadraticModel
-    from falcon_prune.solvers import inverse_hessian_diagonal
+    from falcon_prune.loss.quadratic import QuadraticModel
+    from falcon_prune.loss.saliency import inverse_hessian_diagonal
 
     qm = QuadraticModel(X, w, ridge, 0.01)
     n = X.shape[0]
@@ -110,7 +110,7 @@ def main() -> None:
     a = ap.parse_args()
     if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
         raise SystemExit(f"{SHARED} is absent: this benchmark needs the project's shared data")
-    from falcon_prune.data import load_cifar10
+    from falcon_prune.data.datasets import load_cifar10
     from falcon_prune.models import load_checkpoint, resnet20
 
     base = load_checkpoint(resnet20(), SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").eval()

@@ -43,7 +43,7 @@ def lower_product_sq_norms(T: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 def kernels(X: torch.Tensor, ridge: float, repeats: int) -> dict:
     """Seconds of both ways of each product over every column chunk of X, and the largest
     relative difference of their results."""
-    from falcon_prune.storage import GradientStore, bfloat16_products, self_gram
+    from falcon_prune.loss.storage import GradientStore, bfloat16_products, self_gram
 
     n = X.shape[0]
     store = GradientStore.from_tensor(X)
@@ -91,7 +91,7 @@ def main() -> None:
     a = ap.parse_args()
     if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
         raise SystemExit(f"{SHARED} is absent: this benchmark needs the project's shared data")
-    from falcon_prune.data import load_cifar10
+    from falcon_prune.data.datasets import load_cifar10
     from falcon_prune.models import load_checkpoint, resnet20
 
     model = load_checkpoint(resnet20(), SHARED / "checkpoints" / "resnet20_cifar10.pth.tar")

@@ -48,7 +48,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def data():
-    from falcon_prune.data import load_cifar10
+    from falcon_prune.data.datasets import load_cifar10
 
     npz = SHARED / "data" / "cifar10_subset.npz"
     return load_cifar10(npz, "train").tensors, load_cifar10(npz, "test").tensors

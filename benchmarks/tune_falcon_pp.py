@@ -66,8 +66,8 @@ def setting_kwargs(setting: dict) -> dict:
 def check(grid: list[dict]) -> list[tuple[dict, str | None]]:
     """(setting, None) for each setting falcon++ accepts, (setting, why) for the others;
     validated by ``falcon_prune.config.resolve`` without pruning anything."""
-    from falcon_prune.config import resolve
     from falcon_prune.errors import FalconPruneError
+    from falcon_prune.settings import resolve
 
     out = []
     for setting in grid:
@@ -83,7 +83,7 @@ def split_data(prune_images: int):
     """The ResNet20 checkpoint, the prune images (x, y) and the validation images (x, y)."""
     import torch
 
-    from falcon_prune.data import load_cifar10
+    from falcon_prune.data.datasets import load_cifar10
     from falcon_prune.models import load_checkpoint, resnet20
 
     npz = SHARED / "data" / "cifar10_subset.npz"

@@ -20,6 +20,17 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(params=["native", "emulated"])
+def bfloat16_hardware(request, monkeypatch):
+    """Both sides of every branch on native bfloat16, on any CPU: 'native' acts as on
+    hardware that multiplies bfloat16 (AMX, AVX-512 BF16, recent GPUs), 'emulated' as on
+    hardware that does not (e.g. AVX2 only). Returns whether it is native."""
+    from falcon_prune.loss.storage import NATIVE_BFLOAT16_ENV
+
+    monkeypatch.setenv(NATIVE_BFLOAT16_ENV, "1" if request.param == "native" else "0")
+    return request.param == "native"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

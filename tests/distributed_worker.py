@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 import falcon_prune as fp
-from falcon_prune.batches import Samples
-from falcon_prune.costs import CostModel
+from falcon_prune.analysis.costs import CostModel
+from falcon_prune.data.batches import Samples
 
 
 class Interrupted(Exception):

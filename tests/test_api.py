@@ -12,7 +12,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import falcon_prune as fp
 from falcon_prune.errors import BudgetError, ConfigError
-from falcon_prune.storage import native_bfloat16
 
 
 def kwargs_for(method, n=100):
@@ -98,7 +97,7 @@ def test_the_callers_rng_state_is_left_untouched(cnn, data, method):
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_result_config_holds_every_setting_used(cnn, data):
+def test_result_config_holds_every_setting_used(cnn, data, bfloat16_hardware):
     r = fp.prune(cnn, data, flops=0.4, n_gradients=100, progress=False)
     c = r.config
     assert (c.method, c.n_gradients, c.samples_per_gradient, c.alpha) == ("falcon", 100, 1, 0.0)
@@ -112,7 +111,7 @@ def test_result_config_holds_every_setting_used(cnn, data):
                   progress=False)
     assert pp.config.samples_per_gradient == 2 and pp.config.alpha == 0.01
     # 'auto' precisions are decided when the run starts, for this model on this device
-    auto = "bfloat16" if native_bfloat16("cpu") else "model"
+    auto = "bfloat16" if bfloat16_hardware else "model"
     assert pp.config.gradient_precision == pp.config.held_out_precision == auto
     assert pp.config.schedule.stages == 2 and pp.config.schedule.min_step == 0.01
     assert pp.config.solver == fp.multistage_options()

@@ -317,7 +317,7 @@ def test_cli_keeps_the_traceback_of_an_internal_error(files, tmp_path, monkeypat
 
 
 def test_data_files_that_are_missing_or_damaged(tmp_path):
-    from falcon_prune.data import load_cifar10, load_mnist
+    from falcon_prune.data.datasets import load_cifar10, load_mnist
 
     with pytest.raises(MissingFileError, match="no MNIST file"):
         load_mnist(tmp_path / "none.npz")
@@ -335,7 +335,7 @@ def test_more_lower_level_refusals(tmp_path, bn_cnn, data):
     gz = tmp_path / "train-images-idx3-ubyte.gz"
     gz.write_bytes(b"not gzip at all")
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"nor this")
-    from falcon_prune.data import load_mnist
+    from falcon_prune.data.datasets import load_mnist
 
     with pytest.raises(DataError, match="truncated or not gzip"):
         load_mnist(tmp_path)

@@ -1,4 +1,4 @@
-"""falcon_prune.batches: drawing a run's samples from every form of data, and the helpers
+"""falcon_prune.data.batches: drawing a run's samples from every form of data, and the helpers
 that work on batches of any structure."""
 
 from collections import UserDict, namedtuple
@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from falcon_prune import errors
-from falcon_prune.batches import (
+from falcon_prune.data.batches import (
     Samples,
     batch_size,
     collect,

@@ -6,7 +6,7 @@ from helpers import BatchNormCNN, SmallCNN, same_state, state
 from torch import nn
 
 import falcon_prune as fp
-from falcon_prune.batchnorm import recalibrate_batchnorm
+from falcon_prune.analysis.batchnorm import recalibrate_batchnorm
 from falcon_prune.errors import ConfigError, DataError
 
 

@@ -8,10 +8,12 @@ import torch.nn.functional as F
 from helpers import SmallCNN
 from torch import nn
 from torch.nn.utils import prune as torch_prune
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from falcon_prune.costs import CostModel
-from falcon_prune.errors import ModelError
+import falcon_prune as fp
+from falcon_prune.analysis.costs import CostModel
+from falcon_prune.errors import ConfigError, ModelError
 from falcon_prune.models import MLPNet, mobilenet_v1, resnet20
 
 
@@ -366,3 +368,65 @@ def test_flat_order_split_and_mask_costs():
     parts = cm.split(torch.arange(cm.num_weights))
     assert [tuple(p.shape) for p in parts] == [(6, 1, 3, 3), (8, 6, 3, 3), (4, 8)]
     assert int(parts[1].reshape(-1)[0]) == 54
+
+
+# -- the MAC registry and the recount agree ------------------------------------------------------
+def _examples():
+    """One call of every operation in the cost model's MAC registry (several shapes of the
+    convolutions), as zero-argument functions."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    aten = torch.ops.aten
+    return [
+        (aten.mm, lambda: torch.mm(r(3, 5), r(5, 7))),
+        (aten.addmm, lambda: torch.addmm(r(7), r(3, 5), r(5, 7))),
+        (aten.bmm, lambda: torch.bmm(r(2, 3, 5), r(2, 5, 7))),
+        (aten.baddbmm, lambda: torch.baddbmm(r(2, 3, 7), r(2, 3, 5), r(2, 5, 7))),
+        (aten.convolution, lambda: F.conv2d(r(2, 4, 9, 9), r(6, 4, 3, 3), stride=2)),
+        (aten.convolution, lambda: F.conv2d(r(2, 4, 9, 9), r(8, 2, 3, 3), groups=2)),
+        (aten.convolution, lambda: F.conv1d(r(2, 3, 11), r(5, 3, 4), padding=1)),
+        (aten.convolution, lambda: F.conv3d(r(1, 2, 5, 5, 5), r(3, 2, 2, 2, 2))),
+        (aten.convolution, lambda: F.conv_transpose2d(r(2, 4, 5, 5), r(4, 3, 3, 3), stride=2)),
+        (aten._convolution, lambda: aten._convolution(
+            r(2, 4, 7, 7), r(6, 4, 3, 3), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            False, False, True, True)),
+    ]
+
+
+class _Calls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.seen.append((func, args, out))
+        return out
+
+
+def test_every_mac_formula_of_the_cost_model_counts_as_the_recount_does():
+    """Each operation the cost model has a formula for gives the MACs that
+    torch.utils.flop_counter (the recount's registry) gives, and every one has an example
+    here: an operation added to the registry without one fails this test."""
+    from falcon_prune.analysis.macs import LOOKUPS, MAC_FORMULAS, macs_of
+
+    examples = _examples()
+    assert {op for op, _ in examples} == set(MAC_FORMULAS) - LOOKUPS
+    for op, call in examples:
+        with FlopCounterMode(display=False) as counter, _Calls() as calls:
+            call()
+        ours = [macs_of(f, a, o) for f, a, o in calls.seen if f.overloadpacket is op]
+        assert len(ours) == 1, op
+        assert ours[0] == counter.get_total_flops() / 2, op
+
+
+def test_an_operation_the_recount_cannot_count_is_refused():
+    from falcon_prune.analysis.macs import register_macs
+
+    with pytest.raises(ConfigError, match="no FLOP formula in torch.utils.flop_counter"):
+        register_macs(torch.ops.aten.dot, lambda args, out: args[0].shape[0])
+    with pytest.raises(fp.errors.ConfigTypeError, match="aten operation"):
+        register_macs("mm", lambda args, out: 0)

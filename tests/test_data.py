@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from falcon_prune.data import (
+from falcon_prune.data.datasets import (
     CIFAR_MEAN,
     CIFAR_STD,
     MNIST_MEAN,

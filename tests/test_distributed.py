@@ -14,9 +14,9 @@ import torch
 from helpers import small_data, trained_bn_cnn, trained_cnn
 
 import falcon_prune as fp
-from falcon_prune.batches import Samples
-from falcon_prune.costs import CostModel
-from falcon_prune.distributed import Ranks
+from falcon_prune.analysis.costs import CostModel
+from falcon_prune.data.batches import Samples
+from falcon_prune.loss.distributed import Ranks
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),

@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import falcon_prune as fp
-from falcon_prune.costs import CostModel, plain_kernels, register_prunable
+from falcon_prune.analysis.costs import CostModel, plain_kernels
+from falcon_prune.analysis.prunable import register_prunable
 from falcon_prune.errors import BudgetError
 
 
@@ -121,7 +122,7 @@ def test_register_prunable_adds_a_layer_type():
         cm = CostModel.from_model(model, x)
         assert {lay.name: lay.cost for lay in cm.layers} == {"0.kernel": 1, "2.weight": 1}
     finally:
-        fp.costs.PRUNABLE.pop(Scaled)
+        fp.analysis.prunable.PRUNABLE.pop(Scaled)
 
 
 def test_a_tied_weight_is_one_prunable_weight_with_every_use():

@@ -9,11 +9,11 @@ from helpers import BatchNormCNN, SmallCNN, small_data
 from torch import nn
 
 import falcon_prune as fp
-from falcon_prune.batches import Samples
-from falcon_prune.costs import CostModel
+from falcon_prune.analysis.costs import CostModel
+from falcon_prune.data.batches import Samples
 from falcon_prune.errors import ConfigError, DataError, MemoryBudgetError
-from falcon_prune.fisher import VMAP, gradient_matrix, gradient_store
-from falcon_prune.storage import estimate_bytes, native_bfloat16
+from falcon_prune.loss.gradients import VMAP, gradient_matrix, gradient_store
+from falcon_prune.loss.planning import estimate_bytes
 
 
 def setup():
@@ -95,8 +95,8 @@ def test_a_model_that_cannot_run_in_bfloat16_gets_a_clear_error():
     with pytest.raises(ConfigError, match="gradient_precision='model'"):
         gradient_matrix(model, cm, Samples((x, y)), 4, precision=torch.bfloat16, progress=False)
     assert gradient_matrix(model, cm, Samples((x, y)), 4, progress=False).shape[0] == 4
-    from falcon_prune.engine import HeldOutScorer
-    from falcon_prune.tasks import as_task
+    from falcon_prune.data.tasks import as_task
+    from falcon_prune.loss.heldout import HeldOutScorer
 
     low = HeldOutScorer(model, cm, Samples((x, y)), as_task(None), torch.device("cpu"),
                         precision=torch.bfloat16)
@@ -106,7 +106,7 @@ def test_a_model_that_cannot_run_in_bfloat16_gets_a_clear_error():
 
 @pytest.mark.parametrize("name, unused_by", [("gradient_precision", "mp"),
                                              ("held_out_precision", "woodfisher")])
-def test_precision_settings_are_checked_and_reported(name, unused_by):
+def test_precision_settings_are_checked_and_reported(name, unused_by, bfloat16_hardware):
     model, _, x, y = setup()
     r = fp.prune(model, (x, y), flops=0.6, method="falcon", n_gradients=8, n_validation=16,
                  progress=False, **{name: "bfloat16"})
@@ -119,7 +119,7 @@ def test_precision_settings_are_checked_and_reported(name, unused_by):
     assert getattr(other.config, name) is None
     auto = fp.prune(model, (x, y), flops=0.6, method="falcon", n_gradients=8,
                     n_validation=16, progress=False, **{name: "auto"})  # decided at the start
-    assert getattr(auto.config, name) == ("bfloat16" if native_bfloat16("cpu") else "model")
+    assert getattr(auto.config, name) == ("bfloat16" if bfloat16_hardware else "model")
     with pytest.raises(ConfigError, match=f"{name} must be one of"):
         fp.prune(model, (x, y), flops=0.6, progress=False, **{name: "float16"})
     with pytest.raises(ConfigError, match=f"does not use {name}"):
@@ -128,8 +128,8 @@ def test_precision_settings_are_checked_and_reported(name, unused_by):
 
 
 def test_held_out_scores_in_bfloat16_are_close_to_float32_ones():
-    from falcon_prune.engine import HeldOutScorer
-    from falcon_prune.tasks import as_task
+    from falcon_prune.data.tasks import as_task
+    from falcon_prune.loss.heldout import HeldOutScorer
 
     model = BatchNormCNN().eval()
     x, y = small_data(64)

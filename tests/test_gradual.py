@@ -25,7 +25,8 @@ from falcon_prune.errors import (
     MissingFileError,
     OutputExistsError,
 )
-from falcon_prune.gradual import CHECKPOINT_NAME, as_feed, recalibrate_on
+from falcon_prune.runs.checkpoints import CHECKPOINT_NAME
+from falcon_prune.runs.training import as_feed, recalibrate_on
 
 KW = dict(flops=0.3, stages=2, epochs_per_stage=1, final_epochs=1, batch_size=32,
           progress=False)
@@ -305,7 +306,7 @@ def test_progress_bar_shows_stage_budgets_and_loss(model, data, monkeypatch):
         def close(self):
             pass
 
-    monkeypatch.setattr(sys.modules["falcon_prune.gradual"], "tqdm", Bar)
+    monkeypatch.setattr(sys.modules["falcon_prune.runs.gradual"], "tqdm", Bar)
     r = fp.gradual(model, data, method="mp", nnz=0.5, eval_data=small_data(64, seed=1), **KW)
     assert len(postfixes) == len(r.history) == 5
     first, second, last = postfixes[0], postfixes[1], postfixes[-1]

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import falcon_prune as fp
-from falcon_prune.costs import CostModel, plain_kernels
+from falcon_prune.analysis.costs import CostModel, plain_kernels
 
 T = pytest.importorskip("transformers", reason="HuggingFace tests need the [hf] extra "
                         "(pip install 'falcon-prune[hf]')")

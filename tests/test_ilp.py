@@ -4,8 +4,9 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from falcon_prune.errors import ConfigError, ConfigTypeError
-from falcon_prune.ilp import CostGroups, solve_ilp
-from falcon_prune.selection import Budget, select_ilp, select_prefix, select_top
+from falcon_prune.selection.groups import CostGroups
+from falcon_prune.selection.ilp import solve_ilp
+from falcon_prune.selection.weights import Budget, select_ilp, select_prefix, select_top
 
 
 def exact(I, f, S, F, integral=True, floors=None, bounds=None):
@@ -205,7 +206,7 @@ def test_budget_fits_and_restricted():
 
 
 def test_value_sort_and_top_k_mask_with_ties():
-    from falcon_prune.ilp import _sort_values, _top_k_masks
+    from falcon_prune.selection.ilp import _sort_values, _top_k_masks
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(50_000, generator=g, dtype=torch.float64) ** 2

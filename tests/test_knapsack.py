@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from falcon_prune.knapsack import KnapsackResult, solve_knapsack
+from falcon_prune.selection.knapsack import KnapsackResult, solve_knapsack
 
 milp_mod = pytest.importorskip("scipy.optimize", reason="the reference optimum needs scipy")
 

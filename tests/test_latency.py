@@ -15,12 +15,12 @@ from helpers import (
 from torch import nn
 
 import falcon_prune as fp
-from falcon_prune.costs import CostModel
+from falcon_prune.analysis.costs import CostModel
+from falcon_prune.analysis.structure import channel_units
+from falcon_prune.analysis.timing import LatencyTable, sliced
+from falcon_prune.data.tasks import as_task
 from falcon_prune.errors import BudgetError, ConfigError, FalconPruneError
-from falcon_prune.group_solvers import UnitBudget, UnitCosts, select_latency
-from falcon_prune.latency import LatencyTable, sliced
-from falcon_prune.structure import channel_units
-from falcon_prune.tasks import as_task
+from falcon_prune.selection.units import UnitBudget, UnitCosts, select_latency
 
 TASK = as_task(None)
 KW = dict(structure="channels", progress=False, n_gradients=60, n_validation=60)
@@ -125,7 +125,7 @@ class CountTable(StepTable):
 
 
 def unit_costs(units, cm, model):
-    from falcon_prune.structure import ParamSpace
+    from falcon_prune.analysis.structure import ParamSpace
 
     space = ParamSpace.of(model, cm)
     cost = torch.zeros(space.size, dtype=torch.float64)
@@ -240,7 +240,7 @@ def test_latency_refusals(kw, exc, match):
 def test_a_network_measured_over_the_budget_gets_another_stage(monkeypatch):
     """The measured check drives extra stages: a first measurement over the budget makes
     the run prune once more with the table's budget lowered by the prediction's error."""
-    import falcon_prune.channels as channels
+    import falcon_prune.runs.latency as latency_runs
 
     measured = iter([0.5, 0.9, 0.5])  # the calibration, then the checks
 
@@ -249,7 +249,7 @@ def test_a_network_measured_over_the_budget_gets_another_stage(monkeypatch):
             fn()
         return {"dense": 1.0, "pruned": next(measured)}
 
-    monkeypatch.setattr(channels, "interleaved_seconds", fake)
+    monkeypatch.setattr(latency_runs, "interleaved_seconds", fake)
     r = fp.prune(WideResNet().eval(), image_data(size=16), flops=0.9, latency=0.8,
                  method="falcon", latency_batch=16, **KW)
     lat = r.details["latency"]
@@ -264,14 +264,14 @@ def test_a_network_measured_over_the_budget_gets_another_stage(monkeypatch):
 
 
 def test_the_extra_stages_stop_and_warn(monkeypatch):
-    import falcon_prune.channels as channels
+    import falcon_prune.runs.latency as latency_runs
 
     measured = iter([0.5] + [0.95] * 3)  # the calibration, then every check
 
     def fake(runs, repeats, device, repeat_seconds=0.004):
         return {"dense": 1.0, "pruned": next(measured)}
 
-    monkeypatch.setattr(channels, "interleaved_seconds", fake)
+    monkeypatch.setattr(latency_runs, "interleaved_seconds", fake)
     with pytest.warns(UserWarning, match="above the latency budget 0.80, after 2 extra"):
         r = fp.prune(WideResNet().eval(), image_data(size=16), latency=0.8,
                      method="mp_flops", latency_batch=16, structure="channels",

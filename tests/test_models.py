@@ -2,9 +2,9 @@ import pytest
 import torch
 from conftest import shared_path
 
-from falcon_prune.data import load_cifar10, load_mnist
+from falcon_prune.data.datasets import load_cifar10, load_mnist
+from falcon_prune.data.evaluation import accuracy
 from falcon_prune.errors import CheckpointError, ConfigError, MissingFileError
-from falcon_prune.evaluation import accuracy
 from falcon_prune.models import (
     CifarResNet,
     MLPNet,

@@ -8,26 +8,28 @@ import torch
 from helpers import same_state, state
 
 import falcon_prune as fp
-from falcon_prune import engine
-from falcon_prune.config import resolve, resolve_precisions
 from falcon_prune.errors import ConfigError
-from falcon_prune.storage import native_bfloat16
+from falcon_prune.runs import steps
+from falcon_prune.settings import resolve, resolve_precisions
 
 
 def record_steps(monkeypatch):
-    """Record every engine.solve_step call's arguments (by name) and its Step."""
+    """Record every step's arguments (by name, with the weights its space allowed when it
+    started) and its outcome."""
     calls = []
-    real = engine.solve_step
+    real = steps.solve
     sig = inspect.signature(real)
 
     def spy(*args, **kw):
         bound = sig.bind(*args, **kw)
         bound.apply_defaults()
-        step = real(*args, **kw)
-        calls.append((dict(bound.arguments), step))
-        return step
+        allowed = bound.arguments["space"].allowed
+        arguments = {**bound.arguments, "allowed": None if allowed is None else allowed.clone()}
+        outcome = real(*args, **kw)
+        calls.append((arguments, outcome))
+        return outcome
 
-    monkeypatch.setattr("falcon_prune.oneshot.solve_step", spy)
+    monkeypatch.setattr("falcon_prune.runs.stages.solve", spy)
     return calls
 
 
@@ -164,7 +166,7 @@ def test_multistage_options_change_one_choice_and_keep_the_others(cnn, data, mon
 
 
 # -- effort presets ------------------------------------------------------------------------
-def test_effort_presets_are_named_defaults():
+def test_effort_presets_are_named_defaults(bfloat16_hardware):
     fast = fp.defaults("falcon++", effort="fast")
     assert fast.effort == "fast" and fast.schedule.stages == 6
     assert (fast.n_gradients, fast.samples_per_gradient) == (500, 2)
@@ -184,7 +186,7 @@ def test_effort_presets_are_named_defaults():
     assert fast.gradient_precision == "auto"
     cfg, _ = resolve("falcon++", None, {})  # 'auto' stays until the model's dtype is known
     assert cfg.gradient_precision == "auto"
-    native = "bfloat16" if native_bfloat16("cpu") else "model"
+    native = "bfloat16" if bfloat16_hardware else "model"
     assert resolve_precisions(cfg, torch.float32).held_out_precision == native
     assert resolve_precisions(cfg, torch.bfloat16).gradient_precision == native
     f64 = resolve_precisions(cfg, torch.float64)  # a float64 model is pruned in float64
@@ -222,8 +224,8 @@ def test_bad_effort_is_refused(cnn, data, kw, match):
 def test_stage_samples_are_views_unless_they_wrap_around():
     """Stage blocks of contiguous rows are views of the drawn samples (no copy of the
     images per stage); a block that wraps past the pool's end is a copy of the right rows."""
-    from falcon_prune.batches import Samples
-    from falcon_prune.oneshot import Draw
+    from falcon_prune.data.batches import Samples
+    from falcon_prune.runs.setup import Draw
 
     x = torch.arange(10.0)[:, None].repeat(1, 3)
     d = Draw(Samples((x, torch.arange(10))), pool=7, n_fit=3, bn=None)

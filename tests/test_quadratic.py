@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from falcon_prune.errors import ConfigError
-from falcon_prune.quadratic import QuadraticModel
-from falcon_prune.storage import GradientStore
+from falcon_prune.loss.quadratic import QuadraticModel
+from falcon_prune.loss.storage import GradientStore
 
 
 def problem(n=12, p=40, seed=0, dtype=torch.float64):

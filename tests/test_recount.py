@@ -7,11 +7,11 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import falcon_prune as fp
-from falcon_prune.costs import CostModel
+from falcon_prune.analysis.costs import CostModel
+from falcon_prune.analysis.recount import recount
+from falcon_prune.data.tasks import call_model
 from falcon_prune.errors import ModelError
 from falcon_prune.models import MLPNet, resnet20
-from falcon_prune.recount import recount
-from falcon_prune.tasks import call_model
 
 TOKENS, D = 5, 16
 

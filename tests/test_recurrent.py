@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from falcon_prune.recurrent import unrolled_forward, unrolled_recurrent
+from falcon_prune.analysis.recurrent import unrolled_forward, unrolled_recurrent
 
 CASES = {
     "lstm": lambda: nn.LSTM(5, 7, num_layers=2),

@@ -1,7 +1,7 @@
 import pytest
 
 from falcon_prune.errors import ConfigError, ConfigTypeError
-from falcon_prune.schedules import Schedule, as_schedule, stage_budgets
+from falcon_prune.methods.schedules import Schedule, as_schedule, stage_budgets
 
 
 @pytest.mark.parametrize("kind", ["linear", "cubic", "exponential"])

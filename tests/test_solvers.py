@@ -5,14 +5,21 @@ import dataclasses
 import pytest
 import torch
 
-from falcon_prune import solvers as S
-from falcon_prune.batches import Samples
-from falcon_prune.costs import CostModel, flatten_weights
+import falcon_prune as fp
+from falcon_prune.analysis.costs import CostModel, flatten_weights
+from falcon_prune.data.batches import Samples
 from falcon_prune.errors import ConfigError
-from falcon_prune.fisher import gradient_matrix
-from falcon_prune.ilp import CostGroups, solve_ilp
-from falcon_prune.quadratic import QuadraticModel
-from falcon_prune.selection import Budget, select_prefix
+from falcon_prune.loss.gradients import gradient_matrix
+from falcon_prune.loss.quadratic import QuadraticModel
+from falcon_prune.loss.saliency import inverse_hessian_diagonal, obs_saliency
+from falcon_prune.methods import Problem, get_method
+from falcon_prune.methods.iht import iht
+from falcon_prune.methods.obs import obs_steps
+from falcon_prune.methods.options import SolverOptions, SolverTrace
+from falcon_prune.selection.groups import CostGroups
+from falcon_prune.selection.ilp import solve_ilp
+from falcon_prune.selection.weights import Budget, select_prefix
+from falcon_prune.spaces.weights import WeightChoices
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +42,19 @@ METHODS = ("mp", "mp_flops", "woodfisher", "chita", "falcon")
 BUDGETS = [(None, 0.4), (0.5, None), (0.3, 0.5), (0.6, 0.3)]
 
 
+def solve(method, qm, groups, budget, opts=None, trace=None, evaluate=None):
+    """The registered method's solver on the weights of ``qm`` (``evaluate(w)``: the
+    held-out score, or None)."""
+    problem = Problem(WeightChoices(qm.w_bar, groups, budget), qm,
+                      opts if opts is not None else SolverOptions(max_iter=10),
+                      trace if trace is not None else SolverTrace(),
+                      None if evaluate is None else (lambda w, selection: evaluate(w)),
+                      fp.defaults(method))
+    return get_method(method).solve(problem)
+
+
 def run(method, qm, groups, budget, trace=None, evaluate=None):
-    opts = S.SolverOptions(max_iter=10)
-    trace = trace if trace is not None else S.SolverTrace()
-    if method == "mp":
-        return S.magnitude(qm.w_bar, groups, budget)
-    if method == "mp_flops":
-        return S.magnitude_flops(qm.w_bar, groups, budget)
-    if method == "woodfisher":
-        return S.woodfisher(qm, groups, budget)
-    if method == "chita":
-        return S.chita(qm, groups, budget, opts, trace)
-    return S.falcon(qm, groups, budget, opts, trace, evaluate)
+    return solve(method, qm, groups, budget, trace=trace, evaluate=evaluate)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -79,9 +87,9 @@ def test_every_method_keeps_the_per_layer_floors(problem, method):
 def test_falcon_improves_the_model_over_magnitude_start(problem):
     cm, qm, groups = problem
     budget = budget_of(cm, None, 0.35)
-    start = S.magnitude_flops(qm.w_bar, groups, budget)
-    trace = S.SolverTrace()
-    r = S.falcon(qm, groups, budget, S.SolverOptions(cost_exponent=0.0), trace)
+    start = solve("mp_flops", qm, groups, budget)
+    trace = SolverTrace()
+    r = solve("falcon", qm, groups, budget, SolverOptions(cost_exponent=0.0), trace)
     assert r.objective < qm.value(start.w)
     assert r.ilp_gap is not None and r.ilp_gap >= 0
     assert r.source in ("iht", "warm start") and r.iterations >= 1
@@ -99,9 +107,9 @@ def test_falcon_selection_uses_evaluate(problem):
         calls.append(w)
         return float(w.abs().sum())  # prefers small weights: a checkable choice
 
-    opts = S.SolverOptions(max_iter=5)
-    trace = S.SolverTrace()
-    r = S.falcon(qm, groups, budget, opts, trace, evaluate)
+    opts = SolverOptions(max_iter=5)
+    trace = SolverTrace()
+    r = solve("falcon", qm, groups, budget, opts, trace, evaluate=evaluate)
     starts = [h for h in trace.history if h.get("phase") == "warm start"]
     assert len(starts) == len(opts.cost_exponents) + len(opts.ridges) - 1
     assert len(calls) == len(starts) + 1  # every warm start and the IHT result
@@ -114,26 +122,26 @@ def test_falcon_selection_uses_evaluate(problem):
 def test_trace_accumulates_over_solves(problem):
     cm, qm, groups = problem
     budget = budget_of(cm, None, 0.35)
-    trace = S.SolverTrace()
-    opts = S.SolverOptions(max_iter=3)
-    S.falcon(qm, groups, budget, opts, trace)
+    trace = SolverTrace()
+    opts = SolverOptions(max_iter=3)
+    solve("falcon", qm, groups, budget, opts, trace)
     first = (len(trace.history), trace.timings["projection"])
-    S.falcon(qm, groups, budget, opts, trace)
+    solve("falcon", qm, groups, budget, opts, trace)
     assert len(trace.history) > first[0] and trace.timings["projection"] > first[1]
 
 
 def test_linesearch_iht_never_increases_q(problem):
     cm, qm, groups = problem
     budget = budget_of(cm, None, 0.3)
-    opts = S.SolverOptions(step="linesearch", max_iter=15)
-    trace = S.SolverTrace()
-    start = S.magnitude_flops(qm.w_bar, groups, budget)
+    opts = SolverOptions(step="linesearch", max_iter=15)
+    trace = SolverTrace()
+    start = solve("mp_flops", qm, groups, budget)
 
     def project(v):
         r = solve_ilp(v.double() ** 2, groups, None, budget.cost)
         return r.mask, r
 
-    w, mask, _, its = S.iht(qm, start.w, project, opts, trace, "t")
+    w, mask, _, its = iht(qm, start.w, project, opts, trace, "t")
     q = [qm.value(start.w)] + [h["objective"] for h in trace.history]
     assert len(q) == its + 1 >= 2
     assert all(b <= a + 1e-9 for a, b in zip(q, q[1:], strict=False))
@@ -146,10 +154,10 @@ def test_inverse_hessian_diagonal(problem):
     small = QuadraticModel(X, qm.w_bar[:200].double(), 1e-2, chunk=64)
     H = X.T @ X / small.n + 1e-2 * torch.eye(200, dtype=torch.float64)
     ref = torch.linalg.inv(H).diagonal()
-    assert torch.allclose(S.inverse_hessian_diagonal(small), ref, rtol=1e-6)
+    assert torch.allclose(inverse_hessian_diagonal(small), ref, rtol=1e-6)
     blocked = QuadraticModel(X, small.w_bar, 1e-2, block_size=50)
     Hb = torch.block_diag(*[H[a : a + 50, a : a + 50] for a in range(0, 200, 50)])
-    assert torch.allclose(S.inverse_hessian_diagonal(blocked), torch.linalg.inv(Hb).diagonal(),
+    assert torch.allclose(inverse_hessian_diagonal(blocked), torch.linalg.inv(Hb).diagonal(),
                           rtol=1e-6)
 
 
@@ -160,11 +168,11 @@ def test_inverse_hessian_diagonal_on_a_support(problem):
     H = X.T @ X / X.shape[0]
     ref = torch.linalg.inv(H[T][:, T] + 1e-2 * torch.eye(int(T.sum()), dtype=torch.float64))
     small = QuadraticModel(X, qm.w_bar[:200].double(), 1e-2, chunk=64)
-    assert torch.allclose(S.inverse_hessian_diagonal(small, T)[T], ref.diagonal(), rtol=1e-6)
+    assert torch.allclose(inverse_hessian_diagonal(small, T)[T], ref.diagonal(), rtol=1e-6)
     blocked = QuadraticModel(X, small.w_bar, 1e-2, block_size=50)
     Hb = torch.block_diag(*[H[a : a + 50, a : a + 50] for a in range(0, 200, 50)])
     ref_b = torch.linalg.inv(Hb[T][:, T] + 1e-2 * torch.eye(int(T.sum()), dtype=torch.float64))
-    assert torch.allclose(S.inverse_hessian_diagonal(blocked, T)[T], ref_b.diagonal(),
+    assert torch.allclose(inverse_hessian_diagonal(blocked, T)[T], ref_b.diagonal(),
                           rtol=1e-6)
 
 
@@ -173,12 +181,12 @@ def test_obs_steps_meet_the_budgets_and_one_step_is_the_obs_warm_start(problem, 
     cm, qm, groups = problem
     nnz, flops = fractions
     budget = budget_of(cm, nnz, flops)
-    one = S.obs_steps(qm, groups, budget, 0.5, 1)
-    ilp = solve_ilp(S.weighted_scores(qm.w_bar, groups, 0.5, S.obs_saliency(qm)), groups,
-                    budget.count, budget.cost)
+    choices = WeightChoices(qm.w_bar, groups, budget)
+    one = obs_steps(qm, choices, 0.5, 1)
+    ilp = solve_ilp(choices.weighted(obs_saliency(qm), 0.5), groups, budget.count, budget.cost)
     assert torch.equal(one.mask, ilp.mask)
     for steps in (1, 3):
-        r = S.obs_steps(qm, groups, budget, 0.5, steps)
+        r = obs_steps(qm, choices, 0.5, steps)
         assert budget.fits(int(r.mask.sum()), cm.macs_of_mask(r.mask))
         # w minimises Q on its support: the gradient vanishes there
         g = qm.grad(r.w)
@@ -189,9 +197,9 @@ def test_obs_steps_meet_the_budgets_and_one_step_is_the_obs_warm_start(problem, 
 def test_falcon_obs_steps_candidate_is_scored_and_kept_when_better(problem):
     cm, qm, groups = problem
     budget = budget_of(cm, None, 0.3)
-    opts = S.SolverOptions(saliencies=("obs",), max_iter=0, obs_steps=3)
-    trace = S.SolverTrace()
-    res = S.falcon(qm, groups, budget, opts, trace, evaluate=qm.value)
+    opts = SolverOptions(saliencies=("obs",), max_iter=0, obs_steps=3)
+    trace = SolverTrace()
+    res = solve("falcon", qm, groups, budget, opts, trace, evaluate=qm.value)
     stepped = [h for h in trace.history if h["phase"] == "obs steps"]
     assert len(stepped) == 1
     best = min(h["score"] for h in trace.history)
@@ -210,7 +218,7 @@ def test_inverse_hessian_diagonal_float32_stays_exact_enough(problem):
     H = X.T @ X / X.shape[0] + lam * torch.eye(300, dtype=torch.float64)
     assert float(H.diagonal().max()) > 1e4 * lam
     ref = torch.linalg.inv(H).diagonal()
-    got = S.inverse_hessian_diagonal(QuadraticModel(X.float(), qm.w_bar[:300], lam))
+    got = inverse_hessian_diagonal(QuadraticModel(X.float(), qm.w_bar[:300], lam))
     assert got.dtype == torch.float64
     assert bool((got >= 1 / H.diagonal() * (1 - 1e-9)).all())
     assert torch.allclose(got, ref, rtol=1e-3)
@@ -243,11 +251,11 @@ def test_prefix_support_is_longest_feasible_prefix(problem):
 ])
 def test_solver_options_are_validated(kw, msg):
     with pytest.raises(ConfigError, match=msg):
-        S.SolverOptions(**kw)
+        SolverOptions(**kw)
 
 
 def test_solver_options_are_frozen_and_replace_validates():
-    opts = S.SolverOptions(ridges=[1e-3, 1e-4])
+    opts = SolverOptions(ridges=[1e-3, 1e-4])
     assert opts.ridges == (1e-3, 1e-4)  # lists become tuples
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.max_iter = 3
@@ -255,16 +263,16 @@ def test_solver_options_are_frozen_and_replace_validates():
     assert changed.max_iter == 3 and opts.max_iter == 30 and changed.ridges == opts.ridges
     with pytest.raises(ConfigError, match="max_iter"):
         opts.replace(max_iter=-2)
-    assert {f.name for f in dataclasses.fields(S.SolverOptions)}.isdisjoint(
+    assert {f.name for f in dataclasses.fields(SolverOptions)}.isdisjoint(
         {"progress", "history", "timings"})
 
 
 def test_obs_saliency_warm_starts_are_tried_and_meet_the_budgets(problem):
     cm, qm, groups = problem
     budget = budget_of(cm, None, 0.4)
-    opts = S.SolverOptions(saliencies=("magnitude", "obs"), max_iter=0)
-    trace = S.SolverTrace()
-    res = S.falcon(qm, groups, budget, opts, trace, evaluate=qm.value)
+    opts = SolverOptions(saliencies=("magnitude", "obs"), max_iter=0)
+    trace = SolverTrace()
+    res = solve("falcon", qm, groups, budget, opts, trace, evaluate=qm.value)
     tried = {(h["saliency"], h["beta"]) for h in trace.history if h.get("phase") == "warm start"}
     assert {("obs", b) for b in opts.cost_exponents} <= tried
     assert cm.macs_of_mask(res.mask) <= budget.cost
@@ -277,11 +285,10 @@ def test_obs_saliency_warm_starts_are_tried_and_meet_the_budgets(problem):
 def test_chita_searches_the_largest_count_that_meets_the_flop_budget(problem):
     cm, qm, groups = problem
     budget = budget_of(cm, None, 0.4)
-    r = S.chita(qm, groups, budget, S.SolverOptions(max_iter=5), S.SolverTrace())
+    r = solve("chita", qm, groups, budget, SolverOptions(max_iter=5))
     assert cm.macs_of_mask(r.mask) <= budget.cost * (1 + 1e-12)
     # the bisection ends next to a count whose result is over the budget (p / 2000 < 1)
     k = int(r.mask.sum())
-    bigger = S.chita(qm, groups, Budget(k + 1, None), S.SolverOptions(max_iter=5),
-                     S.SolverTrace())
+    bigger = solve("chita", qm, groups, Budget(k + 1, None), SolverOptions(max_iter=5))
     assert int(bigger.mask.sum()) == k + 1
     assert cm.macs_of_mask(bigger.mask) > budget.cost

@@ -6,15 +6,14 @@ from helpers import same_state, state
 
 import falcon_prune as fp
 from falcon_prune.errors import ConfigError, MemoryBudgetError, PathError
-from falcon_prune.quadratic import QuadraticModel
-from falcon_prune.storage import (
+from falcon_prune.loss.planning import estimate_bytes, plan_storage, working_bytes
+from falcon_prune.loss.quadratic import QuadraticModel
+from falcon_prune.loss.storage import (
+    NATIVE_BFLOAT16_ENV,
     GradientStore,
     bfloat16_products,
-    estimate_bytes,
     native_bfloat16,
-    plan_storage,
     self_gram,
-    working_bytes,
 )
 
 # relative accuracy of a stored entry, by storage dtype
@@ -57,15 +56,20 @@ def test_products_match_dense_reference(backend, dtype, tmp_path):
 
 @pytest.mark.parametrize("n", [5, 128, 301])
 def test_self_gram_equals_the_plain_product(n):
-    """Below 128 rows the plain product; from 128 on (odd n too) the mirrored blocks."""
+    """Below 128 rows the plain product; from 128 on (odd n too) the mirrored blocks, which
+    are exact transposes. A BLAS product is symmetric only to rounding (the two halves of a
+    diagonal block may be summed in different orders on some CPUs)."""
     A = torch.randn(n, 70, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     K = self_gram(A)
     assert torch.allclose(K, A @ A.T, rtol=1e-12, atol=1e-12)
-    assert torch.equal(K, K.T)
+    assert torch.allclose(K, K.T, rtol=1e-12, atol=1e-12)
+    if n >= 128:
+        h = n // 2
+        assert torch.equal(K[h:, :h], K[:h, h:].T)
 
 
 @pytest.mark.parametrize("backend", ["memory", "disk"])
-def test_rows_written_in_bfloat16_give_exact_fast_grams(backend, tmp_path):
+def test_rows_written_in_bfloat16_give_exact_fast_grams(backend, tmp_path, bfloat16_hardware):
     """float32 storage remembers rows that arrived in bfloat16; its Gram (computed on
     bfloat16 units where the CPU has them) equals the float64 product of those values."""
     g = torch.Generator().manual_seed(3)
@@ -105,15 +109,26 @@ def test_which_stores_hold_bfloat16_values():
         assert not store.bfloat16_values(scaled=False)
 
 
-def test_bfloat16_products_set_and_restore_the_matmul_precision():
+def test_bfloat16_products_set_and_restore_the_matmul_precision(bfloat16_hardware):
     matmul = torch.backends.mkldnn.matmul
     was = matmul.fp32_precision
+    assert native_bfloat16("cpu") == bfloat16_hardware
     with pytest.raises(RuntimeError), bfloat16_products("cpu"):
-        assert matmul.fp32_precision == ("bf16" if native_bfloat16("cpu") else was)
+        assert matmul.fp32_precision == ("bf16" if bfloat16_hardware else was)
         raise RuntimeError("inside")
     assert matmul.fp32_precision == was
     with bfloat16_products("cpu", enabled=False):
         assert matmul.fp32_precision == was
+
+
+@pytest.mark.parametrize("value,native", [("0", False), ("off", False), ("1", True),
+                                          ("true", True)])
+def test_native_bfloat16_can_be_forced_either_way(monkeypatch, value, native):
+    monkeypatch.setenv(NATIVE_BFLOAT16_ENV, value)
+    assert native_bfloat16("cpu") is native
+    monkeypatch.setenv(NATIVE_BFLOAT16_ENV, "maybe")
+    with pytest.raises(fp.errors.ConfigError, match="use 0"):
+        native_bfloat16("cpu")
 
 
 def test_disk_store_leaves_no_file_behind(tmp_path):
@@ -238,7 +253,7 @@ def test_plans_per_process_when_rows_are_split(monkeypatch):
     """With world processes each stores at most ceil(n / world) rows (the n x n Gram
     matrices stay whole), the plan says so, and the default limit is shared by the
     processes torchrun starts on the machine."""
-    from falcon_prune.storage import default_memory_limit
+    from falcon_prune.loss.planning import default_memory_limit
 
     n, p = 11, 1000
     assert estimate_bytes(n, p, torch.float32, 2) == 6 * p * 4 + working_bytes(n, p)

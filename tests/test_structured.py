@@ -30,8 +30,9 @@ from torch import nn
 
 import falcon_prune as fp
 from falcon_prune import cli
-from falcon_prune.costs import CostModel
-from falcon_prune.engine import UnitState
+from falcon_prune.analysis.costs import CostModel
+from falcon_prune.analysis.structure import ParamSpace, channel_units, remove_channels
+from falcon_prune.data.tasks import as_task
 from falcon_prune.errors import (
     BudgetError,
     ConfigError,
@@ -41,8 +42,7 @@ from falcon_prune.errors import (
     ModelError,
 )
 from falcon_prune.models import MLPNet, load_model, resnet20
-from falcon_prune.structure import ParamSpace, channel_units, remove_channels
-from falcon_prune.tasks import as_task
+from falcon_prune.spaces.units import UnitSpace
 
 TASK = as_task(None)
 MP = dict(structure="channels", progress=False)
@@ -479,7 +479,7 @@ def test_unit_floors(kw, want):
     model, x = TinyResNet().eval(), small_data(2)[0]
     cm = CostModel.from_model(model, x, TASK.call)
     cfg = fp.defaults("mp", "channels").replace(**kw)
-    st = UnitState.build(model, cm, x, TASK, cfg)
+    st = UnitSpace.build(model, cm, x, TASK.call, cfg.replace(task=TASK))
     sizes = torch.bincount(st.units.group).tolist()
     by_size = dict(zip(sizes, st.floors.tolist(), strict=True))
     assert [by_size[6], by_size[5]] == want
@@ -762,7 +762,7 @@ def test_cli_round_to_needs_channels(files, tmp_path, capsys):
 def test_magnitude_prefix_is_the_longest_fitting_prefix():
     """select_prefix_units bisects the prefix length: the same units as adding them one by
     one in score order until the next one no longer fits."""
-    from falcon_prune.group_solvers import UnitBudget, UnitCosts, select_prefix_units
+    from falcon_prune.selection.units import UnitBudget, UnitCosts, select_prefix_units
 
     model, x = TinyResNet().eval(), small_data(2)[0]
     u, cm = units_of(model, x)
@@ -804,7 +804,7 @@ def test_transformer_encoder_loses_mlp_units_and_keeps_its_attention_width(metho
 def test_attention_heads_are_units_found_from_the_model_reshape():
     """q/k/v outputs viewed as (N, T, heads, d): their coupled group is cut into heads of
     d channels (with the output projection's columns); other groups stay channels."""
-    from falcon_prune.structure import head_sizes
+    from falcon_prune.analysis.structure import head_sizes
 
     torch.manual_seed(0)
     model, x = HeadAttentionNet().eval(), torch.randn(2, 5, 8)

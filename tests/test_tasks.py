@@ -13,8 +13,8 @@ from helpers import same_state, state
 from torch import nn
 
 import falcon_prune as fp
-from falcon_prune.batches import Samples
-from falcon_prune.costs import CostModel
+from falcon_prune.analysis.costs import CostModel
+from falcon_prune.data.batches import Samples
 from falcon_prune.errors import DataError, ModelError
 
 GRADIENTS = {"n_gradients": 60, "n_validation": 40}

@@ -1,5 +1,5 @@
 """The public facade: ``prune(model, data, flops=..., nnz=..., method=...)`` and
-``count_macs``. The work happens in :mod:`falcon_prune.oneshot` and the engine."""
+``count_macs``. The work happens in :mod:`falcon_prune.runs.oneshot`."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from falcon_prune import channels, oneshot
-from falcon_prune.config import PruneConfig, check_fraction, resolve
-from falcon_prune.distributed import Ranks
+from falcon_prune.analysis.masks import plain_copy
+from falcon_prune.analysis.recount import recount
+from falcon_prune.config import PruneConfig
+from falcon_prune.data.tasks import Task, as_task
 from falcon_prune.errors import BudgetError, ConfigError, ModelError
-from falcon_prune.masks import plain_copy
-from falcon_prune.recount import recount
+from falcon_prune.loss.distributed import Ranks
+from falcon_prune.methods import get_method, method_names
 from falcon_prune.results import PruneResult
-from falcon_prune.tasks import Task, as_task
+from falcon_prune.runs import oneshot
+from falcon_prune.settings import check_fraction, resolve
 
 
 def _rng_devices(device: str) -> list[int]:
@@ -46,7 +48,9 @@ def prune(
     ``data``: tensors ((inputs, targets), a tensor, a dict of tensors), a Dataset, a list
     of samples, a DataLoader or an iterable of batches; batches may be tuples or dicts
     (a HuggingFace ``BatchEncoding`` included), inputs may be integer token ids.
-    ``method``: 'mp', 'mp_flops', 'woodfisher', 'chita', 'falcon' (default) or 'falcon++'.
+    ``method``: a registered method (:data:`~falcon_prune.METHODS`): 'mp', 'mp_flops',
+    'woodfisher', 'chita', 'falcon' (default), 'falcon++', or one added with
+    :func:`~falcon_prune.methods.register_method`.
     ``task``: how a batch runs through the model and its per-sample loss: a
     :class:`~falcon_prune.Task`, a built-in name ('classification' (default),
     'binary_classification', 'regression', 'language_modeling', 'dense_prediction') or a
@@ -63,7 +67,7 @@ def prune(
     ``latency`` (structure='channels'; alone or with ``flops``, not with ``nnz``): the kept fraction
     of the network's time per forward at ``latency_batch`` samples on ``device``, predicted
     from a lookup table of layer times measured on this machine
-    (:mod:`falcon_prune.latency`); ``result.details['latency']`` has the prediction and
+    (:mod:`falcon_prune.analysis.timing`); ``result.details['latency']`` has the prediction and
     the pruned network's time measured against the dense one (reported, not certified:
     timings differ between runs, so a latency budget is not deterministic either).
 
@@ -79,9 +83,7 @@ def prune(
     cfg, given = resolve(method, config, {**settings, **run})
     cfg = _latency_settings(cfg, nnz, latency)
     with torch.random.fork_rng(devices=_rng_devices(cfg.device)):
-        if cfg.structure == "channels":
-            return channels.run(model, data, flops, nnz, cfg, given, progress, latency)
-        return oneshot.run(model, data, flops, nnz, cfg, given, progress)
+        return oneshot.run(model, data, flops, nnz, cfg, given, progress, latency)
 
 
 def _latency_settings(cfg: PruneConfig, nnz: float | None,
@@ -100,8 +102,9 @@ def _latency_settings(cfg: PruneConfig, nnz: float | None,
     if Ranks.current().active:
         raise ConfigError("a latency= budget is measured in one process; run it without "
                           "torchrun (or drop latency=)")
-    if cfg.method not in ("mp_flops", "falcon", "falcon++"):
-        raise ConfigError(f"latency= budgets are met by mp_flops, falcon and falcon++, not "
+    if not get_method(cfg.method).cost_aware:
+        able = [m for m in method_names("channels") if get_method(m).cost_aware]
+        raise ConfigError(f"latency= budgets are met by {', '.join(able)}, not "
                           f"{cfg.method!r} (its rule ignores costs)")
     if nnz is not None:
         raise BudgetError("give nnz= or latency=, not both")
@@ -112,7 +115,7 @@ def count_macs(model: nn.Module, inputs: object, task: Task | str | None = None
                ) -> tuple[float, float]:
     """(kept, dense) multiply-accumulates per sample of the prunable weights of ``model``
     on a batch of model ``inputs`` (run as ``task.call`` says), a weight entry counting as
-    kept when it is non-zero: the independent recount (:mod:`falcon_prune.recount`) every
+    kept when it is non-zero: the independent recount (:mod:`falcon_prune.analysis.recount`) every
     result is checked with. The model is not modified (masks are folded in a copy)."""
     t = as_task(task)
     count = recount(plain_copy(model).eval(), inputs, t.call)

@@ -1,7 +1,7 @@
-"""Command line: ``falcon-prune prune | gradual | evaluate | demo``.
+"""Command line: ``falcon-prune prune | gradual | evaluate | methods | demo``.
 
 Under ``torchrun`` (``torchrun --nproc_per_node=N -m falcon_prune prune ...``), ``prune``
-and ``gradual`` run as one distributed job (:mod:`falcon_prune.distributed`) and rank 0
+and ``gradual`` run as one distributed job (:mod:`falcon_prune.loss.distributed`) and rank 0
 alone prints and writes the outputs.
 
 Every path is checked before any expensive work (the checkpoint is read, the data loaded,
@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from falcon_prune.config import DEFAULTS, EFFORTS, GRADIENT_PRECISIONS, METHODS, defaults
-from falcon_prune.distributed import Ranks, process_group
+from falcon_prune.analysis.masks import masks_of, plain_copy
+from falcon_prune.config import EFFORTS, GRADIENT_PRECISIONS, defaults
 from falcon_prune.errors import ConfigError, DependencyError, FalconPruneError, PathError
-from falcon_prune.masks import masks_of, plain_copy
-from falcon_prune.schedules import KINDS, Schedule
-from falcon_prune.storage import STORAGES, check_scratch_dir
+from falcon_prune.loss.distributed import Ranks, process_group
+from falcon_prune.loss.planning import STORAGES, check_scratch_dir
+from falcon_prune.methods import get_method, method_names
+from falcon_prune.methods.schedules import KINDS, Schedule
 
 DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32,
                "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -68,7 +69,7 @@ def check_plots(*paths: Path | None) -> None:
 
 def _load(a: argparse.Namespace, split: str = "train"):
     """The zoo model with the checkpoint loaded, and the data split (both checked)."""
-    from falcon_prune.data import load_dataset
+    from falcon_prune.data.datasets import load_dataset
     from falcon_prune.models import load_model
 
     model = load_model(a.model, a.checkpoint).eval()
@@ -117,11 +118,12 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_prune(sub) -> None:
-    ms = DEFAULTS["falcon++"]
+    ms = defaults("falcon++")
     p = sub.add_parser("prune", help="prune a checkpoint to FLOP/NNZ budgets")
     _add_model_args(p)
     _add_budget_args(p)
-    p.add_argument("--method", default="falcon", choices=METHODS)
+    p.add_argument("--method", default="falcon", choices=method_names(),
+                   help="a registered method (falcon-prune methods lists them)")
     p.add_argument("--n-gradients", type=int, help="gradients (default 1000; falcon++: "
                    f"{ms.n_gradients} per stage)")
     p.add_argument("--samples-per-gradient", type=int,
@@ -138,6 +140,24 @@ def _add_prune(sub) -> None:
                    "with --nnz)")
     p.add_argument("--latency-batch", type=int, help="batch size the latency is measured at "
                    "(default 1)")
+    _add_loss_model_args(p, ms)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling", choices=["random", "first"])
+    _add_multistage_args(p, ms)
+    p.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+                   help="re-estimate BatchNorm statistics on N samples after pruning")
+    p.add_argument("--output", required=True, type=Path, help="where to save the pruned model")
+    p.add_argument("--report", type=Path, help="also write the report as JSON here")
+    p.add_argument("--trajectory", type=Path, help="falcon++: per-stage trajectory (.csv/.json)")
+    p.add_argument("--plot", type=Path, help="falcon++: plot the trajectory to this PNG")
+    p.add_argument("--summary", type=Path, help="write a markdown summary here")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_loss_model_args(p: argparse.ArgumentParser, ms) -> None:
+    """How the gradient matrix is computed and stored, and the held-out scores' precision
+    (``ms``: falcon++'s defaults, named in the help)."""
     p.add_argument("--block-size", type=int, help="block-diagonal Hessian, blocks of this size")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="storage of the gradient matrix")
     p.add_argument("--gradient-precision", choices=GRADIENT_PRECISIONS,
@@ -153,9 +173,10 @@ def _add_prune(sub) -> None:
     p.add_argument("--scratch-dir", help="directory for an on-disk gradient matrix")
     p.add_argument("--memory-limit-gb", type=float,
                    help="memory limit for the gradient matrix (default: 60%% of available RAM)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampling", choices=["random", "first"])
+
+
+def _add_multistage_args(p: argparse.ArgumentParser, ms) -> None:
+    """A multi-stage method's preset, schedule, revive and resample."""
     p.add_argument("--effort", choices=list(EFFORTS),
                    help="falcon++: preset of stages, gradients and candidates (default: "
                         "default; 'best' is the most accurate in about 2.5x the time, "
@@ -169,21 +190,14 @@ def _add_prune(sub) -> None:
                    "back weights pruned earlier")
     p.add_argument("--no-resample", action="store_true",
                    help="falcon++: every stage's gradients on the same samples")
-    p.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
-                   help="re-estimate BatchNorm statistics on N samples after pruning")
-    p.add_argument("--output", required=True, type=Path, help="where to save the pruned model")
-    p.add_argument("--report", type=Path, help="also write the report as JSON here")
-    p.add_argument("--trajectory", type=Path, help="falcon++: per-stage trajectory (.csv/.json)")
-    p.add_argument("--plot", type=Path, help="falcon++: plot the trajectory to this PNG")
-    p.add_argument("--summary", type=Path, help="write a markdown summary here")
-    p.add_argument("--no-progress", action="store_true")
 
 
 def _add_gradual(sub) -> None:
     g = sub.add_parser("gradual", help="gradual pruning with fine-tuning between steps")
     _add_model_args(g)
     _add_budget_args(g)
-    g.add_argument("--method", default="falcon", choices=[m for m in METHODS if m != "falcon++"])
+    g.add_argument("--method", default="falcon", choices=method_names(multistage=False),
+                   help="a single-stage registered method")
     g.add_argument("--stages", type=int, help="pruning steps (default 5)")
     g.add_argument("--schedule", choices=KINDS, help="schedule shape (default cubic)")
     g.add_argument("--start", type=float, help="kept fraction at the first step")
@@ -216,6 +230,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="accuracy, FLOP and NNZ fractions of a checkpoint")
     _add_model_args(e)
     e.add_argument("--split", default="test")
+    sub.add_parser("methods", help="list the registered methods")
     d = sub.add_parser("demo", help="train a tiny CNN on sklearn digits and prune it")
     d.add_argument("--flops", type=float, default=0.3)
     d.add_argument("--seed", type=int, default=0)
@@ -225,17 +240,20 @@ def _parser() -> argparse.ArgumentParser:
 
 # -- commands --------------------------------------------------------------------------------
 def _multistage_settings(a: argparse.Namespace) -> dict:
-    """falcon++'s schedule, revive and resample from the flags; refused for other methods."""
+    """A multi-stage method's schedule, revive and resample from the flags; refused for the
+    single-stage ones."""
     given = [f"--{k.replace('_', '-')}" for k in MULTISTAGE_ONLY if getattr(a, k) is not None]
     given += ["--revive"] * a.revive + ["--no-resample"] * a.no_resample
-    if a.method != "falcon++":
+    if not get_method(a.method).multistage:
         if given:
-            raise ConfigError(f"{', '.join(given)} only apply to --method falcon++")
+            raise ConfigError(f"{', '.join(given)} only apply to --method "
+                              f"{' or '.join(method_names(multistage=True))} (multi-stage "
+                              "methods)")
         return {}
     out: dict = {"revive": a.revive or None, "resample": False if a.no_resample else None,
                  "effort": a.effort}
     if any(getattr(a, k) is not None for k in ("stages", "schedule", "start", "min_step")):
-        ms = defaults("falcon++", effort=a.effort or "default").schedule
+        ms = defaults(a.method, effort=a.effort or "default").schedule
         out["schedule"] = Schedule(a.stages or ms.stages, a.schedule or "cubic", a.start,
                                    min_step=ms.min_step if a.min_step is None else a.min_step)
     return out
@@ -312,7 +330,8 @@ def cmd_prune(a: argparse.Namespace) -> int:
 
 
 def cmd_gradual(a: argparse.Namespace) -> int:
-    from falcon_prune.gradual import CHECKPOINT_NAME, gradual, read_gradual_checkpoint
+    from falcon_prune.runs.checkpoints import CHECKPOINT_NAME, read_gradual_checkpoint
+    from falcon_prune.runs.gradual import gradual
 
     for path, what in ((a.output, "--output"), (a.history, "--history"), (a.plot, "--plot"),
                        (a.summary, "--summary")):
@@ -326,7 +345,7 @@ def cmd_gradual(a: argparse.Namespace) -> int:
     if any(x is not None for x in (a.stages, a.schedule, a.start)):
         schedule = Schedule(a.stages or 5, a.schedule or "cubic", a.start)
     model, train = _load(a)
-    from falcon_prune.data import load_dataset
+    from falcon_prune.data.datasets import load_dataset
 
     test = None if a.eval_split == "none" else load_dataset(a.dataset, a.data, a.eval_split)
     with process_group(a.device) as device:
@@ -370,9 +389,9 @@ def cmd_gradual(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     """Accuracy on the split, and FLOPs and weights kept against the zoo's dense model
     (so a physically smaller network is measured against the network it came from)."""
+    from falcon_prune.analysis.prunable import prunable_parameters
     from falcon_prune.api import count_macs
-    from falcon_prune.costs import prunable_parameters
-    from falcon_prune.evaluation import evaluate
+    from falcon_prune.data.evaluation import evaluate
     from falcon_prune.models import INPUT_SHAPES, create_model
 
     model, data = _load(a, a.split)
@@ -388,6 +407,17 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods() -> int:
+    """One line per registered method: its name, structures, what it uses, its summary."""
+    for name in method_names():
+        m = get_method(name)
+        uses = [w for w, on in (("gradients", m.gradients), ("held-out", m.held_out),
+                                ("multi-stage", m.multistage)) if on]
+        print(f"{name:<12} {'/'.join(m.structures):<17} {', '.join(uses) or '-':<33} "
+              f"{m.summary}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
@@ -397,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(a)
         if a.command == "gradual":
             return cmd_gradual(a)
+        if a.command == "methods":
+            return cmd_methods()
         from falcon_prune.demo import run_demo
 
         run_demo(flops=a.flops, seed=a.seed, progress=not a.no_progress)

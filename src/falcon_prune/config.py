@@ -1,38 +1,41 @@
-"""Typed, frozen configuration of a pruning run, and each method's defaults.
+"""Typed, frozen configuration: :class:`PruneConfig` (a ``prune`` run) and
+:class:`GradualConfig` (a ``gradual`` run), each method's defaults and falcon++'s presets.
 
-:class:`PruneConfig` holds every setting that changes what ``prune`` computes. Each method
-has its defaults (:func:`defaults`; the single-stage table and falcon++'s sit side by side
-in :data:`DEFAULTS`). A setting that a method does not use is ``None`` in its config, and
-passing one is refused rather than silently ignored. ``prune`` returns the config it
-actually used (with the sampling chosen, the held-out count clipped to the data, ...) in
-``result.config``.
+A method's defaults come from the method registry (:mod:`falcon_prune.methods`): every
+setting it does not use is ``None`` in its config (passing one is refused, never
+ignored), and it may set its own values of the others. ``prune`` and ``gradual`` return
+the config they actually used (with the sampling chosen, the held-out count clipped to the
+data, 'auto' precisions decided, ...). Validation and resolution of given settings live in
+:mod:`falcon_prune.settings`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from falcon_prune.errors import BudgetError, ConfigError, ConfigTypeError
-from falcon_prune.schedules import Schedule, as_schedule
-from falcon_prune.solvers import SolverOptions
-from falcon_prune.storage import check_dtype, check_storage, native_bfloat16
-from falcon_prune.tasks import Task, as_task
+from falcon_prune.data.tasks import Task
+from falcon_prune.errors import ConfigError
+from falcon_prune.methods import MULTISTAGE_SOLVER, get_method, method_names
+from falcon_prune.methods.options import SolverOptions
+from falcon_prune.methods.registry import (
+    GRADIENT_SETTINGS,
+    HELD_OUT_SETTINGS,
+    MULTISTAGE_SETTINGS,
+    STRUCTURES,
+)
+from falcon_prune.methods.schedules import DEFAULT_SCHEDULE, Schedule
 
-METHODS = ("mp", "mp_flops", "woodfisher", "chita", "falcon", "falcon++")
-GRADIENT_METHODS = ("woodfisher", "chita", "falcon", "falcon++")
-STRUCTURES = ("weights", "channels")
 GRADIENT_PRECISIONS = ("model", "bfloat16", "auto")
-#: the methods that choose channel units (structure='channels')
-CHANNEL_METHODS = ("mp", "mp_flops", "falcon", "falcon++")
 #: samples whose BatchNorm statistics ``recalibrate_bn=True`` re-estimates
 BN_SAMPLES = 1000
+#: the settings that only some methods use (a method's registration says which)
+OPTIONAL_SETTINGS = (*GRADIENT_SETTINGS, *HELD_OUT_SETTINGS, "solver", *MULTISTAGE_SETTINGS,
+                     "obs_rank")
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class PruneConfig:
       ``storage`` ('auto', 'memory', 'disk'), ``memory_limit`` (bytes), ``scratch_dir``.
     - ``n_validation`` held-out samples that falcon/falcon++ choose hyperparameters on,
       scored in ``held_out_precision`` ('model', 'bfloat16' or 'auto', as for the rows).
-    - ``solver``: :class:`~falcon_prune.solvers.SolverOptions` (chita, falcon, falcon++).
+    - ``solver``: :class:`~falcon_prune.methods.options.SolverOptions` (chita, falcon, falcon++).
     - falcon++: ``schedule``, ``resample`` (new gradient samples at every stage),
       ``revive`` (let later stages bring pruned weights back).
     - Every method: ``min_density`` (each layer keeps at least this fraction of its
@@ -134,185 +137,6 @@ class PruneConfig:
         return out
 
 
-#: which methods use each setting that not every method uses
-USED_BY: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("n_gradients", "samples_per_gradient", "ridge", "alpha", "block_size",
-                     "dtype", "gradient_precision", "storage", "memory_limit", "scratch_dir"),
-                    GRADIENT_METHODS),
-    **dict.fromkeys(("n_validation", "held_out_precision"), ("falcon", "falcon++")),
-    "solver": ("chita", "falcon", "falcon++"),
-    **dict.fromkeys(("schedule", "stages", "resample", "revive", "effort"), ("falcon++",)),
-}
-
-MULTISTAGE_SOLVER = SolverOptions(max_iter=0, ridges=(1e-4,), cost_exponents=(0.25, 0.5, 0.75),
-                                  saliencies=("magnitude",))
-
-
-def _table() -> dict[str, PruneConfig]:
-    """Each method's defaults: the single-stage ones beside falcon++'s (chosen on a
-    validation split of the CIFAR-10 training images; docs/tuning.md)."""
-    unused = {k: None for k in USED_BY if k != "stages"}
-    out = {}
-    for m in METHODS:
-        base = PruneConfig(method=m)
-        out[m] = base.replace(**{k: v for k, v in unused.items() if m not in USED_BY[k]})
-    out["falcon++"] = out["falcon++"].replace(
-        samples_per_gradient=2, n_validation=1000, alpha=0.01, solver=MULTISTAGE_SOLVER,
-        schedule=Schedule(8, "cubic", min_step=0.01), resample=True, revive=False,
-        gradient_precision="auto", held_out_precision="auto", effort="default")
-    return out
-
-
-DEFAULTS: dict[str, PruneConfig] = _table()
-
-# the defaults before tuning round 16: 12 stages, OBS warm starts, 500 held-out samples,
-# rows and scores in the model's precision
-_OBS_12 = {"schedule": Schedule(12, "cubic", min_step=0.01), "n_validation": 500,
-           "gradient_precision": "model", "held_out_precision": "model",
-           "solver": MULTISTAGE_SOLVER.replace(saliencies=("obs",))}
-
-#: falcon++'s named presets of stages and gradients: the changes to its defaults
-#: (docs/tuning.md has the validation runs that chose them and their cost in units).
-#: The default: 8 cubic stages of 1,000 two-sample rows, magnitude warm starts, 1,000
-#: held-out samples, rows and scores in bfloat16 where the hardware has it (round 16);
-#: 'fast': 6 stages of 500 rows and 500 held-out samples (round 17).
-EFFORTS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "best": _OBS_12,
-    "fast": {"schedule": Schedule(6, "cubic", min_step=0.01), "n_gradients": 500,
-             "n_validation": 500},
-}
-
-
-def _channel_table() -> dict[str, PruneConfig]:
-    """structure='channels' defaults: warm starts from group magnitude and group OBS."""
-    out = {}
-    for m in CHANNEL_METHODS:
-        cfg = DEFAULTS[m].replace(structure="channels", keep_layers=())
-        if m == "falcon":
-            cfg = cfg.replace(solver=SolverOptions(max_iter=0, saliencies=(
-                "magnitude", "obs", "fisher")), obs_rank=256, n_gradients=500, n_validation=500)
-        if m == "falcon++":  # tuning round 'channels 1' on the validation split
-            cfg = cfg.replace(solver=MULTISTAGE_SOLVER.replace(saliencies=(
-                "magnitude", "obs", "fisher")), obs_rank=256, revive=None, n_gradients=500,
-                samples_per_gradient=1, schedule=Schedule(4, "cubic", min_step=0.01),
-                n_validation=500, gradient_precision="model", held_out_precision="model",
-                effort="default")
-        out[m] = cfg
-    return out
-
-
-CHANNEL_DEFAULTS: dict[str, PruneConfig] = _channel_table()
-
-
-def defaults(method: str = "falcon", structure: str = "weights",
-             effort: str = "default") -> PruneConfig:
-    """The default :class:`PruneConfig` of ``method`` (for ``structure`` 'weights' or
-    'channels'); for falcon++, ``effort`` names a preset of :data:`EFFORTS`."""
-    if effort != "default":
-        if effort not in EFFORTS:
-            raise ConfigError(f"effort must be one of {', '.join(EFFORTS)}, got {effort!r}")
-        if method != "falcon++" or structure != "weights":
-            raise ConfigError(f"effort={effort!r} is a preset of falcon++ with "
-                              "structure='weights'; drop it")
-        return DEFAULTS[method].replace(effort=effort, **EFFORTS[effort])
-    if method not in DEFAULTS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if structure not in STRUCTURES:
-        raise ConfigError(f"structure must be one of {STRUCTURES}, got {structure!r}")
-    if structure == "channels":
-        if method not in CHANNEL_DEFAULTS:
-            raise ConfigError(f"structure='channels' supports {', '.join(CHANNEL_METHODS)}; "
-                              f"{method!r} chooses single weights only")
-        return CHANNEL_DEFAULTS[method]
-    return DEFAULTS[method]
-
-
-def multistage_options(**changes: Any) -> SolverOptions:
-    """falcon++'s default :class:`SolverOptions` with ``changes`` applied, e.g.
-    ``multistage_options(ridges=(1e-3,))`` to change one choice and keep the others."""
-    return MULTISTAGE_SOLVER.replace(**changes)
-
-
-# -- validation ------------------------------------------------------------------------------
-def check_fraction(name: str, value: object) -> float | None:
-    """A budget fraction in (0, 1] or None (numpy scalars accepted); else the fix."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigTypeError(
-            f"{name} must be a number in (0, 1] (the fraction of the dense model to keep) or "
-            f"None, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if math.isnan(v) or not 0 < v <= 1:
-        raise BudgetError(
-            f"{name}={value!r} is not a fraction in (0, 1]: it is the fraction of the dense "
-            f"model to keep (e.g. {name}=0.3 keeps 30 %)")
-    return v
-
-
-def check_device(device: object) -> str:
-    """The device as text ('cpu', 'cuda:0'), or a ConfigError that says what is usable."""
-    try:
-        dev = torch.device(device)  # type: ignore[arg-type]
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda')") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but torch sees no CUDA GPU here; use device='cpu'")
-    return str(dev)
-
-
-def _integer(low: int):
-    def check(name: str, v: object) -> int:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-            raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
-        return int(v)
-    return check
-
-
-def _real(ok, rule: str):
-    def check(name: str, v: object) -> float:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise ConfigTypeError(f"{name} must be a number ({rule}), got {v!r}")
-        if math.isnan(float(v)) or not ok(float(v)):
-            raise ConfigError(f"{name}={v!r} is out of range: {rule}")
-        return float(v)
-    return check
-
-
-def _flag(name: str, v: object) -> bool:
-    if not isinstance(v, bool):
-        raise ConfigTypeError(f"{name} must be True or False, got {v!r}")
-    return v
-
-
-def _optional(check):
-    return lambda name, v: None if v is None else check(name, v)
-
-
-def _solver(name: str, v: object) -> SolverOptions:
-    if not isinstance(v, SolverOptions):
-        raise ConfigTypeError(f"{name} must be a falcon_prune.SolverOptions, got {v!r}")
-    return v
-
-
-def _bn(name: str, v: object) -> int:
-    if isinstance(v, bool):
-        return BN_SAMPLES if v else 0
-    return _integer(0)(name, v)
-
-
-def _selector(name: str, v: object) -> object:
-    """A parameter selector: a glob, a module type, a predicate, or a list of them."""
-    items = v if isinstance(v, (list, tuple, set, frozenset)) else [v]
-    for item in items:
-        if not (isinstance(item, (str, type)) or callable(item)):
-            raise ConfigTypeError(f"{name} takes parameter or module names (globs), module "
-                                  "types, predicates (name, module) -> bool, or lists of "
-                                  f"them; got {item!r}")
-    return tuple(v) if isinstance(v, (list, set, frozenset)) else v
-
-
 def _describe(v: object) -> object:
     """A JSON-ready description of a selector."""
     if isinstance(v, (list, tuple, set, frozenset)):
@@ -324,167 +148,132 @@ def _describe(v: object) -> object:
     return f"function {getattr(v, '__qualname__', repr(v))}"
 
 
-def _names(name: str, v: object) -> tuple[str, ...]:
-    if isinstance(v, str) or not isinstance(v, (list, tuple)) or not all(
-            isinstance(x, str) for x in v):
-        raise ConfigTypeError(f"{name} must be a list of module names, got {v!r}")
-    return tuple(v)
+class _MethodNames(Sequence):
+    """The names of the registered methods, as registered now (a live view)."""
+
+    def __getitem__(self, i):
+        return method_names()[i]
+
+    def __len__(self) -> int:
+        return len(method_names())
+
+    def __repr__(self) -> str:
+        return repr(method_names())
 
 
-def _choice(options: Sequence):
-    def check(name: str, v: object) -> object:
-        if v not in options:
-            raise ConfigError(f"{name} must be one of {', '.join(map(repr, options))}, got {v!r}")
-        return v
-    return check
+class _Defaults(Mapping):
+    """{method: its default PruneConfig for structure='weights'} of the registered methods
+    (a live view; :func:`defaults` also gives structure='channels' and the presets)."""
+
+    def __getitem__(self, method: str) -> PruneConfig:
+        if method not in method_names():
+            raise KeyError(method)
+        return defaults(method)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(method_names())
+
+    def __len__(self) -> int:
+        return len(method_names())
 
 
-CHECKS = {
-    "n_gradients": _integer(1), "samples_per_gradient": _integer(1),
-    "n_validation": _integer(0), "seed": _integer(0),
-    "ridge": _real(lambda v: 0 < v < math.inf, "> 0, e.g. 1e-3"),
-    "alpha": _real(lambda v: 0 <= v < math.inf, ">= 0"),
-    "block_size": _optional(_integer(1)), "solver": _solver,
-    "resample": _flag, "revive": _flag, "allow_empty_layers": _flag,
-    "min_density": _real(lambda v: 0 <= v < 1, "a fraction in [0, 1) of each layer's weights"),
-    "recalibrate_bn": _bn, "sampling": _choice((None, "random", "first")),
-    "dtype": lambda name, v: check_dtype(v), "storage": lambda name, v: check_storage(v),
-    "gradient_precision": _choice(GRADIENT_PRECISIONS),
-    "held_out_precision": _choice(GRADIENT_PRECISIONS),
-    "memory_limit": _optional(lambda n, v: int(_real(lambda x: x > 0, "> 0 bytes")(n, v))),
-    "scratch_dir": _optional(lambda name, v: str(v)),
-    "device": lambda name, v: check_device(v), "task": lambda name, v: as_task(v),
-    "structure": _choice(STRUCTURES), "obs_rank": _optional(_integer(1)),
-    "include": lambda name, v: _selector(name, v), "exclude": lambda name, v: _selector(name, v),
-    "flops_of": _choice(("prunable", "model")),
-    "round_to": _optional(_integer(1)), "latency_batch": _optional(_integer(1)),
-    "keep_layers": lambda name, v: _names(name, v),
+#: the registered methods' names
+METHODS: Sequence[str] = _MethodNames()
+#: each registered method's defaults (structure='weights')
+DEFAULTS: Mapping[str, PruneConfig] = _Defaults()
+
+#: falcon++'s named presets: the changes to its defaults (docs/tuning.md has the runs that
+#: chose them and their cost). 'default': 8 cubic stages of 1,000 two-sample rows,
+#: magnitude warm starts, 1,000 held-out samples, rows and scores in bfloat16 where the
+#: hardware has it; 'best': 12 stages, OBS warm starts, 500 held-out samples, in the
+#: model's precision (the most accurate, about 2.5 times the time); 'fast': 6 stages of
+#: 500 rows and 500 held-out samples (about 0.4 times the time).
+EFFORTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "best": {"schedule": Schedule(12, "cubic", min_step=0.01), "n_validation": 500,
+             "gradient_precision": "model", "held_out_precision": "model",
+             "solver": MULTISTAGE_SOLVER.replace(saliencies=("obs",))},
+    "fast": {"schedule": Schedule(6, "cubic", min_step=0.01), "n_gradients": 500,
+             "n_validation": 500},
 }
 
-_WHY_UNUSED = {
-    "n_gradients": "it builds no loss model from gradients",
-    "n_validation": "only falcon and falcon++ choose hyperparameters on held-out samples",
-    "held_out_precision": "only falcon and falcon++ score candidates on held-out samples",
-    "solver": "only chita, falcon and falcon++ have solver options",
-    "schedule": "it is single-stage (use method='falcon++' for stages)",
-}
 
-
-def _why(key: str) -> str:
-    if key in ("schedule", "stages", "resample", "revive", "effort"):
-        return _WHY_UNUSED["schedule"]
-    return _WHY_UNUSED.get(key, _WHY_UNUSED["n_gradients"])
-
-
-def _check_keys(method: str, settings: dict) -> None:
-    names = {f.name for f in dataclasses.fields(PruneConfig)} | {"stages"}
-    unknown = sorted(set(settings) - names)
-    if unknown:
-        import difflib
-
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, 1))
-                 else k for k in unknown]
-        raise ConfigError(f"unknown setting {', '.join(hints)}; the settings are "
-                          f"{', '.join(sorted(names))}")
-    unused = [k for k in settings if k in USED_BY and method not in USED_BY[k]]
-    if unused:
-        raise ConfigError(f"method={method!r} does not use {', '.join(unused)}: {_why(unused[0])}"
-                          "; drop it")
-
-
-def _check_structure(structure: str, method: str, settings: dict) -> None:
-    only = [k for k in ("keep_layers", "obs_rank", "round_to", "latency_batch")
-            if k in settings]
-    if structure == "weights" and only:
-        raise ConfigError(f"{', '.join(only)} apply to structure='channels'; drop them or "
-                          "pass structure='channels'")
+def defaults(method: str = "falcon", structure: str = "weights",
+             effort: str = "default") -> PruneConfig:
+    """The default :class:`PruneConfig` of the registered ``method`` for ``structure``
+    ('weights' or 'channels'); for falcon++, ``effort`` names a preset of
+    :data:`EFFORTS`."""
+    m = get_method(method)
+    if structure not in STRUCTURES:
+        raise ConfigError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+    if effort != "default":
+        if effort not in EFFORTS:
+            raise ConfigError(f"effort must be one of {', '.join(EFFORTS)}, got {effort!r}")
+        if method != "falcon++" or structure != "weights":
+            raise ConfigError(f"effort={effort!r} is a preset of falcon++ with "
+                              "structure='weights'; drop it")
+    if structure not in m.structures:
+        only = "single weights" if m.structures == ("weights",) else " or ".join(m.structures)
+        raise ConfigError(f"structure={structure!r} supports "
+                          f"{', '.join(method_names(structure))}; {method!r} chooses "
+                          f"{only} only")
+    unused = {k: None for k in OPTIONAL_SETTINGS if k != "stages" and k not in m.uses}
+    cfg = PruneConfig(method=method).replace(**unused, **m.defaults)
+    if m.multistage and cfg.schedule is None:
+        cfg = cfg.replace(schedule=DEFAULT_SCHEDULE)
     if structure == "channels":
-        bad = [k for k in ("revive", "block_size") if k in settings]
-        if bad:
-            raise ConfigError(f"structure='channels' does not take {', '.join(bad)}: units "
-                              "are removed for good, and the group saliency needs the full "
-                              "Hessian model")
-        if settings.get("flops_of", "prunable") != "prunable":
-            raise ConfigError("structure='channels' counts the FLOP budget on the prunable "
-                              "layers' MACs (flops_of='prunable'); removing channels also "
-                              "changes the operations without weights")
-        if settings.get("allow_empty_layers"):
-            raise ConfigError("structure='channels' keeps at least one channel of every "
-                              "group (a layer with no channel cannot run); drop "
-                              "allow_empty_layers")
-        if "obs_rank" in settings and method not in ("falcon", "falcon++"):
-            raise ConfigError(f"obs_rank is the rank of falcon's group OBS saliency; "
-                              f"method={method!r} does not use it")
+        cfg = cfg.replace(structure="channels", keep_layers=(), **m.channel_defaults)
+    if effort != "default":
+        cfg = cfg.replace(effort=effort, **EFFORTS[effort])
+    return cfg
 
 
-def _schedule(base: PruneConfig, settings: dict) -> Schedule | None:
-    """falcon++'s schedule from ``schedule`` (a Schedule, a shape name or a list of kept
-    fractions) and ``stages``; a named shape gets the default ``min_step``."""
-    default = DEFAULTS["falcon++"].schedule
-    stages = settings.get("stages")
-    if "schedule" not in settings:
-        if stages is None or base.schedule is None:
-            return base.schedule
-        if base.schedule.levels is not None:
-            raise ConfigError("stages disagrees with the explicit levels of the schedule")
-        return dataclasses.replace(base.schedule, stages=_integer(1)("stages", stages))
-    value = settings["schedule"]
-    if value is not None and not isinstance(value, (Schedule, str, Sequence)):
-        raise ConfigTypeError(f"schedule must be a Schedule, a shape name or a list of kept "
-                              f"fractions, got {value!r}")
-    try:
-        return as_schedule(value, stages, default.stages, default.min_step)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+def multistage_options(**changes: Any) -> SolverOptions:
+    """falcon++'s default :class:`SolverOptions` with ``changes`` applied, e.g.
+    ``multistage_options(ridges=(1e-3,))`` to change one choice and keep the others."""
+    return MULTISTAGE_SOLVER.replace(**changes)
 
 
-def resolve(method: str | None, config: PruneConfig | None, settings: dict
-            ) -> tuple[PruneConfig, frozenset[str]]:
-    """The run's config: ``config`` (or the method's defaults) with ``settings`` (keyword
-    arguments; None values count as not given) applied, every field validated. Returns it
-    and the names of the settings the caller chose."""
-    if config is not None and not isinstance(config, PruneConfig):
-        raise ConfigTypeError(f"config must be a falcon_prune.PruneConfig, got {config!r}")
-    method = method if method is not None else (config.method if config else "falcon")
-    settings = {k: v for k, v in settings.items() if v is not None}
-    structure = CHECKS["structure"]("structure", settings.get(
-        "structure", config.structure if config is not None else "weights"))
-    effort = settings.pop("effort", None) if method == "falcon++" else None
-    if effort is not None and config is not None and config.effort != effort:
-        raise ConfigError(f"effort={effort!r} but config.effort={config.effort!r}; give the "
-                          "effort in one place (or take the config from defaults(..., effort))")
-    base = defaults(method, structure, effort or "default")
-    if config is not None:
-        if config.method != method:
-            raise ConfigError(f"method={method!r} but config.method={config.method!r}; give "
-                              "the method in one place")
-        if config.structure != structure:
-            raise ConfigError(f"structure={structure!r} but config.structure="
-                              f"{config.structure!r}; give the structure in one place")
-        base = config
-    _check_keys(method, settings)
-    _check_structure(structure, method, settings)
-    given = {f.name for f in dataclasses.fields(PruneConfig)
-             if getattr(base, f.name) != getattr(defaults(method, structure, base.effort or
-                                                          "default"), f.name)}
-    given |= set(settings)
-    values = {k: v for k, v in settings.items() if k not in ("schedule", "stages")}
-    out = base.replace(**values, schedule=_schedule(base, settings))
-    for f in dataclasses.fields(out):
-        v = getattr(out, f.name)
-        if f.name in CHECKS and v is not None:
-            out = dataclasses.replace(out, **{f.name: CHECKS[f.name](f.name, v)})
-    if out.task is None:
-        out = out.replace(task=as_task(None))
-    return out, frozenset(given)
+@dataclass(frozen=True)
+class GradualConfig:
+    """Every setting of a gradual run: the budget ``schedule`` (default 5 cubic stages),
+    ``epochs_per_stage`` fine-tuning epochs after each pruning step and ``final_epochs`` at
+    the target, ``batch_size``, the default optimizer's ``lr``, ``momentum`` and
+    ``weight_decay`` (SGD, cosine LR per epoch), ``bn_batches`` training batches that
+    BatchNorm statistics are re-estimated on after each step, and ``step``: the
+    :class:`PruneConfig` of every pruning step (method, gradients, held-out samples,
+    solver, floors, task, seed, device)."""
+
+    step: PruneConfig
+    schedule: Schedule = Schedule(5, "cubic")
+    epochs_per_stage: int = 1
+    final_epochs: int = 2
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    bn_batches: int = 20
+
+    def replace(self, **changes: Any) -> GradualConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["step"] = self.step.to_dict()
+        out["schedule"] = {k: list(v) if isinstance(v, tuple) else v
+                           for k, v in dataclasses.asdict(self.schedule).items()}
+        return out
 
 
-def resolve_precisions(cfg: PruneConfig, model_dtype: torch.dtype) -> PruneConfig:
-    """``cfg`` with each 'auto' precision decided for a model of ``model_dtype`` (its own
-    floating dtype): 'bfloat16' where ``cfg.device`` multiplies it natively and the model
-    is not float64 (a float64 model is pruned in float64), else 'model'. The run reports
-    the decided values."""
-    fast = native_bfloat16(cfg.device) and model_dtype != torch.float64
-    return cfg.replace(**{name: "bfloat16" if fast else "model"
-                          for name in ("gradient_precision", "held_out_precision")
-                          if getattr(cfg, name) == "auto"})
+def gradual_defaults(method: str = "falcon", structure: str = "weights") -> GradualConfig:
+    """The default :class:`GradualConfig` of ``method`` (any single-stage method) and
+    ``structure``; its steps use 500 gradients and 500 held-out samples."""
+    if get_method(method).multistage:
+        raise ConfigError(f"{method} is multi-stage one-shot pruning; gradual's steps use a "
+                          "single-stage method (e.g. method='falcon')")
+    step = defaults(method, structure)
+    if step.n_gradients is not None:
+        step = step.replace(n_gradients=500)
+    if step.n_validation is not None:
+        step = step.replace(n_validation=500)
+    return GradualConfig(step=step)

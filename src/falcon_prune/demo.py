@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from falcon_prune.api import prune
+from falcon_prune.data.evaluation import accuracy
 from falcon_prune.errors import DependencyError
-from falcon_prune.evaluation import accuracy
 
 
 class DigitsNet(nn.Module):

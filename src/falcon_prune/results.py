@@ -1,4 +1,5 @@
-"""What a pruning run returns, and how it is written out."""
+"""What a run returns (:class:`PruneResult`, :class:`GradualResult`), and how it is
+written out."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import resource
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from falcon_prune.config import PruneConfig
-from falcon_prune.costs import ExcludedLayer
+from falcon_prune.analysis.prunable import ExcludedLayer
 from falcon_prune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from falcon_prune.config import GradualConfig, PruneConfig
 
 
 @dataclass
@@ -110,6 +114,30 @@ class PruneResult:
     def write_trajectory(self, path: str | Path) -> Path:
         """Write the per-stage trajectory (falcon++) as CSV or JSON, by the file suffix."""
         return write_rows(self.stages, path)
+
+
+@dataclass
+class GradualResult:
+    """What ``gradual`` returns: the pruned, fine-tuned ``model`` (masks attached), the
+    ``config`` used, its kept fractions (recounted), the ``history`` (one row per pruning
+    step and per epoch) and seconds per phase."""
+
+    model: nn.Module
+    config: GradualConfig
+    flops_budget: float | None
+    nnz_budget: float | None
+    flops_fraction: float
+    nnz_fraction: float
+    history: list[dict]
+    times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.config.step.method
+
+    def write_history(self, path: str | Path) -> Path:
+        """The history as CSV or JSON (by suffix)."""
+        return write_rows(self.history, path)
 
 
 def write_rows(rows: list[dict], path: str | Path) -> Path:

@@ -1,0 +1,2 @@
+"""The loss model: per-sample gradients and where they are stored, the quadratic model Q,
+saliencies from it, held-out scores, and sharing the work across processes."""

@@ -1,0 +1,2 @@
+"""Choosing what to keep under both budgets: the ILP over weights (with per-layer floors),
+the two-budget knapsack over channel units."""
