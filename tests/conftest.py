@@ -31,6 +31,40 @@ def bfloat16_hardware(request, monkeypatch):
     return request.param == "native"
 
 
+#: seconds of a call on the shape clock: a fixed overhead and a time per multiply-accumulate
+CALL_SECONDS, MAC_SECONDS = 2e-5, 1e-9
+
+
+def shape_seconds(fn) -> float:
+    """The shape clock's seconds of one call of ``fn``: by its MACs, never by a timer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        fn()
+    return CALL_SECONDS + MAC_SECONDS * counter.get_total_flops() / 2
+
+
+@pytest.fixture
+def shape_clock(monkeypatch):
+    """Latency measurements that depend on the shapes only (seconds from MACs), so that
+    tests of latency budgets pass on any machine, busy or idle: every interleaved timing
+    and the layers' times inside the network."""
+    from falcon_prune.analysis import timing
+    from falcon_prune.runs import latency
+
+    def interleaved(runs, repeats, device, repeat_seconds=0.004):
+        return {k: shape_seconds(fn) for k, fn in runs.items()}
+
+    def inside(model, call, inputs, layers, repeats, device):
+        own = {k: lay.calls * (shape_seconds(lambda m=lay: m.module(m.x)) - CALL_SECONDS)
+               for k, lay in layers.items()}
+        return shape_seconds(lambda: call(model, inputs)), own
+
+    monkeypatch.setattr(timing, "interleaved_seconds", interleaved)
+    monkeypatch.setattr(latency, "interleaved_seconds", interleaved)
+    monkeypatch.setattr(timing, "_inside_seconds", inside)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -102,7 +102,7 @@ def test_prune_recalibrate_bn_counts_and_validation(bn_cnn, data):
     assert plain.details["batchnorm"] == "no BatchNorm layers"
 
 
-def test_falcon_pp_recalibrates_after_the_last_stage(bn_cnn, data):
+def test_falcon_pp_recalibrates_after_the_last_stage(bn_cnn, data, bfloat16_hardware):
     x, _ = data
     kw = dict(flops=0.3, method="falcon++", stages=2, n_gradients=60, samples_per_gradient=1,
               n_validation=60, solver=fp.multistage_options(cost_exponents=(0.5,)),

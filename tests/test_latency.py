@@ -26,6 +26,14 @@ TASK = as_task(None)
 KW = dict(structure="channels", progress=False, n_gradients=60, n_validation=60)
 
 
+@pytest.fixture(autouse=True)
+def clock(request):
+    """Every test here times by shapes (``shape_clock``: the same on any machine, busy or
+    idle), but the one marked ``real_clock``."""
+    if "real_clock" not in request.keywords:
+        request.getfixturevalue("shape_clock")
+
+
 def image_data(channels=3, n=200, size=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, channels, size, size, generator=g), torch.randint(0, 3, (n,),
@@ -213,6 +221,23 @@ def test_latency_with_every_channel_count():
                  structure="channels", progress=False, round_to=1, latency_batch=16)
     assert r.config.latency_batch == 16 and r.config.round_to == 1
     assert r.flops_budget is None and r.details["latency"]["predicted_fraction"] <= 0.85 + 1e-9
+
+
+@pytest.mark.real_clock
+@pytest.mark.filterwarnings("ignore:the pruned network ran")
+def test_a_latency_budget_with_the_real_clock():
+    """The real timers, once: whatever this machine's speed and load, the run measures
+    both networks and reports its table (a machine too busy to see any saving is told so
+    with a BudgetError before any pruning)."""
+    try:
+        r = fp.prune(WideResNet().eval(), image_data(size=16), latency=0.9, method="mp_flops",
+                     structure="channels", progress=False, latency_batch=16)
+    except BudgetError as e:
+        assert "latency budget keeps" in str(e)
+        return
+    lat = r.details["latency"]
+    assert lat["dense_ms"] > 0 and lat["pruned_ms"] > 0 and lat["widths_timed"] > 0
+    assert 0.5 <= lat["calibration"]["scale"] <= 2.0
 
 
 @pytest.mark.parametrize("kw, exc, match", [

@@ -38,7 +38,8 @@ def weights_of(model):
     return torch.cat([m.weight.detach().reshape(-1) for m in (plain.c1, plain.c2, plain.fc)])
 
 
-def test_every_stage_meets_its_budgets_and_never_revives(cnn, data, monkeypatch):
+def test_every_stage_meets_its_budgets_and_never_revives(cnn, data, monkeypatch,
+                                                       bfloat16_hardware):
     calls = record_steps(monkeypatch)
     before = state(cnn)
     r = fp.prune(cnn, data, flops=0.3, nnz=0.5, method="falcon++",

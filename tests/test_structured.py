@@ -727,7 +727,7 @@ def test_cli_prune_channels_and_evaluate(files, tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:the pruned network ran")
-def test_cli_latency_budget(files, tmp_path, capsys):
+def test_cli_latency_budget(files, tmp_path, capsys, shape_clock):
     ckpt, npz = files
     out = tmp_path / "fast.pt"
     args = ["prune", "--model", "mlpnet", "--checkpoint", str(ckpt), "--dataset", "mnist",
