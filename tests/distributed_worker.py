@@ -46,6 +46,12 @@ def run(job: str, b: dict) -> dict:
         except fp.FalconPruneError as e:
             return {"error": type(e).__name__, "message": str(e)}
         return {"error": None}
+    if job == "gram":  # the Gram matrix of bfloat16 rows of the bundle's model
+        model, (x, y) = b["model"], b["data"]
+        cm = CostModel.from_model(model, x[:1])
+        X = fp.gradient_store(model, cm, Samples((x, y)), b["kwargs"]["n"], progress=False,
+                              precision=torch.bfloat16)
+        return {"gram": X.gram()}
     if job == "rows":
         x, y = b["data"]
         cm = CostModel.from_model(b["model"], x[:1])

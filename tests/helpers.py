@@ -246,3 +246,11 @@ class GroupedQueryNet(HeadAttentionNet):
         k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
         a = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5, -1) @ v
         return self.fc(self.out(a.transpose(1, 2).reshape(n, t, -1)).mean(1))
+
+
+def global_methods() -> list[str]:
+    """The registered methods that run with the global loss model (every built-in but the
+    layer-wise sparsegpt and wanda, which need a model of repeated blocks)."""
+    import falcon_prune as fp
+
+    return [m for m in fp.METHODS if "global" in fp.methods.get_method(m).loss_models]

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import SmallCNN, TinyAttention, same_state, small_data, state
+from helpers import SmallCNN, TinyAttention, global_methods, same_state, small_data, state
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 from torch.utils.data import DataLoader, TensorDataset
@@ -31,7 +31,7 @@ def layer_weights(model):
     return [m.weight for m in (plain.c1, plain.c2, plain.fc)]
 
 
-@pytest.mark.parametrize("method", fp.METHODS)
+@pytest.mark.parametrize("method", global_methods())
 def test_prune_returns_masked_copy_within_budgets(cnn, data, method):
     before = state(cnn)
     r = fp.prune(cnn, data, flops=0.4, nnz=0.6, method=method, progress=False,

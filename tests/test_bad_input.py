@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SmallCNN, same_state, small_data, state
+from helpers import SmallCNN, global_methods, same_state, small_data, state
 from torch import nn
 
 import falcon_prune as fp
@@ -60,7 +60,7 @@ def token_data(n=160):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, 0] % 3}
 
 
-@pytest.mark.parametrize("method", fp.METHODS)
+@pytest.mark.parametrize("method", global_methods())
 def test_integer_token_inputs_prune_with_every_method(method):
     model, data = TokenClassifier().eval(), token_data()
     before = state(model)

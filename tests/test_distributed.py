@@ -188,3 +188,41 @@ def test_cli_under_torchrun_writes_once_and_matches_one_process(tmp_path, capsys
         assert torch.equal(two["masks"][name], mask), name
     for name, value in one["state_dict"].items():
         assert torch.allclose(two["state_dict"][name], value, atol=1e-6), name
+
+
+@pytest.mark.parametrize("side", ["0", "1"])
+def test_bfloat16_rows_give_the_single_process_gram_on_both_hardware_sides(tmp_path, side,
+                                                                           monkeypatch):
+    """A float32 model's rows computed in bfloat16: their Gram over two ranks (each rank's
+    rows against every other's, under oneDNN's bf16 precision where the hardware has it,
+    forced either way) equals one process's to float32 rounding."""
+    from falcon_prune.loss.storage import NATIVE_BFLOAT16_ENV
+
+    monkeypatch.setenv(NATIVE_BFLOAT16_ENV, side)  # the ranks inherit the environment
+    model = trained_cnn()
+    x, y = small_data(40)
+    cm = CostModel.from_model(model, x[:1])
+    one = fp.gradient_store(model, cm, Samples((x, y)), 24, progress=False,
+                            precision=torch.bfloat16)
+    ranks = torchrun(tmp_path, "gram", model, (x, y), n=24)
+    ref = one.gram()
+    for r in ranks:
+        assert torch.allclose(r["gram"], ref, rtol=1e-5, atol=1e-7 * float(ref.abs().max()))
+
+
+def test_layerwise_masks_of_two_ranks_are_one_process_masks(tmp_path):
+    """Layer-wise calibration under torchrun: the ranks split the sequences and sum their
+    Grams; every rank ends with the one-process masks."""
+    T = pytest.importorskip("transformers", reason="needs transformers ([hf] extra)")
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(2))
+    kw = dict(task="language_modeling", method="falcon", loss_model="layerwise", nnz=0.5,
+              n_calibration=16)
+    single = fp.prune(model, ids, progress=False, **kw)
+    ranks = torchrun(tmp_path, "prune", model, ids, **kw)
+    ref = {lay.name: single.model.get_parameter(lay.name) != 0 for lay in single.layers}
+    for r in ranks:
+        assert all(torch.equal(r["state"][k] != 0, ref[k]) for k in ref)

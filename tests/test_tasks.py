@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import same_state, state
+from helpers import global_methods, same_state, state
 from torch import nn
 
 import falcon_prune as fp
@@ -520,7 +520,7 @@ def test_int32_labels_work_like_int64(cnn, data):
 DTYPES = [torch.float64, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("method", fp.METHODS)
+@pytest.mark.parametrize("method", global_methods())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_dtype_and_method(cnn, data, dtype, method):
     model = copy.deepcopy(cnn).to(dtype)

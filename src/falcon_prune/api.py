@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from falcon_prune.analysis.blocks import find_blocks, outside
 from falcon_prune.analysis.masks import plain_copy
 from falcon_prune.analysis.recount import recount
 from falcon_prune.config import PruneConfig
@@ -16,7 +17,8 @@ from falcon_prune.errors import BudgetError, ConfigError, ModelError
 from falcon_prune.loss.distributed import Ranks
 from falcon_prune.methods import get_method, method_names
 from falcon_prune.results import PruneResult
-from falcon_prune.runs import oneshot
+from falcon_prune.runs import layerwise, oneshot
+from falcon_prune.runs.setup import check_model
 from falcon_prune.settings import check_fraction, resolve
 
 
@@ -82,8 +84,33 @@ def prune(
            if v is not None}
     cfg, given = resolve(method, config, {**settings, **run})
     cfg = _latency_settings(cfg, nnz, latency)
+    check_model(model)
+    cfg = _language_model_layers(model, cfg)
+    note = None
+    if cfg.loss_model is not None:
+        cfg, note = layerwise.choose_loss_model(model, cfg, given)
     with torch.random.fork_rng(devices=_rng_devices(cfg.device)):
-        return oneshot.run(model, data, flops, nnz, cfg, given, progress, latency)
+        if cfg.loss_model == "layerwise":
+            result = layerwise.run(model, data, flops, nnz, cfg, given, progress)
+        else:
+            result = oneshot.run(model, data, flops, nnz, cfg, given, progress, latency)
+    if note is not None:
+        result.details["loss_model_choice"] = note
+    return result
+
+
+def _language_model_layers(model: nn.Module, cfg: PruneConfig) -> PruneConfig:
+    """A language model's prunable set defaults to the linear layers of its repeated
+    blocks (embeddings and the often tied output head stay dense), unless include= or
+    exclude= say otherwise."""
+    if cfg.task.name != "language_modeling" or cfg.include is not None or (
+            cfg.exclude is not None):
+        return cfg
+    try:
+        blocks = find_blocks(model, cfg.blocks)
+    except (ConfigError, ModelError):
+        return cfg
+    return cfg.replace(exclude=outside(blocks))
 
 
 def _latency_settings(cfg: PruneConfig, nnz: float | None,

@@ -57,6 +57,14 @@ def check_output(path: Path | None, what: str) -> None:
                         "another path") from e
 
 
+def check_output_dir(path: Path, what: str) -> None:
+    """Refuse an output directory that is a file or cannot be created."""
+    if path.exists() and not path.is_dir():
+        raise PathError(f"{what} {path} is a file; give a directory (save_pretrained writes "
+                        "several files)")
+    check_output(path / "config.json", what)
+
+
 def check_plots(*paths: Path | None) -> None:
     """Plots need matplotlib: refuse before the work when it is missing."""
     if any(p is not None for p in paths):
@@ -92,13 +100,54 @@ def _save_model(path: Path, name: str, model, report: dict, structure: str = "we
 
 # -- arguments -------------------------------------------------------------------------------
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """A zoo model (--model, --checkpoint, --dataset, --data) or a language model (--hf,
+    --text)."""
     from falcon_prune.models import MODELS
 
-    p.add_argument("--model", required=True, choices=sorted(MODELS), help="zoo architecture")
-    p.add_argument("--checkpoint", required=True, type=Path, help="weights to load")
-    p.add_argument("--dataset", required=True, choices=["mnist", "cifar10", "imagenet"])
-    p.add_argument("--data", required=True, type=Path,
+    p.add_argument("--model", choices=sorted(MODELS), help="zoo architecture")
+    p.add_argument("--checkpoint", type=Path, help="weights to load")
+    p.add_argument("--dataset", choices=["mnist", "cifar10", "imagenet"])
+    p.add_argument("--data", type=Path,
                    help="data directory or .npz file (see docs/api.md: data)")
+    p.add_argument("--hf", type=Path, metavar="DIR_OR_GGUF",
+                   help="a HuggingFace causal language model: a directory or a .gguf file "
+                        "(instead of --model/--checkpoint/--dataset/--data)")
+    p.add_argument("--text", type=Path, nargs="+", metavar="FILE",
+                   help="with --hf: text files, cut into sequences of --seq-len tokens")
+    p.add_argument("--seq-len", type=int, default=512, help="with --hf: tokens per sequence")
+    p.add_argument("--max-sequences", type=int, help="with --hf: use at most this many")
+
+
+def _source(a: argparse.Namespace) -> str:
+    """'hf' or 'zoo', after checking that exactly one kind of model was given in full."""
+    zoo = {"--model": a.model, "--checkpoint": a.checkpoint, "--dataset": a.dataset,
+           "--data": a.data}
+    if a.hf is not None:
+        extra = [k for k, v in zoo.items() if v is not None]
+        if extra or not a.text:
+            raise ConfigError("--hf takes --text FILE (the text to calibrate or evaluate "
+                              "on)" + (f" and not {', '.join(extra)}" if extra else ""))
+        if a.seq_len < 2:
+            raise ConfigError(f"--seq-len must be at least 2, got {a.seq_len}")
+        for path in [a.hf, *a.text]:
+            if not path.exists():
+                raise PathError(f"{path} does not exist")
+        return "hf"
+    missing = [k for k, v in zoo.items() if v is None]
+    if missing:
+        raise ConfigError(f"give {', '.join(missing)} (a zoo model and its data), or --hf "
+                          "DIR_OR_GGUF --text FILE for a language model")
+    return "zoo"
+
+
+def _language_data(a: argparse.Namespace):
+    """The language model, its tokenizer and the token sequences of --text."""
+    from falcon_prune.data.text import read_text, token_sequences
+    from falcon_prune.models import load_language_model
+
+    model, tokenizer = load_language_model(a.hf)
+    ids = token_sequences(read_text(a.text), tokenizer, a.seq_len, a.max_sequences)
+    return model, tokenizer, ids
 
 
 def _add_budget_args(p: argparse.ArgumentParser) -> None:
@@ -115,6 +164,7 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    "channels per group")
     p.add_argument("--keep-layers", nargs="+", metavar="NAME",
                    help="channels: modules whose output channels stay whole")
+    p.add_argument("--pattern", help="n:m sparsity in every layer, e.g. 2:4 (layer-wise)")
 
 
 def _add_prune(sub) -> None:
@@ -141,6 +191,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--latency-batch", type=int, help="batch size the latency is measured at "
                    "(default 1)")
     _add_loss_model_args(p, ms)
+    _add_layerwise_args(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampling", choices=["random", "first"])
@@ -173,6 +224,23 @@ def _add_loss_model_args(p: argparse.ArgumentParser, ms) -> None:
     p.add_argument("--scratch-dir", help="directory for an on-disk gradient matrix")
     p.add_argument("--memory-limit-gb", type=float,
                    help="memory limit for the gradient matrix (default: 60%% of available RAM)")
+
+
+def _add_layerwise_args(p: argparse.ArgumentParser) -> None:
+    """The layer-wise loss model's settings (falcon, sparsegpt, wanda)."""
+    p.add_argument("--loss-model", choices=["global", "layerwise", "auto"],
+                   help="falcon: gradient rows of the whole network, or each layer's input "
+                        "Gram block by block (default auto: layer-wise when the global "
+                        "model would not fit the memory limit)")
+    p.add_argument("--n-calibration", type=int, help="layer-wise: calibration sequences "
+                   "(default 128)")
+    p.add_argument("--allocation", choices=["ilp", "uniform", "owl"],
+                   help="layer-wise: each layer's density by the knapsack of error curves "
+                        "(falcon's default), one density for all, or by outlier features")
+    p.add_argument("--passes", type=int, choices=[1, 2],
+                   help="layer-wise: 2 measures the curves again on pruned inputs")
+    p.add_argument("--blocks", help="layer-wise: the path of the model's nn.ModuleList of "
+                   "blocks (default: found)")
 
 
 def _add_multistage_args(p: argparse.ArgumentParser, ms) -> None:
@@ -270,7 +338,9 @@ def _prune_settings(a: argparse.Namespace) -> dict:
         "scratch_dir": a.scratch_dir, "memory_limit": limit, "sampling": a.sampling,
         "min_density": a.min_density, "allow_empty_layers": a.allow_empty_layers or None,
         "recalibrate_bn": a.recalibrate_bn or None, **_multistage_settings(a),
-        **_structure_settings(a),
+        **_structure_settings(a), "pattern": a.pattern, "loss_model": a.loss_model,
+        "n_calibration": a.n_calibration, "allocation": a.allocation, "passes": a.passes,
+        "blocks": a.blocks,
     }
 
 
@@ -292,15 +362,16 @@ def _write_prune_outputs(a: argparse.Namespace, r) -> None:
     if a.plot:
         from falcon_prune.reports import plot_trajectory
 
-        print(f"wrote {plot_trajectory(r.stages, a.plot, f'{a.model} {a.method}')}")
+        print(f"wrote {plot_trajectory(r.stages, a.plot, f'{a.model or a.hf.name} {a.method}')}")
     if a.summary:
         from falcon_prune.reports import TRAJECTORY_COLUMNS, markdown_summary
 
-        facts = {"model": a.model, "method": a.method, "FLOPs kept": f"{r.flops_fraction:.4f}",
+        facts = {"model": a.model or a.hf.name, "method": a.method,
+                 "FLOPs kept": f"{r.flops_fraction:.4f}",
                  "weights kept": f"{r.nnz_fraction:.4f}",
                  "BatchNorm": r.details["batchnorm"], "seconds": f"{r.times['total']:.1f}"}
         a.summary.parent.mkdir(parents=True, exist_ok=True)
-        a.summary.write_text(markdown_summary(f"{a.model} pruned with {a.method}", facts,
+        a.summary.write_text(markdown_summary(f"{facts['model']} pruned with {a.method}", facts,
                                               r.stages, TRAJECTORY_COLUMNS))
         print(f"wrote {a.summary}")
 
@@ -309,14 +380,19 @@ def cmd_prune(a: argparse.Namespace) -> int:
     from falcon_prune.api import prune
 
     settings = _prune_settings(a)
-    for path, what in ((a.output, "--output"), (a.report, "--report"),
-                       (a.trajectory, "--trajectory"), (a.plot, "--plot"),
-                       (a.summary, "--summary")):
+    hf = _source(a) == "hf"
+    for path, what in ((a.report, "--report"), (a.trajectory, "--trajectory"),
+                       (a.plot, "--plot"), (a.summary, "--summary")):
         check_output(path, what)
+    check_output_dir(a.output, "--output") if hf else check_output(a.output, "--output")
     check_plots(a.plot)
     if a.scratch_dir is not None or a.storage == "disk":
         check_scratch_dir(a.scratch_dir)
-    model, train = _load(a)
+    if hf:
+        model, tokenizer, train = _language_data(a)
+        settings["task"] = "language_modeling"
+    else:
+        model, train = _load(a)
     with process_group(a.device) as device:
         r = prune(model, train, flops=a.flops, nnz=a.nnz, method=a.method, seed=a.seed,
                   device=device, progress=not a.no_progress, latency=a.latency, **settings)
@@ -324,7 +400,12 @@ def cmd_prune(a: argparse.Namespace) -> int:
             return 0
     print(r.table())
     print(r.summary())
-    _save_model(a.output, a.model, r.model, r.to_dict(), a.structure)
+    if hf:
+        from falcon_prune.models import save_language_model
+
+        print(f"saved {save_language_model(r.model, tokenizer, a.output)} (save_pretrained)")
+    else:
+        _save_model(a.output, a.model, r.model, r.to_dict(), a.structure)
     _write_prune_outputs(a, r)
     return 0
 
@@ -333,6 +414,9 @@ def cmd_gradual(a: argparse.Namespace) -> int:
     from falcon_prune.runs.checkpoints import CHECKPOINT_NAME, read_gradual_checkpoint
     from falcon_prune.runs.gradual import gradual
 
+    if _source(a) == "hf":
+        raise ConfigError("gradual fine-tunes a zoo model on its dataset; --hf language "
+                          "models are pruned one-shot with 'falcon-prune prune --hf'")
     for path, what in ((a.output, "--output"), (a.history, "--history"), (a.plot, "--plot"),
                        (a.summary, "--summary")):
         check_output(path, what)
@@ -394,6 +478,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from falcon_prune.data.evaluation import evaluate
     from falcon_prune.models import INPUT_SHAPES, create_model
 
+    if _source(a) == "hf":
+        return _evaluate_language_model(a)
     model, data = _load(a, a.split)
     example = torch.zeros(1, *INPUT_SHAPES[a.model])
     kept, _ = count_macs(model, example)
@@ -404,6 +490,18 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     ev = evaluate(model, data)
     print(f"accuracy {ev.metric:.4f} on {a.split} ({ev.samples} samples); FLOPs kept "
           f"{kept / dense:.4f} ({kept:,.0f} of {dense:,.0f} MACs); weights kept {nnz:.4f}")
+    return 0
+
+
+def _evaluate_language_model(a: argparse.Namespace) -> int:
+    """The perplexity of --hf on the sequences of --text, and its weights' density."""
+    from falcon_prune.data.text import perplexity
+
+    model, _, ids = _language_data(a)
+    linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    kept = sum(int(w.count_nonzero()) for w in linear) / sum(w.numel() for w in linear)
+    print(f"perplexity {perplexity(model, ids):.4f} on {len(ids)} sequences of "
+          f"{ids.shape[1]} tokens; linear weights kept {kept:.4f}")
     return 0
 
 

@@ -25,6 +25,7 @@ from falcon_prune.methods.options import SolverOptions
 from falcon_prune.methods.registry import (
     GRADIENT_SETTINGS,
     HELD_OUT_SETTINGS,
+    LAYERWISE_SETTINGS,
     MULTISTAGE_SETTINGS,
     STRUCTURES,
 )
@@ -35,7 +36,7 @@ GRADIENT_PRECISIONS = ("model", "bfloat16", "auto")
 BN_SAMPLES = 1000
 #: the settings that only some methods use (a method's registration says which)
 OPTIONAL_SETTINGS = (*GRADIENT_SETTINGS, *HELD_OUT_SETTINGS, "solver", *MULTISTAGE_SETTINGS,
-                     "obs_rank")
+                     "obs_rank", *LAYERWISE_SETTINGS, "damp")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,17 @@ class PruneConfig:
     - falcon++: ``effort``, the named preset the defaults came from ('default'; 'best',
       the most accurate in about 2.5 times the time; 'fast', about 0.4 times: see
       :data:`EFFORTS`); settings given beside it are applied over the preset.
+    - Methods with a layer solver (falcon, sparsegpt, wanda): ``loss_model`` ('global':
+      gradient rows of the whole network; 'layerwise': each linear layer's input Gram,
+      block by block; 'auto', falcon's default: layer-wise when the global model would not
+      fit the memory limit and the model has repeated blocks, decided when the run starts
+      and reported), ``n_calibration`` sequences run through the blocks, ``pattern``
+      ('2:4'-like n:m sparsity, or None), ``allocation`` of the layers' densities ('ilp':
+      the knapsack of their error curves under both budgets; 'uniform'; 'owl': by their
+      share of outlier features), ``blocks`` (the path of the blocks' ``nn.ModuleList``;
+      None: found), ``passes`` (2: the error curves measured again on the pruned inputs and
+      the densities allocated again), ``damp`` (the OBS sweep's ridge, times the mean
+      diagonal of a Gram).
 
     A field the method does not use is None."""
 
@@ -114,6 +126,13 @@ class PruneConfig:
     round_to: int | None = None
     latency_batch: int | None = None
     effort: str | None = None
+    loss_model: str | None = "layerwise"
+    n_calibration: int | None = 128
+    pattern: str | None = None
+    allocation: str | None = "uniform"
+    blocks: str | None = None
+    passes: int | None = 1
+    damp: float | None = 0.01
 
     def replace(self, **changes: Any) -> PruneConfig:
         """A copy with some settings changed (validated by ``prune``)."""
@@ -221,8 +240,10 @@ def defaults(method: str = "falcon", structure: str = "weights",
     cfg = PruneConfig(method=method).replace(**unused, **m.defaults)
     if m.multistage and cfg.schedule is None:
         cfg = cfg.replace(schedule=DEFAULT_SCHEDULE)
-    if structure == "channels":
-        cfg = cfg.replace(structure="channels", keep_layers=(), **m.channel_defaults)
+    if structure == "channels":  # channel units: the global loss model only
+        layerwise = {k: None for k in (*LAYERWISE_SETTINGS, "damp") if k != "loss_model"}
+        cfg = cfg.replace(structure="channels", keep_layers=(), **layerwise,
+                          **m.channel_defaults)
     if effort != "default":
         cfg = cfg.replace(effort=effort, **EFFORTS[effort])
     return cfg

@@ -7,6 +7,8 @@
 - :func:`mobilenet_v1`: MobileNetV1 for ImageNet (depthwise-separable, width 1.0).
 - :func:`resnet50`: ResNet50 for ImageNet with torchvision's key names (torchvision itself is
   not needed).
+- :func:`load_language_model` / :func:`save_language_model`: HuggingFace causal language
+  models from a directory or a GGUF file, and back to a directory (``[hf]`` extra).
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from falcon_prune.errors import CheckpointError, ConfigError, MissingFileError
+from falcon_prune.errors import (
+    CheckpointError,
+    ConfigError,
+    DependencyError,
+    MissingFileError,
+)
 
 
 class MLPNet(nn.Module):
@@ -314,3 +321,58 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         )
     model.load_state_dict(state)
     return model
+
+
+# -- HuggingFace language models ---------------------------------------------------------------
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise DependencyError("language models need transformers: pip install "
+                              "'falcon-prune[hf]'") from e
+    return transformers
+
+
+def load_language_model(path: str | Path, dtype: torch.dtype = torch.float32
+                        ) -> tuple[nn.Module, object]:
+    """A HuggingFace causal language model (eval mode) and its tokenizer, from a directory
+    (``from_pretrained``) or a GGUF file (dequantised to ``dtype`` by transformers with the
+    ``gguf`` package). A GGUF model is rebuilt from its configuration without the GGUF
+    quantisation record, so that it saves and loads like any other."""
+    T = _transformers()
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"{path} does not exist: give a HuggingFace model directory "
+                               "or a .gguf file")
+    if path.is_dir():
+        model = T.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return model.eval(), T.AutoTokenizer.from_pretrained(path)
+    if path.suffix != ".gguf":
+        raise ConfigError(f"{path} is a file but not a .gguf model; give a directory or a "
+                          ".gguf file")
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise DependencyError("GGUF files need the gguf package: pip install gguf") from e
+    where = {"gguf_file": path.name}
+    loaded = T.AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **where)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = T.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    return model.eval(), T.AutoTokenizer.from_pretrained(path.parent, **where)
+
+
+def save_language_model(model: nn.Module, tokenizer: object, directory: str | Path) -> Path:
+    """``save_pretrained`` of ``model`` with its pruning masks folded into plain weights (in
+    a copy), and of its tokenizer, to ``directory``; ``from_pretrained`` loads it back."""
+    from falcon_prune.analysis.masks import plain_copy
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    plain_copy(model).save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory

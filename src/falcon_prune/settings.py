@@ -36,10 +36,16 @@ from falcon_prune.methods.options import SolverOptions
 from falcon_prune.methods.registry import (
     GRADIENT_SETTINGS,
     HELD_OUT_SETTINGS,
+    LAYERWISE_SETTINGS,
+    LOSS_MODELS,
     MULTISTAGE_SETTINGS,
     STRUCTURES,
 )
 from falcon_prune.methods.schedules import DEFAULT_SCHEDULE, Schedule, as_schedule
+from falcon_prune.methods.sparsegpt import n_m
+
+#: how layer-wise pruning spreads the budgets over the layers
+ALLOCATIONS = ("ilp", "uniform", "owl")
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -128,6 +134,21 @@ def _names(name: str, v: object) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _pattern(name: str, v: object) -> str:
+    """An n:m sparsity pattern such as '2:4' (n kept of every m consecutive inputs)."""
+    try:
+        n_m(v)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return v
+
+
+def _text(name: str, v: object) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigTypeError(f"{name} must be a module path such as 'model.layers', got {v!r}")
+    return v
+
+
 def _choice(options: Sequence):
     def check(name: str, v: object) -> object:
         if v not in options:
@@ -156,6 +177,10 @@ CHECKS = {
     "flops_of": _choice(("prunable", "model")),
     "round_to": _optional(_integer(1)), "latency_batch": _optional(_integer(1)),
     "keep_layers": lambda name, v: _names(name, v),
+    "loss_model": _choice(LOSS_MODELS), "n_calibration": _integer(1),
+    "pattern": lambda name, v: _pattern(name, v), "allocation": _choice(ALLOCATIONS),
+    "blocks": lambda name, v: _text(name, v), "passes": _choice((1, 2)),
+    "damp": _real(lambda v: 0 <= v < math.inf, ">= 0, e.g. 0.01"),
 }
 
 def _why(key: str) -> str:
@@ -213,6 +238,38 @@ def _check_structure(structure: str, method: str, settings: dict) -> None:
                               "allow_empty_layers")
 
 
+def _check_loss_model(method: str, settings: dict) -> None:
+    """Refuse a loss model the method cannot run with, and settings of the other loss
+    model when one is named; an n:m pattern fixes every layer's density."""
+    m = get_method(method)
+    loss = settings.get("loss_model")
+    if loss is None:
+        return
+    if loss not in LOSS_MODELS:
+        raise ConfigError(f"loss_model must be one of {', '.join(LOSS_MODELS)}, got {loss!r}")
+    allowed = (*m.loss_models, "auto") if len(m.loss_models) == 2 else m.loss_models
+    if loss not in allowed:
+        raise ConfigError(f"method={method!r} runs with loss_model "
+                          f"{' or '.join(map(repr, m.loss_models))}, not {loss!r}")
+    other = (GRADIENT_SETTINGS + HELD_OUT_SETTINGS + ("solver",) if loss == "layerwise"
+             else (*LAYERWISE_SETTINGS, "damp") if loss == "global" else ())
+    given = [k for k in settings if k in other and k != "loss_model"]
+    if given:
+        raise ConfigError(f"{', '.join(given)} belong to the other loss model than "
+                          f"loss_model={loss!r}; drop them")
+
+
+def _check_layerwise(cfg: PruneConfig) -> None:
+    """An n:m pattern fixes every layer's density (no allocation); a second pass
+    re-allocates by the knapsack."""
+    if cfg.pattern is not None and cfg.allocation not in (None, "uniform", "ilp"):
+        raise ConfigError(f"pattern={cfg.pattern!r} keeps n of every m weights in every "
+                          f"layer: allocation={cfg.allocation!r} has nothing to choose")
+    if cfg.passes == 2 and cfg.allocation != "ilp":
+        raise ConfigError("passes=2 measures the error curves again and re-allocates with "
+                          "allocation='ilp'; pass it or passes=1")
+
+
 def _schedule(base: PruneConfig, settings: dict) -> Schedule | None:
     """A multi-stage method's schedule from ``schedule`` (a Schedule, a shape name or a
     list of kept fractions) and ``stages``; a named shape gets the default ``min_step``."""
@@ -260,6 +317,7 @@ def resolve(method: str | None, config: PruneConfig | None, settings: dict
         base = config
     _check_keys(method, settings)
     _check_structure(structure, method, settings)
+    _check_loss_model(method, settings)
     given = {f.name for f in dataclasses.fields(PruneConfig)
              if getattr(base, f.name) != getattr(defaults(method, structure, base.effort or
                                                           "default"), f.name)}
@@ -273,6 +331,7 @@ def resolve(method: str | None, config: PruneConfig | None, settings: dict
     if out.task is None:
         out = out.replace(task=as_task(None))
     _check_solver(out)
+    _check_layerwise(out)
     return out, frozenset(given)
 
 

@@ -2,10 +2,14 @@
 
 Built in: ``mp`` and ``mp_flops`` (magnitude, plain and FLOP-aware), ``woodfisher`` (OBS
 saliency and update), ``chita`` (sparsity-only IHT), ``falcon`` (warm starts chosen on
-held-out samples, then IHT with the ILP projection) and ``falcon++`` (falcon over a
-multi-stage schedule). :func:`register_method` adds one (docs/extending.md).
+held-out samples, then IHT with the ILP projection; with the layer-wise loss model, an OBS
+sweep, exact refit and hard thresholding per layer, and each layer's density chosen by the
+knapsack of error curves under both budgets), ``falcon++`` (falcon over a multi-stage
+schedule), and the layer-wise ``sparsegpt`` and ``wanda``. :func:`register_method` adds one
+(docs/extending.md).
 """
 
+from falcon_prune.methods import reconstruction, sparsegpt, wanda
 from falcon_prune.methods.chita import chita
 from falcon_prune.methods.falcon import falcon
 from falcon_prune.methods.magnitude import magnitude, magnitude_flops
@@ -39,9 +43,12 @@ def _register_builtins() -> None:
                     summary="sparsity-only IHT with back-solve (CHITA)")
     register_method(
         "falcon", falcon, gradients=True, held_out=True, options=True, structures=both,
-        cost_aware=True, settings=("obs_rank",), builtin=True,
+        cost_aware=True, settings=("obs_rank", "damp"), builtin=True,
+        layerwise=reconstruction.solve_layer,
+        defaults={"loss_model": "auto", "allocation": "ilp"},
         channel_defaults={"solver": SolverOptions(max_iter=0, saliencies=_UNITS_SALIENCIES),
-                          "obs_rank": 256, "n_gradients": 500, "n_validation": 500},
+                          "obs_rank": 256, "n_gradients": 500, "n_validation": 500,
+                          "loss_model": "global"},  # units: the global loss model
         summary="FALCON: warm starts scored on held-out samples, IHT with the ILP")
     register_method(
         "falcon++", falcon, gradients=True, held_out=True, options=True, structures=both,
@@ -56,6 +63,12 @@ def _register_builtins() -> None:
                           "schedule": Schedule(4, "cubic", min_step=0.01),
                           "gradient_precision": "model", "held_out_precision": "model"},
         summary="FALCON over a multi-stage schedule, gradients recomputed at every stage")
+    register_method("sparsegpt", None, layerwise=sparsegpt.solve_layer, cost_aware=True,
+                    settings=("damp",), builtin=True, defaults={"allocation": "uniform"},
+                    summary="layer-wise OBS column sweeps (SparseGPT), uniform densities")
+    register_method("wanda", None, layerwise=wanda.solve_layer, cost_aware=True,
+                    builtin=True, defaults={"allocation": "uniform"},
+                    summary="layer-wise |w| x input norm per row (Wanda), uniform densities")
 
 
 _register_builtins()

@@ -33,6 +33,10 @@ GRADIENT_SETTINGS = ("n_gradients", "samples_per_gradient", "ridge", "alpha", "b
 HELD_OUT_SETTINGS = ("n_validation", "held_out_precision")
 #: the settings of a multi-stage method
 MULTISTAGE_SETTINGS = ("schedule", "stages", "resample", "revive", "effort")
+#: the settings of a method with a layer-wise solver (the layer-wise loss model)
+LAYERWISE_SETTINGS = ("loss_model", "n_calibration", "pattern", "allocation", "blocks",
+                      "passes")
+LOSS_MODELS = ("global", "layerwise", "auto")
 STRUCTURES = ("weights", "channels")
 
 
@@ -54,6 +58,10 @@ class Problem:
 
 
 Solver = Callable[[Problem], SolverResult]
+#: ``layer_solver(W (r, d), H (d, d) float64, count, pattern, config) -> (Ŵ, kept mask)``:
+#: prune one linear layer to ``count`` kept weights (or the n:m ``pattern``) given the Gram
+#: H of its inputs (:mod:`falcon_prune.loss.layerwise`)
+LayerSolver = Callable[..., tuple]
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class Method:
     """A registered method (see :func:`register_method`)."""
 
     name: str
-    solve: Solver = field(repr=False)
+    solve: Solver | None = field(repr=False)
     uses: frozenset[str] = frozenset()
     structures: tuple[str, ...] = ("weights",)
     multistage: bool = False
@@ -70,6 +78,14 @@ class Method:
     channel_defaults: Mapping[str, Any] = field(default_factory=dict, repr=False)
     summary: str = ""
     builtin: bool = False
+    layerwise: LayerSolver | None = field(default=None, repr=False)
+
+    @property
+    def loss_models(self) -> tuple[str, ...]:
+        """The loss models the method runs with: 'global' (a solver over the whole
+        network's choices) and/or 'layerwise' (a layer solver, block by block)."""
+        return tuple(m for m, on in (("global", self.solve is not None),
+                                     ("layerwise", self.layerwise is not None)) if on)
 
     @property
     def gradients(self) -> bool:
@@ -85,13 +101,14 @@ class Method:
 _REGISTRY: dict[str, Method] = {}
 
 
-def register_method(name: str, solve: Solver, *, gradients: bool = False,
+def register_method(name: str, solve: Solver | None, *, gradients: bool = False,
                     held_out: bool = False, options: bool = False,
                     structures: tuple[str, ...] = ("weights",), multistage: bool = False,
                     cost_aware: bool = False, settings: tuple[str, ...] = (),
                     defaults: Mapping[str, Any] | None = None,
                     channel_defaults: Mapping[str, Any] | None = None,
-                    summary: str = "", builtin: bool = False) -> Method:
+                    summary: str = "", builtin: bool = False,
+                    layerwise: LayerSolver | None = None) -> Method:
     """Register ``solve`` as ``method=name``.
 
     ``solve(problem)`` gets one step's :class:`Problem` and returns a
@@ -105,13 +122,19 @@ def register_method(name: str, solve: Solver, *, gradients: bool = False,
     weighs MACs, so it can meet a ``latency=`` budget); ``settings``: further
     :class:`~falcon_prune.PruneConfig` fields it uses; ``defaults`` /
     ``channel_defaults``: its default values of them where they differ from
-    PruneConfig's. A setting the method does not use is refused when given. Returns the
-    :class:`Method`; a name already registered is refused (see
+    PruneConfig's; ``layerwise``: a layer solver, with which the method also runs (or only
+    runs, when ``solve`` is None) with the layer-wise loss model, one block of a large
+    model at a time (settings ``loss_model``, ``n_calibration``, ``pattern``,
+    ``allocation``, ``blocks``, ``passes``). A setting the method does not use is refused
+    when given. Returns the :class:`Method`; a name already registered is refused (see
     :func:`unregister_method`)."""
     if not isinstance(name, str) or not name:
         raise ConfigTypeError(f"a method's name must be a non-empty string, got {name!r}")
-    if not callable(solve):
-        raise ConfigTypeError(f"solve must be a function of a Problem, got {solve!r}")
+    if solve is None and layerwise is None:
+        raise ConfigTypeError(f"method {name!r} needs a solver or a layer solver")
+    for what, fn in (("solve", solve), ("layerwise", layerwise)):
+        if fn is not None and not callable(fn):
+            raise ConfigTypeError(f"{what} must be a function, got {fn!r}")
     if name in _REGISTRY:
         raise ConfigError(f"method {name!r} is registered already; unregister_method it first "
                           "or choose another name")
@@ -124,9 +147,11 @@ def register_method(name: str, solve: Solver, *, gradients: bool = False,
     uses |= set(HELD_OUT_SETTINGS) if held_out else set()
     uses |= {"solver"} if options else set()
     uses |= set(MULTISTAGE_SETTINGS) if multistage else set()
+    uses |= set(LAYERWISE_SETTINGS) if layerwise is not None else set()
     method = Method(name, solve, frozenset(uses), tuple(structures), multistage, cost_aware,
                     MappingProxyType(dict(defaults or {})),
-                    MappingProxyType(dict(channel_defaults or {})), summary, builtin)
+                    MappingProxyType(dict(channel_defaults or {})), summary, builtin,
+                    layerwise)
     _REGISTRY[name] = method
     return method
 

@@ -124,10 +124,11 @@ def draw(data: object, cfg: PruneConfig, given: frozenset, stages: int,
     return Draw(samples, len(samples) - n_held, n_fit, bn), cfg
 
 
-def check_task(model: nn.Module, samples: Samples, task: Task, device: torch.device) -> Batch:
-    """Run the model on a few samples and the task's check on every target drawn; returns
-    the first two samples' model inputs (on ``device``) for the cost model."""
-    probe = samples.take(slice(0, min(8, len(samples)))).batch
+def check_task(model: nn.Module, samples: Samples, task: Task, device: torch.device,
+               count: int = 8) -> Batch:
+    """Run the model on ``count`` samples and the task's check on every target drawn;
+    returns the first two samples' model inputs (on ``device``) for the cost model."""
+    probe = samples.take(slice(0, min(count, len(samples)))).batch
     try:
         with torch.no_grad():
             pred, _ = task.run(model, to_device(probe, device))

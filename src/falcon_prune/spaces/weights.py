@@ -17,6 +17,7 @@ from torch import nn
 
 from falcon_prune.analysis.costs import CostModel, flatten_weights
 from falcon_prune.analysis.masks import apply_weights, write_weights
+from falcon_prune.analysis.prunable import masked_parameters
 from falcon_prune.analysis.recount import MacCount
 from falcon_prune.errors import BudgetError
 from falcon_prune.loss.distributed import Ranks
@@ -195,6 +196,12 @@ class WeightSpace(Space):
             model.to(dtype)
         mask = self.mask if self.mask is not None else flatten_weights(self.cm) != 0
         apply_weights(self.cm, flatten_weights(self.cm, dtype), mask)
+
+    def _plain(self, model: nn.Module) -> nn.Module:
+        """The model itself when it carries no mask (no copy), else a mask-free copy."""
+        if next(masked_parameters(model), None) is None:
+            return model
+        return super()._plain(model)
 
     def _kept(self, plain: nn.Module) -> list[int]:
         return [int(plain.get_parameter(lay.name).detach().count_nonzero())
