@@ -171,10 +171,19 @@ class _UseCounter(TorchDispatchMode):
             self.uncounted += macs is None
 
 
+def unsaved_activations():
+    """A context in which autograd records the graph but keeps none of the tensors it
+    would need for a backward pass: a forward that is only counted (with gradients enabled,
+    so that it takes the same operations as in training) then costs no activation memory.
+    Nothing may call backward inside."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda _: None)
+
+
 def _probe(model: nn.Module, weights: dict[str, torch.Tensor], run: Callable[[], object]
            ) -> _UseCounter:
     """Run ``run()`` once under the counter, in eval mode and with gradients enabled (so
-    that no fused inference-only kernel replaces the plain operations)."""
+    that no fused inference-only kernel replaces the plain operations), keeping no
+    activations."""
     was = model.training
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     counter = _UseCounter(weights)
@@ -182,7 +191,7 @@ def _probe(model: nn.Module, weights: dict[str, torch.Tensor], run: Callable[[],
     try:
         for p in model.parameters():
             p.requires_grad_(p.is_floating_point() or p.is_complex())
-        with torch.enable_grad(), counter:
+        with torch.enable_grad(), unsaved_activations(), counter:
             run()
     finally:
         for n, p in model.named_parameters():

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from falcon_prune.analysis.costs import plain_kernels
+from falcon_prune.analysis.costs import plain_kernels, unsaved_activations
 from falcon_prune.analysis.macs import LOOKUPS
 from falcon_prune.analysis.prunable import Selector, prunable_parameters
 from falcon_prune.data.batches import batch_size
@@ -118,7 +118,7 @@ def recount(model: nn.Module, inputs: object, call: Callable[[nn.Module, object]
     try:
         for p, _ in flags:
             p.requires_grad_(p.is_floating_point())
-        with torch.enable_grad(), plain_kernels(model), \
+        with torch.enable_grad(), unsaved_activations(), plain_kernels(model), \
                 FlopCounterMode(display=False, custom_mapping=mapping), \
                 _ReadAudit(storages, count):
             call(model, inputs)

@@ -132,6 +132,19 @@ def _grid(lay, least: int, target: float) -> list[int]:
     return sorted(c for c in counts if least <= c <= n)
 
 
+def _energy(W: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(W H Wᵀ): the energy of a layer's outputs, which its errors are relative to."""
+    return max(float(((W.double() @ H) * W.double()).sum()), 1e-300)
+
+
+def _curve(lay, W: torch.Tensor, H: torch.Tensor, least: int, target: float, damp: float
+           ) -> Curve:
+    """A layer's error curve: the relative error of sweeps to the counts of its grid."""
+    kept = _grid(lay, least, target)
+    errors = [e / _energy(W, H) for e in error_curve(W, H, kept, damp)]
+    return Curve(lay.name, lay.numel, lay.cost, kept, errors)
+
+
 def measure_curves(run: Layerwise, target: float, stream: Stream | None = None
                    ) -> tuple[list[Curve], dict]:
     """Every layer's error curve (relative to its output's energy) and every block's
@@ -146,10 +159,7 @@ def measure_curves(run: Layerwise, target: float, stream: Stream | None = None
         for name, module in grams.layers.items():
             lay, H = by_name[name + ".weight"], grams.gram(name)
             W = module.weight.detach()
-            kept = _grid(lay, floors[lay.name], target)
-            energy = max(float(((W.double() @ H) * W.double()).sum()), 1e-300)
-            errors = [e / energy for e in error_curve(W, H, kept, run.config.damp)]
-            curves.append(Curve(lay.name, lay.numel, lay.cost, kept, errors))
+            curves.append(_curve(lay, W, H, floors[lay.name], target, run.config.damp))
             score = W.abs().double() * H.diagonal().clamp_min(0).sqrt()
             hits += int((score > OWL_THRESHOLD * score.mean()).sum())
             total += score.numel()
@@ -196,11 +206,10 @@ def _solve_layer(run: Layerwise, module: nn.Module, lay, H: torch.Tensor, count:
     W_hat, keep = get_method(cfg.method).layerwise(W, H, count, pattern, cfg)
     W_hat = run.ranks.broadcast((W_hat * keep).to(W.dtype).contiguous())
     keep = run.ranks.broadcast(keep.contiguous())
-    energy = max(float(((W.double() @ H) * W.double()).sum()), 1e-300)
     D = (W.double() - W_hat.double())
     run.rows[lay.name] = {"layer": lay.name, "weights": lay.numel, "kept": int(keep.sum()),
                           "density": float(keep.sum()) / lay.numel,
-                          "error": float(((D @ H) * D).sum()) / energy}
+                          "error": float(((D @ H) * D).sum()) / _energy(W, H)}
     with torch.no_grad():
         module.weight.copy_(W_hat)
     return keep.cpu()
@@ -218,11 +227,8 @@ def prune_blocks(run: Layerwise, counts: dict[str, int] | None, target: float | 
         for name, module in grams.layers.items():
             lay, H = by_name[name + ".weight"], grams.gram(name)
             if target is not None:
-                W = module.weight.detach()
-                kept = _grid(lay, floors[lay.name], target)
-                energy = max(float(((W.double() @ H) * W.double()).sum()), 1e-300)
-                errors = [e / energy for e in error_curve(W, H, kept, run.config.damp)]
-                curves.append(Curve(lay.name, lay.numel, lay.cost, kept, errors))
+                curves.append(_curve(lay, module.weight.detach(), H, floors[lay.name],
+                                     target, run.config.damp))
             masks[lay.name] = _solve_layer(run, module, lay, H, None if counts is None
                                            else counts[lay.name])
         return True

@@ -16,6 +16,7 @@ Grams gathered for the work done on it.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,17 @@ from falcon_prune.loss.layerwise import Grams
 
 #: keyword arguments of a block call that carry a key/value cache (never used here)
 CACHE_KEYS = ("cache", "past_key_value", "past_key_values", "layer_past")
+
+
+def release_memory() -> None:
+    """Hand the memory freed by a block's work back to the system (glibc's
+    ``malloc_trim``; elsewhere nothing): the large activations of a block are freed
+    between blocks, but an allocator that keeps them would make the process's resident
+    memory grow with every block."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _Reached(Exception):
@@ -111,6 +123,7 @@ def _run(block: nn.Module, stream: Stream) -> list[torch.Tensor]:
         for i, state in enumerate(stream.states):
             y = block(state, *stream.args[i], **stream.kwargs[i])
             out.append(y if isinstance(y, torch.Tensor) else y[0])
+            release_memory()  # the batch's intermediates
     return out
 
 
@@ -133,5 +146,7 @@ def run_blocks(blocks: Blocks, stream: Stream, layers: Callable[[int, nn.Module]
             out = _run(block, stream)
         stream.states = out
         block.to(home)
+        del grams
+        release_memory()
         bar.update(1)
     bar.close()
