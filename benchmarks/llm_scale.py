@@ -123,7 +123,7 @@ def main() -> int:
     if a.depth:
         rows = [run_isolated(__file__, ["--one", json.dumps(dict(
             size="wide", layers=depth, device="cpu", dtype="float32", sequences=32,
-            length=256, nnz=0.5, method="sparsegpt"))]) for depth in (4, 8)]
+            length=256, nnz=0.5, method="falcon"))]) for depth in (4, 8)]
         ratio = rows[1]["working_mb"] / rows[0]["working_mb"]
         record = {"rows": rows, "working_memory_ratio_deep_to_shallow": ratio}
     else:
