@@ -13,7 +13,8 @@ here. Rows:
   thresholding per layer; each layer's density from the knapsack of error curves under
   the budgets, with its certificate), at 50 % and 30 % of the weights, at 2:4, and at 50 %
   of the FLOPs; ``falcon uniform`` / ``falcon owl``: the same solver with every layer at
-  one density / with OWL's outlier-weighted densities;
+  one density / with OWL's outlier-weighted densities; ``2 passes``: the allocation made
+  again from curves measured on the first pass's pruned model;
 - ``sparsegpt``, ``wanda``: this library's implementations (uniform densities);
 - ``llmc sparsegpt``, ``llmc wanda``: llm-compressor 0.14's.
 
@@ -53,6 +54,8 @@ ROWS = {
                                "allocation": "uniform"},
     "falcon owl nnz 0.3": {"method": "falcon", "loss_model": "layerwise", "nnz": 0.3,
                            "allocation": "owl"},
+    "falcon nnz 0.3 2 passes": {"method": "falcon", "loss_model": "layerwise", "nnz": 0.3,
+                                "passes": 2},
     "sparsegpt nnz 0.5": {"method": "sparsegpt", "nnz": 0.5},
     "sparsegpt nnz 0.3": {"method": "sparsegpt", "nnz": 0.3},
     "sparsegpt 2:4": {"method": "sparsegpt", "pattern": "2:4"},
