@@ -26,12 +26,11 @@ from falcon_prune.errors import (
     ModelTypeError,
 )
 from falcon_prune.loss.distributed import Ranks, require_same_model, require_same_samples
+from falcon_prune.loss.planning import HALF
 from falcon_prune.methods import get_method
 from falcon_prune.methods.schedules import stage_budgets
 from falcon_prune.runs.context import RunContext
 from falcon_prune.settings import resolve_precisions
-
-HALF = (torch.float16, torch.bfloat16)
 
 
 def check_model(model: object) -> None:

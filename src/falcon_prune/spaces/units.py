@@ -23,6 +23,7 @@ from falcon_prune.analysis.structure import ChannelUnits, channel_units, remove_
 from falcon_prune.analysis.timing import LatencyTable
 from falcon_prune.errors import BudgetError, BudgetViolation, ModelError
 from falcon_prune.loss.distributed import Ranks
+from falcon_prune.loss.planning import HALF
 from falcon_prune.loss.quadratic import QuadraticModel
 from falcon_prune.loss.saliency import group_fisher, group_obs
 from falcon_prune.methods.options import SolverResult
@@ -43,8 +44,6 @@ from falcon_prune.spaces.base import (
     positions,
     scatter,
 )
-
-HALF = (torch.float16, torch.bfloat16)
 
 
 class UnitChoices(Choices):

@@ -21,6 +21,7 @@ from falcon_prune.analysis.prunable import masked_parameters
 from falcon_prune.analysis.recount import MacCount
 from falcon_prune.errors import BudgetError
 from falcon_prune.loss.distributed import Ranks
+from falcon_prune.loss.planning import HALF
 from falcon_prune.loss.quadratic import QuadraticModel
 from falcon_prune.loss.saliency import fisher_saliency, obs_saliency
 from falcon_prune.methods.options import SolverResult
@@ -40,8 +41,6 @@ from falcon_prune.spaces.base import (
     positions,
     scatter,
 )
-
-HALF = (torch.float16, torch.bfloat16)
 
 
 class WeightChoices(Choices):
