@@ -201,6 +201,11 @@ def test_the_ilp_allocation_spreads_densities_and_reports_its_certificate(llama,
                  nnz=0.4, n_calibration=12, progress=False)
     densities = {row["density"] for row in r.details["layers"]}
     assert len(densities) > 1  # not uniform
+    assert all(row["sensitivity"] > 0 for row in r.details["layers"])
+    assert r.times["sensitivity"] > 0 and "sensitivity" in r.details["error_weights"]
+    head, _, first = r.table().splitlines()[:3]
+    assert head.split()[-1] == "error"
+    assert float(first.split()[-1]) == pytest.approx(r.details["layers"][0]["error"], rel=1e-2)
     assert r.ilp_gap is not None and r.ilp_gap >= 0
     assert r.details["allocation_lower_bound"] <= r.details["allocation_error"] + 1e-12
 

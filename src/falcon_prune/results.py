@@ -67,14 +67,18 @@ class PruneResult:
         return self.config.method
 
     def table(self) -> str:
-        """The per-layer report as fixed-width text (excluded layers last)."""
+        """The per-layer report as fixed-width text (excluded layers last); after a
+        layer-wise run, with each layer's relative reconstruction error."""
+        errors = {row["layer"]: row["error"] for row in self.details.get("layers", [])
+                  if isinstance(row, dict) and "error" in row}
         head = f"{'layer':<28} {'kind':<10} {'weights':>9} {'kept':>9} {'MACs dense':>12} "
-        head += f"{'MACs kept':>12} {'kept %':>7}"
+        head += f"{'MACs kept':>12} {'kept %':>7}" + (f" {'error':>9}" if errors else "")
         rows = [head, "-" * len(head)]
         for r in self.layers:
             pct = 100 * r.kept / r.weights if r.weights else 0.0
             rows.append(f"{r.name[:28]:<28} {r.kind[:10]:<10} {r.weights:>9,} {r.kept:>9,} "
-                        f"{r.macs_dense:>12,.0f} {r.macs_kept:>12,.0f} {pct:>6.1f}%")
+                        f"{r.macs_dense:>12,.0f} {r.macs_kept:>12,.0f} {pct:>6.1f}%"
+                        + (f" {errors[r.name]:>9.3g}" if r.name in errors else ""))
         for e in self.excluded:
             rows.append(f"{e.name[:28]:<28} {e.kind[:10]:<10} {e.weights:>9,} left dense, outside "
                         f"the budgets: {e.reason}")

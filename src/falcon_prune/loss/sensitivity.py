@@ -27,6 +27,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
 from falcon_prune.analysis.blocks import Blocks
 from falcon_prune.data.batches import Batch, to_device
@@ -109,7 +110,7 @@ def _gradient_hooks(layers: dict[str, nn.Module], sums: dict[str, float],
 
 def output_sensitivity(model: nn.Module, blocks: Blocks, layers: dict[str, nn.Module],
                        batches: list[Batch], task: Task, device: torch.device,
-                       ranks: Ranks) -> dict[str, float]:
+                       ranks: Ranks, progress: bool = False) -> dict[str, float]:
     """{layer name: s}, s the mean over tokens, outputs and sequences of the squared
     gradient of the summed per-sample loss with respect to the layer's outputs (units:
     loss² per output²), from the ``batches`` (this process's; summed over the processes).
@@ -123,7 +124,7 @@ def output_sensitivity(model: nn.Module, blocks: Blocks, layers: dict[str, nn.Mo
         handles = _gradient_hooks(layers, sums, counts)
         stack.callback(lambda: [h.remove() for h in handles])
         stack.callback(lambda: model.train(was))
-        for batch in batches:
+        for batch in tqdm(batches, desc="sensitivity", unit="batch", disable=not progress):
             with torch.enable_grad():
                 pred, targets = task.run(model, to_device(batch, device))
                 loss = batch_sum(task.losses(pred, targets), pred.shape[0])

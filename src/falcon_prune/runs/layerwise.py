@@ -105,7 +105,7 @@ class Layerwise:
             lay.name.rpartition(".")[0]) for lay in self.cm.layers}
         s = output_sensitivity(self.work, self.blocks, modules,
                                self.batches(SENSITIVITY_SEQUENCES, 1), self.config.task,
-                               self.device, self.ranks)
+                               self.device, self.ranks, self.progress)
         self.sensitivity = {name + ".weight": value for name, value in s.items()}
         self.times["sensitivity"] = time.perf_counter() - t
 
