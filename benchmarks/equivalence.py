@@ -40,7 +40,10 @@ RESNET_BUDGETS = (0.4, 0.3, 0.2)
 
 
 def _resnet20():
-    from falcon_prune.data.datasets import load_cifar10
+    try:
+        from falcon_prune.data.datasets import load_cifar10
+    except ImportError:  # before the restructure: one module, falcon_prune/data.py
+        from falcon_prune.data import load_cifar10
     from falcon_prune.models import load_checkpoint, resnet20
 
     npz = SHARED / "data" / "cifar10_subset.npz"
