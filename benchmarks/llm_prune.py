@@ -52,6 +52,8 @@ ROWS = {
     "falcon flops 0.5": {"method": "falcon", "loss_model": "layerwise", "flops": 0.5},
     "falcon uniform flops 0.5": {"method": "falcon", "loss_model": "layerwise",
                                  "flops": 0.5, "allocation": "uniform"},
+    "falcon uniform nnz 0.5": {"method": "falcon", "loss_model": "layerwise", "nnz": 0.5,
+                               "allocation": "uniform"},
     "falcon uniform nnz 0.3": {"method": "falcon", "loss_model": "layerwise", "nnz": 0.3,
                                "allocation": "uniform"},
     "falcon owl nnz 0.3": {"method": "falcon", "loss_model": "layerwise", "nnz": 0.3,
