@@ -340,3 +340,12 @@ def test_result_config_and_recount(model, data):
     assert r.config.to_dict()["step"]["task"] == "classification"
     kept, dense = fp.count_macs(r.model, data[0][:1])
     assert r.flops_fraction == pytest.approx(kept / dense)
+
+
+def test_gradual_reports_and_checks_its_flops_on_the_scale_flops_of_names(model, data):
+    """flops_of='model': the budget, the check and the report are fractions of the whole
+    network's MACs (here the excluded fc's count as kept), not of the prunable ones."""
+    r = fp.gradual(model, data, method="mp", flops_of="model", exclude=["fc"], **KW)
+    kept, dense = fp.count_macs(r.model, data[0][:1])
+    assert r.flops_fraction == pytest.approx(kept / dense, rel=1e-9)
+    assert r.flops_fraction <= 0.3 + 1e-12
