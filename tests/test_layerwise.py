@@ -266,6 +266,39 @@ def test_a_model_without_repeated_blocks_is_refused(ids):
                  progress=False)
 
 
+class KeywordBlocks(nn.Module):
+    """Blocks called with their input under a keyword the layer-wise runs cannot find."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(96, 16)
+        self.layers = nn.ModuleList(KeywordBlock() for _ in range(2))
+        self.head = nn.Linear(16, 96)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for block in self.layers:
+            h = block(x=h)
+        return self.head(h)
+
+
+class KeywordBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + self.fc(x)
+
+
+@pytest.mark.parametrize("allocation", ["ilp", "uniform"])  # with and without sensitivities
+def test_blocks_called_without_their_input_in_reach_are_refused(ids, allocation):
+    with pytest.raises(ModelError, match="positional input or hidden_states"):
+        fp.prune(KeywordBlocks(), ids, task="language_modeling", method="falcon",
+                 loss_model="layerwise", allocation=allocation, nnz=0.5, n_calibration=8,
+                 progress=False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 def test_layerwise_pruning_keeps_the_models_dtype(ids, dtype):
     model = tiny_llama(layers=2).to(dtype)

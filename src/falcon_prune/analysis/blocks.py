@@ -32,6 +32,17 @@ class Blocks:
         return [f"{self.path}.{i}" for i in range(len(self.modules))]
 
 
+def state_key(args: tuple, kwargs: dict) -> int | str:
+    """Where a block call carries its hidden states: 0 (the first positional argument) or
+    ``'hidden_states'``; ModelError when it has neither."""
+    if args:
+        return 0
+    if "hidden_states" in kwargs:
+        return "hidden_states"
+    raise ModelError("the first block is called without a positional input or "
+                     "hidden_states=...; name the blocks with blocks=...")
+
+
 def find_blocks(model: nn.Module, path: str | None = None) -> Blocks:
     """The model's repeated blocks: the ``nn.ModuleList`` at ``path``, or the longest list
     of two or more modules that share one class; ModelError when there is none."""

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from falcon_prune.analysis.blocks import Blocks
+from falcon_prune.analysis.blocks import Blocks, state_key
 from falcon_prune.data.batches import Batch, to_device
 from falcon_prune.data.tasks import Task, batch_sum
 from falcon_prune.loss.distributed import Ranks
@@ -74,9 +74,10 @@ def _grad_from_first_block(model: nn.Module, blocks: Blocks) -> Iterator[None]:
     flags = [(p, p.requires_grad) for p in model.parameters()]
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
-        if args:
+        key = state_key(args, kwargs)
+        if key == 0:
             return (args[0].detach().requires_grad_(), *args[1:]), kwargs
-        kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_()
+        kwargs[key] = kwargs[key].detach().requires_grad_()
         return args, kwargs
 
     handle = blocks.modules[0].register_forward_pre_hook(hook, with_kwargs=True)

@@ -101,8 +101,8 @@ class Layerwise:
         """Every prunable layer's sensitivity on the dense model, from the first
         SENSITIVITY_SEQUENCES calibration sequences."""
         t = time.perf_counter()
-        modules = {lay.name.rpartition(".")[0]: self.work.get_submodule(
-            lay.name.rpartition(".")[0]) for lay in self.cm.layers}
+        modules = {name: module for i, block in enumerate(self.blocks.modules)
+                   for name, module in self.layers(i, block).items()}
         s = output_sensitivity(self.work, self.blocks, modules,
                                self.batches(SENSITIVITY_SEQUENCES, 1), self.config.task,
                                self.device, self.ranks, self.progress)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from falcon_prune.analysis.blocks import Blocks
+from falcon_prune.analysis.blocks import Blocks, state_key
 from falcon_prune.data.batches import Batch, map_tensors, to_device
 from falcon_prune.errors import ModelError
 from falcon_prune.loss.distributed import Ranks
@@ -79,13 +79,10 @@ def capture(model: nn.Module, blocks: Blocks, batches: list[Batch],
     caught: dict = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if args:
+        if state_key(args, kwargs) == 0:
             caught["state"], caught["args"] = args[0], args[1:]
-        elif "hidden_states" in kwargs:
-            caught["state"], caught["args"] = kwargs.pop("hidden_states"), ()
         else:
-            raise ModelError("the first block is called without a positional input or "
-                             "hidden_states=...; name the blocks with blocks=...")
+            caught["state"], caught["args"] = kwargs.pop("hidden_states"), ()
         caught["kwargs"] = kwargs
         raise _Reached
 
