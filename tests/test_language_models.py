@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import falcon_prune as fp
 from falcon_prune.cli import main
 from falcon_prune.data.text import perplexity, read_text, split_sequences, token_sequences
 from falcon_prune.errors import DataError, MissingFileError
@@ -75,6 +76,24 @@ def test_the_command_line_prunes_a_huggingface_directory_that_loads_back(hf_dir,
     kept = sum(int(w.count_nonzero()) for w in weights) / sum(w.numel() for w in weights)
     assert kept <= 0.5 + 1e-9
     assert model.lm_head.weight.count_nonzero() == model.lm_head.weight.numel()
+    assert main(["evaluate", "--hf", str(out), "--text", str(TEXT), "--seq-len", "32",
+                 "--max-sequences", "4"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_the_command_line_writes_a_structured_model_that_load_pruned_reads(hf_dir, tmp_path,
+                                                                           capsys):
+    out = tmp_path / "narrow"
+    assert main(["prune", "--hf", str(hf_dir), "--text", str(TEXT), "--seq-len", "32",
+                 "--structure", "channels", "--flops", "0.6", "--n-calibration", "8",
+                 "--output", str(out), "--no-progress"]) == 0
+    assert "save_pretrained" in capsys.readouterr().out
+    dense, _ = load_language_model(hf_dir)
+    model = fp.models.load_pruned(out)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel()
+                                                            for p in dense.parameters())
+    prompt = torch.tensor([[5, 9, 13]])
+    assert model.generate(prompt, max_new_tokens=4, do_sample=False).shape == (1, 7)
     assert main(["evaluate", "--hf", str(out), "--text", str(TEXT), "--seq-len", "32",
                  "--max-sequences", "4"]) == 0
     assert "perplexity" in capsys.readouterr().out

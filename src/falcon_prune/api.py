@@ -17,9 +17,9 @@ from falcon_prune.errors import BudgetError, ConfigError, ModelError
 from falcon_prune.loss.distributed import Ranks
 from falcon_prune.methods import get_method, method_names
 from falcon_prune.results import PruneResult
-from falcon_prune.runs import layerwise, oneshot
+from falcon_prune.runs import layerwise, oneshot, structured
 from falcon_prune.runs.setup import check_model
-from falcon_prune.settings import check_fraction, resolve
+from falcon_prune.settings import GLOBAL_CHANNELS_FLOPS_OF, check_fraction, resolve
 
 
 def _rng_devices(device: str) -> list[int]:
@@ -89,8 +89,13 @@ def prune(
     note = None
     if cfg.loss_model is not None:
         cfg, note = layerwise.choose_loss_model(model, cfg, given)
+    if cfg.structure == "channels" and cfg.loss_model != "layerwise" and \
+            cfg.flops_of != "prunable":
+        raise GLOBAL_CHANNELS_FLOPS_OF
     with torch.random.fork_rng(devices=_rng_devices(cfg.device)):
-        if cfg.loss_model == "layerwise":
+        if cfg.loss_model == "layerwise" and cfg.structure == "channels":
+            result = structured.run(model, data, flops, nnz, cfg, given, progress)
+        elif cfg.loss_model == "layerwise":
             result = layerwise.run(model, data, flops, nnz, cfg, given, progress)
         else:
             result = oneshot.run(model, data, flops, nnz, cfg, given, progress, latency)

@@ -240,9 +240,9 @@ def defaults(method: str = "falcon", structure: str = "weights",
     cfg = PruneConfig(method=method).replace(**unused, **m.defaults)
     if m.multistage and cfg.schedule is None:
         cfg = cfg.replace(schedule=DEFAULT_SCHEDULE)
-    if structure == "channels":  # channel units: the global loss model only
-        layerwise = {k: None for k in (*LAYERWISE_SETTINGS, "damp") if k != "loss_model"}
-        cfg = cfg.replace(structure="channels", keep_layers=(), **layerwise,
+    if structure == "channels":  # units: no n:m pattern, one pass
+        cfg = cfg.replace(structure="channels", keep_layers=(), pattern=None,
+                          **({"passes": 1} if cfg.passes is not None else {}),
                           **m.channel_defaults)
     if effort != "default":
         cfg = cfg.replace(effort=effort, **EFFORTS[effort])

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from collections.abc import Callable
@@ -345,7 +346,8 @@ def load_language_model(path: str | Path, dtype: torch.dtype = torch.float32
         raise MissingFileError(f"{path} does not exist: give a HuggingFace model directory "
                                "or a .gguf file")
     if path.is_dir():
-        model = T.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = load_pruned(path, dtype) if (path / WIDTHS_FILE).exists() else \
+            T.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return model.eval(), T.AutoTokenizer.from_pretrained(path)
     if path.suffix != ".gguf":
         raise ConfigError(f"{path} is a file but not a .gguf model; give a directory or a "
@@ -372,7 +374,75 @@ def save_language_model(model: nn.Module, tokenizer: object, directory: str | Pa
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    plain_copy(model).save_pretrained(directory)
+    plain = plain_copy(model)
+    plain.save_pretrained(directory)
+    widths = _widths(plain)
+    if widths["linear"] or widths["attributes"]:
+        (directory / WIDTHS_FILE).write_text(json.dumps(widths, indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
+
+
+#: the file of a structurally pruned model's directory that records its per-layer widths
+WIDTHS_FILE = "falcon_prune_widths.json"
+
+
+def _blank(config: object) -> nn.Module:
+    """The model ``config`` describes, on the meta device (shapes only, no memory)."""
+    T = _transformers()
+    with torch.device("meta"):
+        return T.AutoModelForCausalLM.from_config(config)
+
+
+def _widths(model: nn.Module) -> dict:
+    """What a structurally pruned ``model`` changed from the model its config describes:
+    {'linear': {name: [out, in, bias]}, 'attributes': {'module.attr': int}} (the linear
+    layers of other shapes, and integer attributes such as head counts)."""
+    blank = dict(_blank(model.config).named_modules())
+    linear, attributes = {}, {}
+    for name, m in model.named_modules():
+        b = blank.get(name)
+        if isinstance(m, nn.Linear) and isinstance(b, nn.Linear) and \
+                m.weight.shape != b.weight.shape:
+            linear[name] = [m.out_features, m.in_features, m.bias is not None]
+        for attr, value in vars(m).items():
+            if type(value) is int and b is not None and getattr(b, attr, value) != value:
+                attributes[f"{name}.{attr}" if name else attr] = value
+    return {"linear": linear, "attributes": attributes}
+
+
+def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A structurally pruned causal language model written by ``save_language_model``
+    (or ``falcon-prune prune --hf ... --structure channels``), in evaluation mode: the
+    model its config describes, with the layers and head counts of the per-layer widths
+    that the directory records, and its weights (safetensors)."""
+    from safetensors.torch import load_file
+
+    T = _transformers()
+    directory = Path(directory)
+    widths_file = directory / WIDTHS_FILE
+    if not widths_file.exists():
+        raise MissingFileError(f"{directory} has no {WIDTHS_FILE}: it is not a structurally "
+                               "pruned model (load it with from_pretrained)")
+    widths = json.loads(widths_file.read_text())
+    config = T.AutoConfig.from_pretrained(directory)
+    model = T.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, (out, inp, bias) in widths["linear"].items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Linear(inp, out, bias=bias, dtype=dtype))
+    for path, value in widths["attributes"].items():
+        owner, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, value)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise MissingFileError(f"{directory} has no .safetensors weights")
+    state = {k: v for f in files for k, v in load_file(str(f)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"{directory}: the weights do not match the recorded widths "
+                              f"(missing {sorted(set(missing) - tied)[:5]}, unexpected "
+                              f"{sorted(unexpected)[:5]})")
+    model.tie_weights()
+    return model.to(dtype).eval()

@@ -216,6 +216,14 @@ def _check_keys(method: str, settings: dict) -> None:
                           "; drop it")
 
 
+#: the refusal of flops_of='model' by the global loss model's channel units
+GLOBAL_CHANNELS_FLOPS_OF = ConfigError(
+    "structure='channels' with the global loss model counts the FLOP budget on the "
+    "prunable layers' MACs (flops_of='prunable'); removing channels also changes the "
+    "operations without weights (the layer-wise loss model, loss_model='layerwise', counts "
+    "the whole model's)")
+
+
 def _check_structure(structure: str, method: str, settings: dict) -> None:
     only = [k for k in ("keep_layers", "obs_rank", "round_to", "latency_batch")
             if k in settings]
@@ -228,10 +236,9 @@ def _check_structure(structure: str, method: str, settings: dict) -> None:
             raise ConfigError(f"structure='channels' does not take {', '.join(bad)}: units "
                               "are removed for good, and the group saliency needs the full "
                               "Hessian model")
-        if settings.get("flops_of", "prunable") != "prunable":
-            raise ConfigError("structure='channels' counts the FLOP budget on the prunable "
-                              "layers' MACs (flops_of='prunable'); removing channels also "
-                              "changes the operations without weights")
+        if settings.get("flops_of", "prunable") != "prunable" and \
+                settings.get("loss_model") == "global":
+            raise GLOBAL_CHANNELS_FLOPS_OF
         if settings.get("allow_empty_layers"):
             raise ConfigError("structure='channels' keeps at least one channel of every "
                               "group (a layer with no channel cannot run); drop "

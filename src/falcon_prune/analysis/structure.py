@@ -343,6 +343,9 @@ class _HeadViews(TorchDispatchMode):
     last dimension C into (H, d) with 1 < d < C: ``found[name] = d``."""
 
     VIEWS = ("view", "_unsafe_view", "reshape")
+    #: element-wise operations a layer's output may pass through before the split (a
+    #: query scaled by 1/sqrt(d), a cast): their output stands for the layer's
+    ELEMENTWISE = ("mul", "div", "add", "sub", "_to_copy", "clone", "contiguous")
 
     def __init__(self, outputs: dict, found: dict):
         super().__init__()
@@ -351,6 +354,10 @@ class _HeadViews(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         src = args[0] if args else None
+        if (func.overloadpacket.__name__ in self.ELEMENTWISE and isinstance(src, torch.Tensor)
+                and id(src) in self.outputs and isinstance(out, torch.Tensor)
+                and out.shape == src.shape):
+            self.outputs[id(out)] = (self.outputs[id(src)][0], out)
         if (func.overloadpacket.__name__ in self.VIEWS and isinstance(src, torch.Tensor)
                 and id(src) in self.outputs and isinstance(out, torch.Tensor)
                 and out.dim() == src.dim() + 1 and out.shape[:-2] == src.shape[:-1]):

@@ -48,7 +48,7 @@ def _register_builtins() -> None:
         defaults={"loss_model": "auto", "allocation": "ilp"},
         channel_defaults={"solver": SolverOptions(max_iter=0, saliencies=_UNITS_SALIENCIES),
                           "obs_rank": 256, "n_gradients": 500, "n_validation": 500,
-                          "loss_model": "global"},  # units: the global loss model
+                          "loss_model": "auto"},
         summary="FALCON: warm starts scored on held-out samples, IHT with the ILP")
     register_method(
         "falcon++", falcon, gradients=True, held_out=True, options=True, structures=both,
@@ -67,7 +67,7 @@ def _register_builtins() -> None:
                     settings=("damp",), builtin=True, defaults={"allocation": "uniform"},
                     summary="layer-wise OBS column sweeps (SparseGPT), uniform densities")
     register_method("wanda", None, layerwise=wanda.solve_layer, cost_aware=True,
-                    builtin=True, defaults={"allocation": "uniform"},
+                    structures=both, builtin=True, defaults={"allocation": "uniform"},
                     summary="layer-wise |w| x input norm per row (Wanda), uniform densities")
 
 

@@ -56,14 +56,12 @@ CURVE_SEQUENCES = 32
 SENSITIVITY_SEQUENCES = 16
 
 
-@dataclass
-class Layerwise:
-    """What the passes of one layer-wise run share."""
+@dataclass(kw_only=True)
+class BlockRun:
+    """What the passes of one run over a model's blocks share (weights or units)."""
 
     work: nn.Module
     blocks: Blocks
-    cm: CostModel
-    space: WeightSpace
     config: PruneConfig
     samples: Samples
     first: int
@@ -78,8 +76,8 @@ class Layerwise:
     sensitivity: dict[str, float] = field(default_factory=dict)
 
     def layers(self, i: int, block: nn.Module) -> dict[str, nn.Module]:
-        names = {lay.name for lay in self.cm.layers}
-        return linear_layers(block, f"{self.blocks.path}.{i}", names)
+        """{full name: module} of the layers of block i whose input Grams the run needs."""
+        raise NotImplementedError
 
     def batches(self, sequences: int | None, size: int) -> list:
         """This process's calibration batches of ``size`` sequences: of all its sequences,
@@ -98,8 +96,8 @@ class Layerwise:
         return capture(self.work, self.blocks, batches, self.config.task.call, self.device)
 
     def measure_sensitivity(self) -> None:
-        """Every prunable layer's sensitivity on the dense model, from the first
-        SENSITIVITY_SEQUENCES calibration sequences."""
+        """The sensitivity of every layer of :meth:`layers` on the dense model, from the
+        first SENSITIVITY_SEQUENCES calibration sequences (keys: ``name.weight``)."""
         t = time.perf_counter()
         modules = {name: module for i, block in enumerate(self.blocks.modules)
                    for name, module in self.layers(i, block).items()}
@@ -108,6 +106,18 @@ class Layerwise:
                                self.device, self.ranks, self.progress)
         self.sensitivity = {name + ".weight": value for name, value in s.items()}
         self.times["sensitivity"] = time.perf_counter() - t
+
+
+@dataclass(kw_only=True)
+class Layerwise(BlockRun):
+    """A layer-wise run over single weights: the cost model and weight space too."""
+
+    cm: CostModel
+    space: WeightSpace
+
+    def layers(self, i: int, block: nn.Module) -> dict[str, nn.Module]:
+        names = {lay.name for lay in self.cm.layers}
+        return linear_layers(block, f"{self.blocks.path}.{i}", names)
 
 
 def _prunable_selector(blocks: Blocks, cfg: PruneConfig):
@@ -145,8 +155,9 @@ def setup(model: nn.Module, data: object, flops: float | None, nnz: float | None
     space = WeightSpace(cm, cfg)
     final = space.budget(flops, nnz)
     space.check(final)
-    run = Layerwise(work, blocks, cm, space, cfg, drawn.take(slice(first, last)), first,
-                    device, ranks, progress and ranks.is_main, probe)
+    run = Layerwise(work=work, blocks=blocks, cm=cm, space=space, config=cfg,
+                    samples=drawn.take(slice(first, last)), first=first, device=device,
+                    ranks=ranks, progress=progress and ranks.is_main, probe=probe)
     return run, final
 
 
@@ -368,9 +379,21 @@ def choose_loss_model(model: nn.Module, cfg: PruneConfig, given: frozenset = fro
                               "loss_model='layerwise' or 'global' with the settings of one")
         loss, why = ("layerwise", f"layer-wise: {', '.join(sorted(mine))} given") if mine \
             else ("global", f"global: {', '.join(sorted(theirs))} given") if theirs \
-            else _by_memory(model, cfg)
+            else _structured_language_model(model, cfg) or _by_memory(model, cfg)
     unused = global_only if loss == "layerwise" else layerwise_only
     return cfg.replace(loss_model=loss, **dict.fromkeys(sorted(unused))), why
+
+
+def _structured_language_model(model: nn.Module, cfg: PruneConfig
+                               ) -> tuple[str, str] | None:
+    """'layerwise' for structure='channels' on a language model with repeated blocks:
+    its heads and MLP channels are found block by block (a whole-graph tracer does not
+    know grouped-query attention); None otherwise."""
+    if cfg.structure == "channels" and cfg.task.name == "language_modeling" and \
+            _has_blocks(model, cfg.blocks):
+        return "layerwise", ("layer-wise: structured pruning of a language model's blocks "
+                             "(attention head groups and MLP channels)")
+    return None
 
 
 def _by_memory(model: nn.Module, cfg: PruneConfig) -> tuple[str, str]:

@@ -33,13 +33,15 @@ from falcon_prune.selection.knapsack import solve_knapsack
 class Curve:
     """Layer ``name``: ``numel`` weights of ``cost`` MACs each per sample; ``kept`` the
     grid of counts (ascending, from the least the layer may keep) and ``errors`` the
-    reconstruction error at each."""
+    reconstruction error at each; ``step`` the weights that go together (a structured
+    unit's parameters: every count is a multiple of it)."""
 
     name: str
     numel: int
     cost: float
     kept: list[int]
     errors: list[float]
+    step: int = 1
 
 
 @dataclass
@@ -162,13 +164,12 @@ def uniform(curves: list[Curve], max_macs: float | None, max_weights: float | No
 
 def _scaled(curves: list[Curve], density: dict[str, float], F: float, S: float
             ) -> dict[str, int]:
-    """Counts floor(density x numel) (at least each layer's least), scaled down together
-    until both budgets hold."""
+    """Counts floor(density x numel) (at least each layer's least; whole steps), scaled
+    down together until both budgets hold."""
     scale = 1.0
     while True:
-        kept = {c.name: max(c.kept[0], min(c.numel, math.floor(scale * density[c.name]
-                                                               * c.numel + 1e-9)))
-                for c in curves}
+        kept = {c.name: max(c.kept[0], min(c.numel, c.step * math.floor(
+            scale * density[c.name] * c.numel / c.step + 1e-9))) for c in curves}
         cost = sum(c.cost * kept[c.name] for c in curves)
         if cost <= F * (1 + 1e-12) and sum(kept.values()) <= S:
             return kept

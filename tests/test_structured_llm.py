@@ -1,0 +1,203 @@
+"""Structured layer-wise pruning through ``fp.prune(..., structure='channels')``: config-built
+Llama (grouped-query attention), Qwen2, OPT, T5, Whisper, ViT and BERT models get smaller,
+keep their output shape and stay within the budgets by the recount; the allocation beats a
+uniform one on its own objective; a pruned model saves, loads back with ``load_pruned`` and
+generates the same tokens."""
+
+import time
+
+import pytest
+import torch
+
+import falcon_prune as fp
+from falcon_prune.errors import BudgetError, ConfigError
+from falcon_prune.runs.structured import model_macs
+
+transformers = pytest.importorskip("transformers", reason="needs transformers ([hf] extra)")
+T = transformers
+VOCAB = 64
+
+
+def seeded(build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build().eval()
+
+
+def ids(n=16, t=16, seed=1):
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def llama(tied=False):
+    return seeded(lambda: T.LlamaForCausalLM(T.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        tie_word_embeddings=tied)))
+
+
+def case(name):
+    """(model, data, task) of a config-built model of family ``name``."""
+    x = ids()
+    if name == "llama":
+        return llama(), x, "language_modeling"
+    if name == "qwen2":
+        return seeded(lambda: T.Qwen2ForCausalLM(T.Qwen2Config(
+            vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=6, num_key_value_heads=3))), x, "language_modeling"
+    if name == "opt":
+        return seeded(lambda: T.OPTForCausalLM(T.OPTConfig(
+            vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+            num_attention_heads=4, word_embed_proj_dim=32))), x, "language_modeling"
+    if name == "t5":
+        model = seeded(lambda: T.T5ForConditionalGeneration(T.T5Config(
+            vocab_size=VOCAB, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8)))
+        return model, {"input_ids": x, "decoder_input_ids": x, "labels": x}, \
+            "language_modeling"
+    if name == "whisper":
+        model = seeded(lambda: T.WhisperForConditionalGeneration(T.WhisperConfig(
+            vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+            decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
+            max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=1)))
+        feats = torch.randn(16, 8, 32, generator=torch.Generator().manual_seed(2))
+        return model, {"input_features": feats, "decoder_input_ids": x[:, :8],
+                       "labels": x[:, :8]}, "language_modeling"
+    if name == "vit":
+        model = seeded(lambda: T.ViTForImageClassification(T.ViTConfig(
+            image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, num_labels=5)))
+        g = torch.Generator().manual_seed(3)
+        return model, (torch.randn(16, 3, 16, 16, generator=g),
+                       torch.randint(0, 5, (16,), generator=g)), "classification"
+    if name == "bert":
+        model = seeded(lambda: T.BertForSequenceClassification(T.BertConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_labels=3)))
+        return model, {"input_ids": x, "labels": torch.arange(16) % 3}, "classification"
+    raise KeyError(name)
+
+
+def output(model, data):
+    with torch.no_grad():
+        if isinstance(data, dict):
+            return model(**{k: v[:2] for k, v in data.items() if k != "labels"}).logits
+        if isinstance(data, tuple):
+            return model(data[0][:2]).logits
+        return model(data[:2]).logits
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "opt", "t5", "whisper", "vit", "bert"])
+def test_families_prune_structurally_within_budget(name):
+    model, data, task = case(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t = time.perf_counter()
+    r = fp.prune(model, data, flops=0.6, nnz=0.7, task=task, structure="channels",
+                 loss_model="layerwise", n_calibration=16, progress=False)
+    assert time.perf_counter() - t < 60
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert sum(p.numel() for p in r.model.parameters()) < sum(p.numel()
+                                                             for p in model.parameters())
+    assert output(r.model, data).shape == output(model, data).shape
+    assert r.flops_fraction <= 0.6 + 1e-9 and r.nnz_fraction <= 0.7 + 1e-9
+    assert r.config.loss_model == "layerwise" and r.config.structure == "channels"
+    assert r.details["sites"]
+
+
+def test_t5_keeps_its_attention_whole_and_says_why():
+    model, data, task = case("t5")
+    r = fp.prune(model, data, flops=0.7, task=task, structure="channels",
+                 loss_model="layerwise", n_calibration=16, progress=False)
+    assert [s.split(" ")[0] for s in r.details["sites"]] == ["mlp"]
+    assert any("attention" in k for k in r.details["left_whole"])
+
+
+def test_flops_are_recounted_on_the_whole_model_with_flops_of_model():
+    model, x, _ = case("llama")
+    r = fp.prune(model, x, flops=0.7, task="language_modeling", structure="channels",
+                 flops_of="model", progress=False)  # the loss model chosen by itself
+    probe = x[:1]
+    dense = model_macs(model, probe, lambda m, v: m(v))
+    kept = model_macs(r.model, probe, lambda m, v: m(v))
+    assert kept / dense == pytest.approx(r.flops_fraction, rel=1e-9)
+    assert kept / dense <= 0.7 + 1e-9
+    assert r.details["loss_model_choice"].startswith("layer-wise: structured")
+
+
+def test_the_allocation_is_no_worse_than_uniform_on_its_objective():
+    model, x, _ = case("llama")
+    common = dict(task="language_modeling", structure="channels", n_calibration=16,
+                  progress=False)
+    ilp = fp.prune(model, x, flops=0.5, **common)
+    uni = fp.prune(model, x, flops=0.5, allocation="uniform", **common)
+    assert ilp.details["allocation_error"] >= ilp.details["allocation_lower_bound"] - 1e-12
+    assert ilp.flops_fraction <= 0.5 + 1e-9 and uni.flops_fraction <= 0.5 + 1e-9
+
+    def loss(m):
+        with torch.no_grad():
+            out = m(x, labels=x)
+        return float(out.loss)
+    assert loss(ilp.model) < loss(uni.model) * 1.05
+
+
+def test_budgets_below_one_unit_per_site_are_refused():
+    model, x, _ = case("llama")
+    with pytest.raises(BudgetError, match="one unit of every site"):
+        fp.prune(model, x, flops=0.01, task="language_modeling", structure="channels",
+                 n_calibration=8, progress=False)
+    with pytest.raises(ConfigError, match="passes=1"):
+        fp.prune(model, x, flops=0.5, task="language_modeling", structure="channels",
+                 n_calibration=8, passes=2, progress=False)
+
+
+def test_wanda_units_without_refit():
+    model, x, _ = case("llama")
+    r = fp.prune(model, x, flops=0.6, method="wanda", task="language_modeling",
+                 structure="channels", n_calibration=16, progress=False)
+    assert r.details["unit_choice"].startswith("wanda")
+    assert r.flops_fraction <= 0.6 + 1e-9
+
+
+def test_a_pruned_model_loads_back_and_generates_the_same_tokens(tmp_path):
+    model = llama(tied=True)
+    x = ids()
+    r = fp.prune(model, x, flops=0.5, task="language_modeling", structure="channels",
+                 n_calibration=16, progress=False)
+    prompt = x[:1, :5]
+    want = r.model.generate(prompt, max_new_tokens=12, do_sample=False)
+    fp.models.save_language_model(r.model, None, tmp_path)
+    back = fp.models.load_pruned(tmp_path)
+    got = back.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(got, want)
+    assert torch.allclose(back(x[:2]).logits, r.model(x[:2]).logits, atol=1e-5)
+    assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
+    loaded, _ = fp.models.load_language_model(tmp_path) if (tmp_path / "tokenizer.json"
+                                                            ).exists() else (back, None)
+    assert loaded is not None
+
+
+def test_onnx_export_of_a_pruned_model(tmp_path):
+    pytest.importorskip("onnx", reason="ONNX export needs the onnx package ([onnx] extra)")
+    ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime ([onnx] extra)")
+    model = llama()
+    x = ids()
+    r = fp.prune(model, x, flops=0.5, task="language_modeling", structure="channels",
+                 n_calibration=16, progress=False)
+
+    class Logits(torch.nn.Module):  # with the attention mask given (no mask inference)
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, v, mask):
+            return self.m(input_ids=v, attention_mask=mask, use_cache=False).logits
+
+    path = tmp_path / "pruned.onnx"
+    mask = torch.ones_like(x[:1])
+    torch.onnx.export(Logits(r.model), (x[:1], mask), str(path), input_names=["ids", "mask"],
+                      output_names=["logits"], dynamo=False)
+    got = ort.InferenceSession(str(path)).run(None, {"ids": x[:1].numpy(),
+                                                      "mask": mask.numpy()})[0]
+    with torch.no_grad():
+        want = r.model(x[:1]).logits.numpy()
+    assert got.shape == want.shape and abs(got - want).max() < 1e-3
