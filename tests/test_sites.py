@@ -171,3 +171,34 @@ def test_t5_attention_is_left_whole_with_the_reason():
                                 lambda b: b(st.states[0], *st.args[0], **st.kwargs[0]), 10)
     assert [s.kind for s in sites] == ["mlp"]
     assert len(dropped) == 1 and "attention" in next(iter(dropped))
+
+
+def test_query_head_units_take_the_same_head_of_every_group():
+    model, blocks, run = probe("llama")  # 8 query heads in 2 groups of 4
+    sites, dropped = find_sites(list(blocks.modules), run, tokens=12,
+                                attention_units="heads")
+    assert not dropped
+    q = next(s for s in sites if s.kind == "query heads")
+    assert list(q.producers) == ["self_attn.q_proj"] and q.units == 4
+    heads = q.producers["self_attn.q_proj"][:, ::8] // 8
+    assert torch.equal(heads, torch.tensor([[0, 4], [1, 5], [2, 6], [3, 7]]))
+    assert q.counters == {"self_attn.num_key_value_groups": 1}  # the group size lowered
+    block = blocks.modules[1]
+    keep = torch.tensor([True, False, True, False])
+    zero = torch.ones(64)
+    zero[q.columns[~keep].reshape(-1)] = 0
+    h = block.self_attn.o_proj.register_forward_pre_hook(lambda m, a: (a[0] * zero,))
+    with torch.no_grad():
+        want = block_output(run(block))
+    h.remove()
+    cut = copy.deepcopy(block)
+    shrink(cut, q, keep)
+    assert cut.self_attn.num_key_value_groups == 2 and cut.self_attn.k_proj.out_features == 16
+    with torch.no_grad():
+        assert torch.allclose(block_output(run(cut)), want, rtol=1e-4, atol=1e-5)
+
+
+def test_query_head_units_without_groups_are_the_heads():
+    model, blocks, run = probe("opt")  # one query head per key/value head
+    sites, _ = find_sites(list(blocks.modules), run, tokens=12, attention_units="heads")
+    assert {s.kind for s in sites} == {"mlp", "attention"}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import falcon_prune as fp
-from falcon_prune.errors import BudgetError, ConfigError
+from falcon_prune.errors import BudgetError, ConfigError, ModelError
 from falcon_prune.runs.structured import model_macs
 
 transformers = pytest.importorskip("transformers", reason="needs transformers ([hf] extra)")
@@ -35,6 +35,12 @@ def llama(tied=False):
         tie_word_embeddings=tied)))
 
 
+def gpt2():
+    return seeded(lambda: T.GPT2LMHeadModel(T.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+        eos_token_id=2)))
+
+
 def case(name):
     """(model, data, task) of a config-built model of family ``name``."""
     x = ids()
@@ -44,6 +50,8 @@ def case(name):
         return seeded(lambda: T.Qwen2ForCausalLM(T.Qwen2Config(
             vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=6, num_key_value_heads=3))), x, "language_modeling"
+    if name == "gpt2":
+        return gpt2(), x, "language_modeling"
     if name == "opt":
         return seeded(lambda: T.OPTForCausalLM(T.OPTConfig(
             vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
@@ -87,7 +95,8 @@ def output(model, data):
         return model(data[:2]).logits
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "opt", "t5", "whisper", "vit", "bert"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "opt", "t5", "whisper", "vit",
+                                  "bert"])
 def test_families_prune_structurally_within_budget(name):
     model, data, task = case(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -158,8 +167,9 @@ def test_wanda_units_without_refit():
     assert r.flops_fraction <= 0.6 + 1e-9
 
 
-def test_a_pruned_model_loads_back_and_generates_the_same_tokens(tmp_path):
-    model = llama(tied=True)
+@pytest.mark.parametrize("build", [lambda: llama(tied=True), gpt2])
+def test_a_pruned_model_loads_back_and_generates_the_same_tokens(tmp_path, build):
+    model = build()
     x = ids()
     r = fp.prune(model, x, flops=0.5, task="language_modeling", structure="channels",
                  n_calibration=16, progress=False)
@@ -170,10 +180,9 @@ def test_a_pruned_model_loads_back_and_generates_the_same_tokens(tmp_path):
     got = back.generate(prompt, max_new_tokens=12, do_sample=False)
     assert torch.equal(got, want)
     assert torch.allclose(back(x[:2]).logits, r.model(x[:2]).logits, atol=1e-5)
-    assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
-    loaded, _ = fp.models.load_language_model(tmp_path) if (tmp_path / "tokenizer.json"
-                                                            ).exists() else (back, None)
-    assert loaded is not None
+    assert back.lm_head.weight.data_ptr() == back.get_input_embeddings().weight.data_ptr()
+    assert sum(p.numel() for p in back.parameters()) < sum(p.numel()
+                                                           for p in model.parameters())
 
 
 def test_onnx_export_of_a_pruned_model(tmp_path):
@@ -201,3 +210,36 @@ def test_onnx_export_of_a_pruned_model(tmp_path):
     with torch.no_grad():
         want = r.model(x[:1]).logits.numpy()
     assert got.shape == want.shape and abs(got - want).max() < 1e-3
+
+
+@pytest.mark.parametrize("name", ["opt", "t5", "whisper"])
+def test_the_global_loss_model_takes_tied_or_apart_output_heads(name):
+    model, data, task = case(name)  # their head's weight is an embedding's, or proj_out
+    r = fp.prune(model, data, flops=0.6, task=task, structure="channels",
+                 loss_model="global", n_gradients=16, n_validation=8, progress=False)
+    assert r.flops_fraction <= 0.6 + 1e-9
+
+
+def test_the_global_loss_model_refuses_grouped_query_attention_at_once():
+    model, x, _ = case("llama")
+    t = time.perf_counter()
+    with pytest.raises(ModelError, match="grouped-query attention.*loss_model='layerwise'"):
+        fp.prune(model, x, flops=0.6, task="language_modeling", structure="channels",
+                 loss_model="global", n_gradients=16, n_validation=8, progress=False)
+    assert time.perf_counter() - t < 30
+
+
+def test_query_head_units_prune_a_grouped_query_llama():
+    model, x, _ = case("llama")
+    r = fp.prune(model, x, flops=0.6, task="language_modeling", structure="channels",
+                 attention_units="heads", n_calibration=16, progress=False)
+    assert r.config.attention_units == "heads"
+    assert any(site.startswith("query heads") for site in r.details["sites"])
+    assert r.flops_fraction <= 0.6 + 1e-9
+    for block in r.model.model.layers:  # key/value heads whole, groups of equal size
+        att = block.self_attn
+        assert att.k_proj.out_features == 2 * 8
+        assert att.q_proj.out_features == 2 * 8 * att.num_key_value_groups
+    with pytest.raises(ConfigError, match="apply to structure='channels'"):
+        fp.prune(model, x, nnz=0.5, task="language_modeling", attention_units="heads",
+                 progress=False)

@@ -129,6 +129,9 @@ def _add_layerwise_args(p: argparse.ArgumentParser) -> None:
                    help="layer-wise: 2 measures the curves again on pruned inputs")
     p.add_argument("--blocks", help="layer-wise: the path of the model's nn.ModuleList of "
                    "blocks (default: found)")
+    p.add_argument("--attention-units", choices=["groups", "heads"],
+                   help="layer-wise --structure channels: remove key/value groups with their "
+                        "query heads (default), or the same query head of every group")
 
 
 def _add_multistage_args(p: argparse.ArgumentParser, ms) -> None:

@@ -164,7 +164,7 @@ def _prune_settings(a: argparse.Namespace) -> dict:
         "recalibrate_bn": a.recalibrate_bn or None, **_multistage_settings(a),
         **_structure_settings(a), "pattern": a.pattern, "loss_model": a.loss_model,
         "n_calibration": a.n_calibration, "allocation": a.allocation, "passes": a.passes,
-        "blocks": a.blocks,
+        "blocks": a.blocks, "attention_units": a.attention_units,
     }
 
 

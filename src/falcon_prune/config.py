@@ -90,6 +90,10 @@ class PruneConfig:
       None: found), ``passes`` (2: the error curves measured again on the pruned inputs and
       the densities allocated again), ``damp`` (the OBS sweep's ridge, times the mean
       diagonal of a Gram).
+    - structure='channels' with the layer-wise loss model: ``attention_units`` ('groups':
+      a key/value head with its query heads; 'heads': the same query head of every
+      key/value group, which keeps every group's query count equal and the key/value
+      heads whole; the model's code must allow groups of fewer query heads).
 
     A field the method does not use is None."""
 
@@ -133,6 +137,7 @@ class PruneConfig:
     blocks: str | None = None
     passes: int | None = 1
     damp: float | None = 0.01
+    attention_units: str | None = None
 
     def replace(self, **changes: Any) -> PruneConfig:
         """A copy with some settings changed (validated by ``prune``)."""
@@ -242,6 +247,7 @@ def defaults(method: str = "falcon", structure: str = "weights",
         cfg = cfg.replace(schedule=DEFAULT_SCHEDULE)
     if structure == "channels":  # units: no n:m pattern, one pass
         cfg = cfg.replace(structure="channels", keep_layers=(), pattern=None,
+                          attention_units="groups",
                           **({"passes": 1} if cfg.passes is not None else {}),
                           **m.channel_defaults)
     if effort != "default":

@@ -377,7 +377,7 @@ def save_language_model(model: nn.Module, tokenizer: object, directory: str | Pa
     plain = plain_copy(model)
     plain.save_pretrained(directory)
     widths = _widths(plain)
-    if widths["linear"] or widths["attributes"]:
+    if widths["parameters"] or widths["attributes"]:
         (directory / WIDTHS_FILE).write_text(json.dumps(widths, indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -397,26 +397,27 @@ def _blank(config: object) -> nn.Module:
 
 def _widths(model: nn.Module) -> dict:
     """What a structurally pruned ``model`` changed from the model its config describes:
-    {'linear': {name: [out, in, bias]}, 'attributes': {'module.attr': int}} (the linear
-    layers of other shapes, and integer attributes such as head counts)."""
-    blank = dict(_blank(model.config).named_modules())
-    linear, attributes = {}, {}
+    {'parameters': {name: shape}, 'attributes': {'module.attr': int}} (the parameters of
+    other shapes, and integer attributes such as head counts and layer widths)."""
+    blank = _blank(model.config)
+    shapes = {n: tuple(p.shape) for n, p in blank.named_parameters()}
+    modules = dict(blank.named_modules())
+    parameters = {n: list(p.shape) for n, p in model.named_parameters()
+                  if n in shapes and tuple(p.shape) != shapes[n]}
+    attributes = {}
     for name, m in model.named_modules():
-        b = blank.get(name)
-        if isinstance(m, nn.Linear) and isinstance(b, nn.Linear) and \
-                m.weight.shape != b.weight.shape:
-            linear[name] = [m.out_features, m.in_features, m.bias is not None]
+        b = modules.get(name)
         for attr, value in vars(m).items():
             if type(value) is int and b is not None and getattr(b, attr, value) != value:
                 attributes[f"{name}.{attr}" if name else attr] = value
-    return {"linear": linear, "attributes": attributes}
+    return {"parameters": parameters, "attributes": attributes}
 
 
 def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A structurally pruned causal language model written by ``save_language_model``
     (or ``falcon-prune prune --hf ... --structure channels``), in evaluation mode: the
-    model its config describes, with the layers and head counts of the per-layer widths
-    that the directory records, and its weights (safetensors)."""
+    model its config describes, with the parameter shapes and the integer attributes
+    (widths, head counts) that the directory records, and its weights (safetensors)."""
     from safetensors.torch import load_file
 
     T = _transformers()
@@ -428,9 +429,10 @@ def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
     widths = json.loads(widths_file.read_text())
     config = T.AutoConfig.from_pretrained(directory)
     model = T.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, (out, inp, bias) in widths["linear"].items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, nn.Linear(inp, out, bias=bias, dtype=dtype))
+    for name, shape in widths["parameters"].items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr,
+                nn.Parameter(torch.empty(shape, dtype=dtype)))
     for path, value in widths["attributes"].items():
         owner, _, attr = path.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, attr, value)

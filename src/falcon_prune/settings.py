@@ -180,6 +180,7 @@ CHECKS = {
     "loss_model": _choice(LOSS_MODELS), "n_calibration": _integer(1),
     "pattern": lambda name, v: _pattern(name, v), "allocation": _choice(ALLOCATIONS),
     "blocks": lambda name, v: _text(name, v), "passes": _choice((1, 2)),
+    "attention_units": _choice(("groups", "heads")),
     "damp": _real(lambda v: 0 <= v < math.inf, ">= 0, e.g. 0.01"),
 }
 
@@ -225,8 +226,8 @@ GLOBAL_CHANNELS_FLOPS_OF = ConfigError(
 
 
 def _check_structure(structure: str, method: str, settings: dict) -> None:
-    only = [k for k in ("keep_layers", "obs_rank", "round_to", "latency_batch")
-            if k in settings]
+    only = [k for k in ("keep_layers", "obs_rank", "round_to", "latency_batch",
+                        "attention_units") if k in settings]
     if structure == "weights" and only:
         raise ConfigError(f"{', '.join(only)} apply to structure='channels'; drop them or "
                           "pass structure='channels'")

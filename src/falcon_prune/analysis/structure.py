@@ -27,6 +27,7 @@ channels of the stem are not channels of any group.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -61,27 +62,36 @@ class ParamSpace:
     names: list[str]
     offsets: list[int]
     flat: torch.Tensor
+    #: every name of a parameter shared under several names (a tied output head) ->
+    #: the name it has in ``names`` (its first)
+    alias: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, model: nn.Module, cm: CostModel) -> ParamSpace:
         names, offsets, sizes = [], [0], []
-        for name, p in model.named_parameters():
+        first: dict[int, str] = {}
+        alias = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                alias[name] = first[id(p)]
+                continue
+            first[id(p)] = name
             names.append(name)
             sizes.append(p.numel())
             offsets.append(offsets[-1] + p.numel())
         flat = torch.full((offsets[-1],), -1, dtype=torch.int64)
         where = {n: k for k, n in enumerate(names)}
         for lay, a in zip(cm.layers, cm.offsets[:-1], strict=True):
-            k = where[lay.name]
+            k = where[alias.get(lay.name, lay.name)]
             flat[offsets[k]:offsets[k + 1]] = torch.arange(a, a + lay.numel)
-        return cls(names, offsets, flat)
+        return cls(names, offsets, flat, alias)
 
     @property
     def size(self) -> int:
         return self.offsets[-1]
 
     def start(self, name: str) -> int:
-        return self.offsets[self.names.index(name)]
+        return self.offsets[self.names.index(self.alias.get(name, name))]
 
 
 def _layer_entries(module: nn.Module, start: int, handler: str, idx: torch.Tensor
@@ -228,6 +238,8 @@ def channel_units(model: nn.Module, cm: CostModel, inputs: object,
     if unknown:
         raise ModelError(f"keep_layers names modules the model does not have: {unknown}")
     keep_layers = tuple(m for m in modules if any(fnmatch(m, n) for n in keep_layers))
+    heads = head_sizes(model, inputs, call)
+    _refuse_grouped_query({n: d for n, d in heads.items() if n not in keep_layers}, modules)
     graph = _graph(tp, model, inputs, call)
     if not _traceable(model, inputs, call):
         raise ModelError(
@@ -242,7 +254,6 @@ def channel_units(model: nn.Module, cm: CostModel, inputs: object,
               if not any(isinstance(it.dep.target.module, nn.MultiheadAttention)
                          for it in g.items)]  # attention's width stays (heads must divide it)
     space = ParamSpace.of(model, cm)
-    heads = head_sizes(model, inputs, call)
     _check_heads_coupled(groups, names, heads)
     pairs, group_of, channel_of, labels, widths = [], [], [], [], []
     for gi, g in enumerate(groups):
@@ -272,6 +283,24 @@ def channel_units(model: nn.Module, cm: CostModel, inputs: object,
     fixed += [(e.name, e.weights) for e in cm.excluded]
     return _assemble(space, pairs, group_of, channel_of, labels, graph, groups, fixed,
                      widths)
+
+
+def _refuse_grouped_query(heads: dict[str, int], modules: dict[str, nn.Module]) -> None:
+    """Refuse, before tracing, an attention whose head-split layers have different head
+    counts (grouped-query attention): the dependency graph cannot couple a key/value head
+    with its query heads (Torch-Pruning runs for minutes on such a model)."""
+    counts: dict[str, dict[str, int]] = {}
+    for name, d in heads.items():
+        counts.setdefault(name.rpartition(".")[0], {})[name] = modules[name].out_features // d
+    for parent, found in counts.items():
+        if len(set(found.values())) > 1:
+            said = ", ".join(f"{n}: {h} heads" for n, h in sorted(found.items()))
+            raise ModelError(
+                f"{parent or 'the model'} has grouped-query attention ({said}), whose "
+                "key/value groups the channel dependency graph cannot couple with their "
+                "query heads; keep them whole with keep_layers="
+                f"{sorted(found)}, or use loss_model='layerwise' (structured pruning "
+                "block by block finds the groups from the model)")
 
 
 def _check_heads_coupled(groups: list, names: dict, heads: dict[str, int]) -> None:
@@ -316,19 +345,32 @@ def _group_width(group, names: dict, heads: dict[str, int], channels: int) -> in
 
 def head_sizes(model: nn.Module, inputs: object,
                call: Callable[[nn.Module, object], object]) -> dict[str, int]:
-    """{name: d} of the Linear layers whose output (..., C) the model reshapes into heads
-    (..., C // d, d) right after it, seen while running ``call(model, inputs)``."""
-    outputs: dict[int, tuple[str, torch.Tensor]] = {}
+    """{name: d} of the Linear layers whose whole output (..., C) the model reshapes into
+    heads (..., C // d, d) right after it, seen while running ``call(model, inputs)``."""
+    out_width = {n: m.out_features for n, m in model.named_modules()
+                 if isinstance(m, nn.Linear)}
+    return {name: d for (name, offset, width), d in head_segments(
+        model, inputs, call, (nn.Linear,)).items() if offset == 0 and width == out_width[name]}
+
+
+def head_segments(model: nn.Module, inputs: object,
+                  call: Callable[[nn.Module, object], object],
+                  types: tuple[type, ...] = (nn.Linear,)) -> dict[tuple[str, int, int], int]:
+    """{(name, offset, width): d} of the output segments (channels offset ... offset +
+    width - 1, the whole output or a piece split off it, as a fused query/key/value
+    projection's) of the ``types`` layers that the model reshapes into heads of size d,
+    seen while running ``call(model, inputs)``."""
+    outputs: dict[int, tuple[str, int, torch.Tensor]] = {}
 
     def hook(name):
         def record(module, args, out):
             if isinstance(out, torch.Tensor) and out.dim() >= 2:
-                outputs[id(out)] = (name, out)  # the tensor is kept: its id stays unique
+                outputs[id(out)] = (name, 0, out)  # the tensor is kept: its id stays unique
         return record
 
-    found: dict[str, int] = {}
+    found: dict[tuple[str, int, int], int] = {}
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear)]
+               if isinstance(m, types)]
     try:
         with torch.no_grad(), _HeadViews(outputs, found):
             call(model, inputs)
@@ -338,32 +380,59 @@ def head_sizes(model: nn.Module, inputs: object,
     return found
 
 
+def _split_dim(op: str, args: tuple, kwargs: dict) -> int:
+    """The dimension a split (self, size, dim) or a slice/narrow (self, dim, ...) cuts."""
+    at = 2 if op in ("split", "split_with_sizes") else 1
+    return kwargs.get("dim", args[at] if len(args) > at else 0)
+
+
 class _HeadViews(TorchDispatchMode):
-    """Records, for tensors in ``outputs`` ({id: (name, tensor)}), views that split the
-    last dimension C into (H, d) with 1 < d < C: ``found[name] = d``."""
+    """Records, for tensors in ``outputs`` ({id: (name, offset, tensor)}: a layer's output
+    or a segment of it), views that split the last dimension C into (H, d) with
+    1 < d < C: ``found[(name, offset, C)] = d``. Segments split or sliced off the last
+    dimension, and the results of element-wise operations, are followed."""
 
     VIEWS = ("view", "_unsafe_view", "reshape")
     #: element-wise operations a layer's output may pass through before the split (a
     #: query scaled by 1/sqrt(d), a cast): their output stands for the layer's
     ELEMENTWISE = ("mul", "div", "add", "sub", "_to_copy", "clone", "contiguous")
+    SPLITS = ("split", "split_with_sizes", "slice", "narrow")
 
     def __init__(self, outputs: dict, found: dict):
         super().__init__()
         self.outputs, self.found = outputs, found
 
+    def _pieces(self, name: str, offset: int, src: torch.Tensor, out: object) -> None:
+        """Follow the segments of the last dimension that a split or slice made."""
+        pieces = out if isinstance(out, (list, tuple)) else [out]
+        last = src.shape[-1]
+        start = offset
+        for piece in pieces:
+            if not isinstance(piece, torch.Tensor) or piece.shape[:-1] != src.shape[:-1]:
+                return
+            if piece.shape[-1] == last:
+                return
+            begin = start if isinstance(out, (list, tuple)) else (
+                offset + piece.storage_offset() - src.storage_offset())
+            self.outputs[id(piece)] = (name, begin, piece)
+            start += piece.shape[-1]
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         src = args[0] if args else None
-        if (func.overloadpacket.__name__ in self.ELEMENTWISE and isinstance(src, torch.Tensor)
-                and id(src) in self.outputs and isinstance(out, torch.Tensor)
-                and out.shape == src.shape):
-            self.outputs[id(out)] = (self.outputs[id(src)][0], out)
-        if (func.overloadpacket.__name__ in self.VIEWS and isinstance(src, torch.Tensor)
-                and id(src) in self.outputs and isinstance(out, torch.Tensor)
+        if not isinstance(src, torch.Tensor) or id(src) not in self.outputs:
+            return out
+        name, offset, _ = self.outputs[id(src)]
+        op = func.overloadpacket.__name__
+        if op in self.ELEMENTWISE and isinstance(out, torch.Tensor) and out.shape == src.shape:
+            self.outputs[id(out)] = (name, offset, out)
+        elif op in self.SPLITS and _split_dim(op, args, kwargs or {}) in (-1, src.dim() - 1):
+            self._pieces(name, offset, src, out)
+        elif (op in self.VIEWS and isinstance(out, torch.Tensor)
                 and out.dim() == src.dim() + 1 and out.shape[:-2] == src.shape[:-1]):
             C, d = src.shape[-1], out.shape[-1]
             if 1 < d < C and out.shape[-2] * d == C:
-                self.found[self.outputs[id(src)][0]] = d
+                self.found[(name, offset, C)] = d
         return out
 
 

@@ -35,7 +35,7 @@ HELD_OUT_SETTINGS = ("n_validation", "held_out_precision")
 MULTISTAGE_SETTINGS = ("schedule", "stages", "resample", "revive", "effort")
 #: the settings of a method with a layer-wise solver (the layer-wise loss model)
 LAYERWISE_SETTINGS = ("loss_model", "n_calibration", "pattern", "allocation", "blocks",
-                      "passes")
+                      "passes", "attention_units")
 LOSS_MODELS = ("global", "layerwise", "auto")
 STRUCTURES = ("weights", "channels")
 

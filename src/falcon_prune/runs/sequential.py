@@ -60,11 +60,17 @@ class Stream:
     kwargs: list[dict]
 
 
+def _is_cache(value: object) -> bool:
+    """Whether a block's argument is a key/value cache (HuggingFace's ``Cache`` classes,
+    told by their ``get_seq_length``; some blocks take it positionally, as GPT-2's)."""
+    return callable(getattr(value, "get_seq_length", None))
+
+
 def _cleaned(kwargs: dict, device: torch.device) -> dict:
     """A block call's keyword arguments without a key/value cache, on ``device``."""
     out = {}
     for key, value in kwargs.items():
-        if key in CACHE_KEYS:
+        if key in CACHE_KEYS or _is_cache(value):
             value = None
         elif key == "use_cache":
             value = False
@@ -99,7 +105,8 @@ def capture(model: nn.Module, blocks: Blocks, batches: list[Batch],
                     raise ModelError(f"the model's forward never called {blocks.path}[0]; "
                                      "name the blocks it runs with blocks=...")
                 stream.states.append(caught["state"].detach().to(device))
-                stream.args.append(map_tensors(caught["args"], lambda t: t.to(device)))
+                stream.args.append(tuple(None if _is_cache(a) else map_tensors(
+                    a, lambda t: t.to(device)) for a in caught["args"]))
                 stream.kwargs.append(_cleaned(caught["kwargs"], device))
     finally:
         handle.remove()

@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from falcon_prune.analysis.blocks import find_blocks, move_outside
 from falcon_prune.analysis.costs import plain_kernels
 from falcon_prune.analysis.masks import clone_model, make_permanent
-from falcon_prune.analysis.sites import Site, find_sites, shrink
+from falcon_prune.analysis.sites import Site, consumer_weight, find_sites, shrink
 from falcon_prune.config import PruneConfig
 from falcon_prune.data.batches import collect
 from falcon_prune.errors import BudgetError, BudgetViolation, ConfigError, ModelError
@@ -105,7 +105,8 @@ def setup(model: nn.Module, data: object, cfg: PruneConfig, progress: bool) -> U
     def run_block(block: nn.Module) -> object:
         return block(st.states[0], *st.args[0], **st.kwargs[0])
 
-    sites, dropped = find_sites(list(blocks.modules), run_block, tokens, cfg.seed or 0)
+    sites, dropped = find_sites(list(blocks.modules), run_block, tokens, cfg.seed or 0,
+                                cfg.attention_units or "groups")
     if not sites:
         raise ModelError(
             f"no attention heads or MLP channels of the blocks at {blocks.path} can be "
@@ -172,7 +173,7 @@ def measure_curves(run: Units) -> list[Curve]:
     def work(i: int, block: nn.Module, grams: Grams) -> bool:
         for site in run.sites:
             name = run.name(i, site)
-            W, H = block.get_submodule(site.consumer).weight.detach(), grams.gram(name)
+            W, H = consumer_weight(block, site).detach(), grams.gram(name)
             order, path = _sweep(run, site, W, H, 1)
             weight = run.sensitivity.get(name + ".weight", 1.0)
             kept = [site.units - r for r, _ in reversed(path)]
@@ -212,8 +213,7 @@ def _prune_site(run: Units, i: int, block: nn.Module, site: Site, H: torch.Tenso
     """Remove the units of one site that the allocation drops, and refit its consumer
     on the kept ones (OBS methods); record the site's report row."""
     name, k = run.name(i, site), run.counts[run.name(i, site)]
-    consumer = block.get_submodule(site.consumer)
-    W = consumer.weight.detach()
+    W = consumer_weight(block, site).detach()
     order, _ = _sweep(run, site, W, H, k)
     keep = torch.ones(site.units, dtype=torch.bool)
     keep[order[:site.units - k]] = False
@@ -229,7 +229,7 @@ def _prune_site(run: Units, i: int, block: nn.Module, site: Site, H: torch.Tenso
                       "error": float(((D @ H) * D).sum()) / _energy(W, H)}
     shrink(block, site, keep)
     with torch.no_grad():
-        consumer.weight.copy_(new)
+        consumer_weight(block, site).copy_(new)
 
 
 def prune_blocks(run: Units) -> None:
@@ -272,7 +272,7 @@ def _recount(run: Units) -> tuple[float, int]:
             params += sum(block.get_submodule(n).weight.numel() for n in site.producers)
             params += sum(block.get_submodule(n).bias.numel() for n in site.producers
                           if block.get_submodule(n).bias is not None)
-            params += block.get_submodule(site.consumer).weight.numel()
+            params += consumer_weight(block, site).numel()
     return macs, params
 
 
