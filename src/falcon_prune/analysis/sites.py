@@ -131,14 +131,20 @@ def linears(block: nn.Module, run: BlockRun) -> dict[str, Linear]:
                     return
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in _candidates(block).items()]
+    _run_hooked(block, run, [m.register_forward_hook(hook(n))
+                             for n, m in _candidates(block).items()])
+    return found
+
+
+def _run_hooked(block: nn.Module, run: BlockRun, handles: list) -> object:
+    """The block's output on the probe, without gradients; the hooks ``handles`` are
+    removed afterwards."""
     try:
         with torch.no_grad():
-            run(block)
+            return run(block)
     finally:
         for h in handles:
             h.remove()
-    return found
 
 
 def _inputs(block: nn.Module, run: BlockRun, lin: dict[str, Linear],
@@ -155,12 +161,7 @@ def _inputs(block: nn.Module, run: BlockRun, lin: dict[str, Linear],
         if zero and name in zero:
             keep = (~zero[name]).to(m.weight.dtype)
             handles.append(m.register_forward_hook(lambda mod, a, out, k=keep: out * k))
-    try:
-        with torch.no_grad():
-            run(block)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(block, run, handles)
     return seen
 
 
@@ -411,12 +412,8 @@ def _check_keep(block: nn.Module, run: BlockRun, site: Site, tokens: int,
     def masked(mod, args):
         return (args[0] * (~zero).to(args[0].dtype),)
 
-    h = block.get_submodule(site.consumer).register_forward_pre_hook(masked)
-    try:
-        with torch.no_grad():
-            want = block_output(run(block))
-    finally:
-        h.remove()
+    want = block_output(_run_hooked(block, run, [
+        block.get_submodule(site.consumer).register_forward_pre_hook(masked)]))
     cut = copy.deepcopy(block)
     shrink(cut, site, keep)
     try:
