@@ -86,7 +86,7 @@ def test_the_command_line_writes_a_structured_model_that_load_pruned_reads(hf_di
     out = tmp_path / "narrow"
     assert main(["prune", "--hf", str(hf_dir), "--text", str(TEXT), "--seq-len", "32",
                  "--structure", "channels", "--flops", "0.6", "--n-calibration", "8",
-                 "--output", str(out), "--no-progress"]) == 0
+                 "--attention-units", "heads", "--output", str(out), "--no-progress"]) == 0
     assert "save_pretrained" in capsys.readouterr().out
     dense, _ = load_language_model(hf_dir)
     model = fp.models.load_pruned(out)
