@@ -70,6 +70,7 @@ def remove_units(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, least: 
     """Greedy OBS removal of units (``groups`` (U, g): each unit's columns of W (r, c)),
     with H (c, c) the Gram of the layer's inputs, down to ``least`` kept units."""
     U = len(groups)
+    groups = groups.to(W.device)
     W = W.double().clone()
     G = torch.cholesky_inverse(torch.linalg.cholesky(damped(H, damp)))
     alive = torch.ones(U, dtype=torch.bool, device=W.device)

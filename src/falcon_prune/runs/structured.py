@@ -99,7 +99,8 @@ def setup(model: nn.Module, data: object, cfg: PruneConfig, progress: bool) -> U
     drawn = collect(data, cfg.n_calibration, cfg.seed, cfg.sampling).samples
     check_task(work, drawn, cfg.task, torch.device("cpu"), count=1)
     probe = cfg.task.inputs(drawn.take(slice(0, 1)).batch)
-    st = capture(work, blocks, [probe], cfg.task.call, torch.device("cpu"))
+    home = next(work.parameters()).device  # where the model is (the sites are found there)
+    st = capture(work, blocks, [probe], cfg.task.call, home)
     tokens = int(st.states[0].shape[:-1].numel())
 
     def run_block(block: nn.Module) -> object:
@@ -153,11 +154,11 @@ def _sweep(run: Units, site: Site, W: torch.Tensor, H: torch.Tensor, least: int)
     if run.config.method not in SCORED:
         sw = remove_units(W, H, site.columns, least, run.config.damp or 0.01)
         return sw.order, list(zip(sw.after, sw.errors, strict=True))
-    cols = W.double()[:, site.columns]  # (r, U, c)
-    x = H.diagonal().double().clamp_min(0)[site.columns]  # Wanda: |W| by the input norm
+    cols = W.double()[:, site.columns.to(W.device)]  # (r, U, c)
+    x = H.diagonal().double().clamp_min(0)[site.columns.to(H.device)]  # Wanda: |W| by the input norm
     score = (cols.pow(2) * x[None]).sum((0, 2))
     order = score.argsort()[:site.units - least]
-    return order, [(0, 0.0), (len(order), float(score[order].sum()))]
+    return order.cpu(), [(0, 0.0), (len(order), float(score[order].sum()))]
 
 
 def _energy(W: torch.Tensor, H: torch.Tensor) -> float:
