@@ -155,7 +155,8 @@ def _sweep(run: Units, site: Site, W: torch.Tensor, H: torch.Tensor, least: int)
         sw = remove_units(W, H, site.columns, least, run.config.damp or 0.01)
         return sw.order, list(zip(sw.after, sw.errors, strict=True))
     cols = W.double()[:, site.columns.to(W.device)]  # (r, U, c)
-    x = H.diagonal().double().clamp_min(0)[site.columns.to(H.device)]  # Wanda: |W| by the input norm
+    # Wanda: |W| by the input's norm, summed over the unit's columns
+    x = H.diagonal().double().clamp_min(0)[site.columns.to(H.device)]
     score = (cols.pow(2) * x[None]).sum((0, 2))
     order = score.argsort()[:site.units - least]
     return order.cpu(), [(0, 0.0), (len(order), float(score[order].sum()))]
