@@ -34,6 +34,14 @@ def layer_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.
     return ((D @ H) * D).sum(1).to(torch.float64)
 
 
+def relative_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W - Ŵ) H (W - Ŵ)ᵀ) / tr(W H Wᵀ): a layer's error relative to the energy of
+    its outputs (0: unchanged, 1: as bad as zeroing it)."""
+    W = W.to(H.dtype)
+    energy = max(float(((W @ H) * W).sum()), 1e-300)
+    return float(layer_error(W, W_hat.to(H.dtype), H).sum()) / energy
+
+
 def refit(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, start: torch.Tensor,
           iterations: int = 10) -> torch.Tensor:
     """The minimiser of E over Ŵ with Ŵ = 0 outside ``keep`` (r, d) bool, by

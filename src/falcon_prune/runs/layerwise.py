@@ -36,6 +36,7 @@ from falcon_prune.loss.distributed import Ranks, require_same_model
 from falcon_prune.loss.layerwise import Grams
 from falcon_prune.loss.sensitivity import output_sensitivity
 from falcon_prune.methods import get_method
+from falcon_prune.methods.reconstruction import relative_error
 from falcon_prune.methods.sparsegpt import error_curve, n_m
 from falcon_prune.results import PruneResult, peak_rss_mb
 from falcon_prune.runs.sequential import Stream, capture, linear_layers, run_blocks
@@ -169,11 +170,6 @@ def _grid(lay, least: int, target: float) -> list[int]:
     return sorted(c for c in counts if least <= c <= n)
 
 
-def _energy(W: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(W H Wᵀ): the energy of a layer's outputs, which its errors are relative to."""
-    return max(float(((W.double() @ H) * W.double()).sum()), 1e-300)
-
-
 def _curve(run: Layerwise, lay, W: torch.Tensor, H: torch.Tensor, least: int,
            target: float) -> Curve:
     """A layer's error curve: the error of sweeps to the counts of its grid, times the
@@ -247,10 +243,9 @@ def _solve_layer(run: Layerwise, module: nn.Module, lay, H: torch.Tensor, count:
     W_hat, keep = get_method(cfg.method).layerwise(W, H, count, pattern, cfg)
     W_hat = run.ranks.broadcast((W_hat * keep).to(W.dtype).contiguous())
     keep = run.ranks.broadcast(keep.contiguous())
-    D = (W.double() - W_hat.double())
     run.rows[lay.name] = {"layer": lay.name, "weights": lay.numel, "kept": int(keep.sum()),
                           "density": float(keep.sum()) / lay.numel,
-                          "error": float(((D @ H) * D).sum()) / _energy(W, H),
+                          "error": relative_error(W, W_hat, H),
                           **({"sensitivity": run.sensitivity[lay.name]}
                              if lay.name in run.sensitivity else {})}
     with torch.no_grad():

@@ -40,6 +40,7 @@ from falcon_prune.errors import BudgetError, BudgetViolation, ConfigError, Model
 from falcon_prune.loss.distributed import Ranks, require_same_model
 from falcon_prune.loss.layerwise import Grams
 from falcon_prune.methods.group_obs import refit, remove_units
+from falcon_prune.methods.reconstruction import relative_error
 from falcon_prune.results import LayerReport, PruneResult, peak_rss_mb
 from falcon_prune.runs.layerwise import CURVE_SEQUENCES, BlockRun
 from falcon_prune.runs.sequential import capture, run_blocks
@@ -162,11 +163,6 @@ def _sweep(run: Units, site: Site, W: torch.Tensor, H: torch.Tensor, least: int)
     return order.cpu(), [(0, 0.0), (len(order), float(score[order].sum()))]
 
 
-def _energy(W: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(W H Wᵀ): the energy of a layer's outputs, which its errors are relative to."""
-    return max(float(((W.double() @ H) * W.double()).sum()), 1e-300)
-
-
 def measure_curves(run: Units) -> list[Curve]:
     """Every site's error curve on the dense model (weighted by its consumer's
     sensitivity), from the first CURVE_SEQUENCES calibration sequences."""
@@ -225,10 +221,10 @@ def _prune_site(run: Units, i: int, block: nn.Module, site: Site, H: torch.Tenso
     new = refit(W, H, cols.to(W.device), run.config.damp or 0.01) if refitted \
         else W.double()[:, cols.to(W.device)]
     new = run.ranks.broadcast(new.to(W.dtype).contiguous())
-    D = W.double().clone()
-    D[:, cols.to(W.device)] -= new.double()
+    W_hat = torch.zeros_like(W)
+    W_hat[:, cols.to(W.device)] = new
     run.rows[name] = {"layer": name, "kind": site.kind, "units": site.units, "kept": k,
-                      "error": float(((D @ H) * D).sum()) / _energy(W, H)}
+                      "error": relative_error(W, W_hat, H)}
     shrink(block, site, keep)
     with torch.no_grad():
         consumer_weight(block, site).copy_(new)
