@@ -226,3 +226,23 @@ def test_layerwise_masks_of_two_ranks_are_one_process_masks(tmp_path):
     ref = {lay.name: single.model.get_parameter(lay.name) != 0 for lay in single.layers}
     for r in ranks:
         assert all(torch.equal(r["state"][k] != 0, ref[k]) for k in ref)
+
+
+def test_structured_gpt2_with_a_rank_that_saw_no_tokens_matches_one_process(tmp_path):
+    """GPT-2's Conv1D layers (weights stored (in, out)) under torchrun, with one sequence
+    for two ranks: the rank that saw no tokens still sums Grams of the right width, and
+    both ranks end with the one-process smaller model."""
+    T = pytest.importorskip("transformers", reason="needs transformers ([hf] extra)")
+    cfg = T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                       bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(3))
+    kw = dict(task="language_modeling", structure="channels", loss_model="layerwise",
+              flops=0.7, n_calibration=1)
+    single = fp.prune(model, ids, progress=False, **kw).model.state_dict()
+    for r in torchrun(tmp_path, "prune", model, ids, **kw):
+        assert r["state"].keys() == single.keys()
+        for k, v in single.items():
+            assert r["state"][k].shape == v.shape, k
+            assert torch.allclose(r["state"][k], v, atol=1e-5), k

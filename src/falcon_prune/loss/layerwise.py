@@ -76,13 +76,16 @@ class Grams:
     def reduce(self, ranks: Ranks) -> None:
         """Sum every process's Grams and token counts (no-op in one process). Each layer's
         sum is reduced on its own, so that processes that saw no tokens, or shared
-        differently, take part alike."""
+        differently, take part alike; the input width d comes from the processes that saw
+        tokens (whatever the layout of the layer's weight: (r, d) or HuggingFace Conv1D's
+        (d, r))."""
         if not ranks.active:
             return
         for name in sorted(self.layers):
             owner = self.shared.get(name, name)
-            d = self.layers[name].weight.shape[1]
             local = self.sums.get(owner)
+            seen = torch.tensor([0 if local is None else local.shape[0]], dtype=torch.float64)
+            d = int(ranks.all_max(seen).item())
             local = torch.zeros((d, d), dtype=torch.float64) if local is None else local
             count = torch.tensor([float(self.tokens[owner])], dtype=torch.float64)
             self.sums[name] = ranks.all_sum(local.clone())
