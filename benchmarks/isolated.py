@@ -30,6 +30,27 @@ def run_isolated(script: str, args: list[str]) -> dict:
     return json.loads(proc.stdout.split("RESULT ", 1)[1])
 
 
+
+def run_rows(script: str, labels: list[str], seeds: list[int], out: Path, append: bool,
+             shown: tuple[str, ...], extra: list[str] = ()) -> list[dict]:
+    """Every (label, seed) of a benchmark in its own process (``script --one LABEL SEED
+    *extra``; the label ``dense`` runs seed 0 only), each row stamped with the commit and
+    written to ``out`` as it comes (after the file's earlier rows with ``append``: a row of
+    the same label and seed replaces the earlier one); prints the keys ``shown`` of each
+    row and returns all rows."""
+    prov = provenance()
+    earlier = previous(out) if append and out.exists() else None
+    rows = list(earlier["rows"]) if earlier else []
+    for label in labels:
+        for seed in ([0] if label == "dense" else seeds):
+            row = {**run_isolated(script, ["--one", label, str(seed), *extra]),
+                   "commit": prov["commit"], "dirty": prov["dirty"]}
+            rows = [r for r in rows if (r["label"], r["seed"]) != (label, seed)] + [row]
+            print(json.dumps({k: row.get(k) for k in shown}), flush=True)
+            save_rows(out, rows, earlier["commands"] if earlier else None, prov,
+                      earlier["provenance"] if earlier else None)
+    return rows
+
 # -- machine-independent time ---------------------------------------------------------------
 def unit_seconds(model, x, y, n: int = 1000, batch: int = 100, repeats: int = 3) -> float:
     """One *unit*: the seconds of a plain batched forward and backward pass (cross-entropy,

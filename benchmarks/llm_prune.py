@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from isolated import previous, provenance, run_isolated, save_rows
+from isolated import run_rows
 
 HERE = Path(__file__).resolve().parent
 LLMC = HERE / ".cache" / "llmc-venv" / "bin" / "python"
@@ -175,19 +175,9 @@ def main() -> int:
         row = run_llmc(label, seed) if "llmc" in ROWS[label] else run_ours(label, seed)
         print("RESULT " + json.dumps(row, default=str))
         return 0
-    prov = provenance()
-    earlier = previous(a.out) if a.append and a.out.exists() else None
-    rows = list(earlier["rows"]) if earlier else []
-    for label in a.rows:
-        for seed in ([0] if label == "dense" else a.seeds):
-            row = {**run_isolated(__file__, ["--one", label, str(seed)]),
-                   "commit": prov["commit"], "dirty": prov["dirty"]}
-            rows = [r for r in rows if (r["label"], r["seed"]) != (label, seed)] + [row]
-            print(json.dumps({k: rows[-1].get(k) for k in (
-                "label", "seed", "perplexity", "seconds", "peak_rss_mb", "nnz_fraction",
-                "flops_fraction")}), flush=True)
-            save_rows(a.out, rows, earlier["commands"] if earlier else None, prov,
-                      earlier["provenance"] if earlier else None)
+    rows = run_rows(__file__, a.rows, a.seeds, a.out, a.append, (
+        "label", "seed", "perplexity", "seconds", "peak_rss_mb", "nnz_fraction",
+        "flops_fraction"))
     for s in summary(rows):
         print(f"{s['label']:<26} ppl {s['perplexity']:8.2f}  {s['seconds']:7.1f} s  "
               f"{s['peak_rss_mb']:6.0f} MB  nnz {s['nnz_fraction']:.3f}  "

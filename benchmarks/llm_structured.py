@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from isolated import previous, provenance, run_isolated, save_rows
+from isolated import run_rows
 
 HERE = Path(__file__).resolve().parent
 SAVED = HERE / ".cache" / "smollm2-structured-0.7"
@@ -216,20 +216,9 @@ def main() -> int:
         row = run_tp(label, seed) if "tp" in ROWS[label] else run_ours(label, seed, a.save)
         print("RESULT " + json.dumps(row, default=str))
         return 0
-    prov = provenance()
-    earlier = previous(a.out) if a.append and a.out.exists() else None
-    rows = list(earlier["rows"]) if earlier else []
-    for label in a.rows:
-        for seed in ([0] if label == "dense" else a.seeds):
-            row = {**run_isolated(__file__, ["--one", label, str(seed), "--save",
-                                             str(a.save)]),
-                   "commit": prov["commit"], "dirty": prov["dirty"]}
-            rows = [r for r in rows if (r["label"], r["seed"]) != (label, seed)] + [row]
-            print(json.dumps({k: row.get(k) for k in ("label", "seed", "perplexity",
-                                                      "flops_fraction", "seconds",
-                                                      "failed")}), flush=True)
-            save_rows(a.out, rows, earlier["commands"] if earlier else None, prov,
-                      earlier["provenance"] if earlier else None)
+    rows = run_rows(__file__, a.rows, a.seeds, a.out, a.append,
+                    ("label", "seed", "perplexity", "flops_fraction", "seconds", "failed"),
+                    ["--save", str(a.save)])
     for s in summary(rows):
         print(f"{s['label']:<28} ppl {s['perplexity']:8.2f}  flops {s['flops_fraction']:.3f}"
               f"  seeds {s['seeds']}")
