@@ -157,6 +157,9 @@ def test_budgets_below_one_unit_per_site_are_refused():
     with pytest.raises(ConfigError, match="passes=1"):
         fp.prune(model, x, flops=0.5, task="language_modeling", structure="channels",
                  n_calibration=8, passes=2, progress=False)
+    with pytest.raises(ConfigError, match="flops= and nnz= only"):  # not ignored
+        fp.prune(model, x, flops=0.7, latency=0.8, task="language_modeling",
+                 structure="channels", n_calibration=8, progress=False)
 
 
 def test_wanda_units_without_refit():

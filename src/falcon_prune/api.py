@@ -89,6 +89,13 @@ def prune(
     note = None
     if cfg.loss_model is not None:
         cfg, note = layerwise.choose_loss_model(model, cfg, given)
+    if latency is not None and cfg.loss_model == "layerwise":
+        raise ConfigError(
+            "latency= budgets are met with the measured layer-time table of the global "
+            "loss model's channel pruning; the layer-wise run (a language model's heads and "
+            "MLP channels, block by block) takes flops= and nnz= only: give flops= (its "
+            "speed-up is measured in docs/benchmarks.md), or loss_model='global' for a "
+            "network the dependency graph can trace")
     if cfg.structure == "channels" and cfg.loss_model != "layerwise" and \
             cfg.flops_of != "prunable":
         raise GLOBAL_CHANNELS_FLOPS_OF
