@@ -122,6 +122,22 @@ def test_the_allocation_meets_both_budgets_with_a_valid_certificate(seed):
         assert sum(rule.values()) <= S
 
 
+@pytest.mark.parametrize("fraction, heads", [(0.7, 2), (0.5, 1)])
+def test_uniform_rounds_a_coarse_layer_and_fills_the_budget_with_the_fine_ones(fraction,
+                                                                                heads):
+    """A layer of 3 units (head groups of 64 weights) beside one of 1,536 single units: one
+    fraction for both, the coarse layer's count rounded, and the fine layer takes what is
+    left, so the budget is used to within one fine unit (floor rounding of every layer
+    would have left the coarse one at 1 of 3 and the budget a third unused there)."""
+    attn = Curve("attn", 3 * 64, 2.0, [64, 192], [1.0, 0.0], step=64)
+    mlp = Curve("mlp", 1536, 1.0, [1, 1536], [1.0, 0.0])
+    F = fraction * (attn.cost * attn.numel + mlp.cost * mlp.numel)
+    kept = uniform([attn, mlp], F, None)
+    cost = attn.cost * kept["attn"] + mlp.cost * kept["mlp"]
+    assert kept["attn"] == heads * 64
+    assert F - mlp.cost <= cost <= F
+
+
 def test_an_allocation_below_the_floors_is_refused():
     curves = [Curve("a", 10, 1.0, [5, 10], [1.0, 0.0])]
     with pytest.raises(BudgetError, match="least each layer keeps"):

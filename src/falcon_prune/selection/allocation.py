@@ -151,15 +151,43 @@ def _fill(curves: list[Curve], choice: list[int], F: float, S: float) -> list[in
 
 def uniform(curves: list[Curve], max_macs: float | None, max_weights: float | None
             ) -> dict[str, int]:
-    """One kept fraction for every layer, the largest both budgets allow (never below a
-    layer's least count)."""
+    """One kept fraction for every layer, the largest both budgets allow, each count the
+    nearest whole step (never below a layer's least); then what rounding left of the
+    budgets goes to the layers that can take it, by one more fraction rounded down. A layer
+    of 3 units (3 attention head groups) keeps 2 at a fraction of 0.7, and the MLP's
+    channels take what that leaves, instead of every layer stopping at the coarsest one's
+    step."""
     F = math.inf if max_macs is None else float(max_macs)
     S = math.inf if max_weights is None else float(max_weights)
     _check_floors(curves, F, S)
-    macs = sum(c.cost * c.numel for c in curves)
-    count = sum(c.numel for c in curves)
-    density = min(1.0, F / macs if macs else 1.0, S / count)
-    return _scaled(curves, {c.name: density for c in curves}, F, S)
+    first = _largest(curves, {}, F, S, nearest=True)
+    return _largest(curves, first, F, S, nearest=False)
+
+
+def _counts(curves: list[Curve], d: float, floor: dict[str, int], nearest: bool
+            ) -> dict[str, int]:
+    """Each layer's count at kept fraction ``d``: ``d`` x numel to the nearest (else the
+    lower) whole step, within [its least count or ``floor``, numel]."""
+    rnd = (lambda v: math.floor(v + 0.5)) if nearest else (lambda v: math.floor(v + 1e-9))
+    return {c.name: max(c.kept[0], floor.get(c.name, 0),
+                        min(c.numel, c.step * rnd(d * c.numel / c.step))) for c in curves}
+
+
+def _largest(curves: list[Curve], floor: dict[str, int], F: float, S: float, nearest: bool
+             ) -> dict[str, int]:
+    """The counts (:func:`_counts`) at the largest fraction within both budgets, by
+    bisection (the counts rise with the fraction); ``floor`` must fit."""
+    def fits(kept: dict[str, int]) -> bool:
+        cost = sum(c.cost * kept[c.name] for c in curves)
+        return cost <= F * (1 + 1e-12) and sum(kept.values()) <= S
+
+    lo, hi = 0.0, 1.0
+    if fits(_counts(curves, hi, floor, nearest)):
+        return _counts(curves, hi, floor, nearest)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(_counts(curves, mid, floor, nearest)) else (lo, mid)
+    return _counts(curves, lo, floor, nearest)
 
 
 def _scaled(curves: list[Curve], density: dict[str, float], F: float, S: float
