@@ -124,9 +124,11 @@ def run_tp(label: str, seed: int) -> dict:
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TP_LIMIT)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
         return {"label": label, "seed": seed, "peer": "torch-pruning",
                 "failed": f"no answer within {TP_LIMIT} s (killed)",
+                "stack_before_the_limit": _last_stack(err),
                 "seconds": time.perf_counter() - t}
     if proc.returncode != 0 or "RESULT " not in proc.stdout:
         return {"label": label, "seed": seed, "peer": "torch-pruning",
@@ -135,15 +137,26 @@ def run_tp(label: str, seed: int) -> dict:
     return json.loads(proc.stdout.split("RESULT ", 1)[1])
 
 
+def _last_stack(stderr: str) -> list[str]:
+    """The frames of the main thread in the last stack dump of ``stderr`` (faulthandler's,
+    innermost first): where Torch-Pruning was when its time ran out."""
+    dumps = stderr.split("Thread 0x")
+    main = [d for d in dumps if "tp_child" in d or "<module>" in d]
+    return [ln.strip() for ln in (main[-1] if main else "").splitlines()[1:] if ln.strip()]
+
+
 def tp_child(flops: float, seed: int) -> dict:
     """Torch-Pruning 1.6 on SmolLM2: its LLM example's settings (the model's head counts,
     GQA heads pruned whole, group L2 magnitude, the output head ignored), one pruning
     ratio for every layer chosen by bisection so the recounted MACs meet ``flops``."""
+    import faulthandler
+
     import torch_pruning as tp
     from llm_data import calibration
 
     from falcon_prune.runs.structured import model_macs
 
+    faulthandler.dump_traceback_later(TP_LIMIT - 30)  # where it is, if it runs out of time
     dense_model = _dense()
     x = calibration(seed, 1)[:, :64]
     dense = model_macs(dense_model, calibration(0, 1), lambda m, v: m(v)) / 512
