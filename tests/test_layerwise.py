@@ -339,6 +339,7 @@ def test_output_sensitivity_equals_a_plain_backward_and_leaves_the_model_alone(l
              for n, m in layers.items()]
     for n in layers:
         grads[n] = [0.0, 0]
+    per = {}  # per output feature
     for k in range(3):  # the reference: a plain backward per sequence, gradients kept
         batch = ids[k:k + 1]
         pred, targets = task.run(llama, batch)
@@ -348,6 +349,7 @@ def test_output_sensitivity_equals_a_plain_backward_and_leaves_the_model_alone(l
         for n, o in outs.items():
             grads[n][0] += float(o.grad.double().pow(2).sum())
             grads[n][1] += o.grad.numel()
+            per[n] = per.get(n, 0) + o.grad.double().pow(2).reshape(-1, o.shape[-1]).sum(0)
     for h in hooks:
         h.remove()
     llama.zero_grad(set_to_none=True)
@@ -358,6 +360,12 @@ def test_output_sensitivity_equals_a_plain_backward_and_leaves_the_model_alone(l
     assert set(s) == set(layers)
     for n, (total, count) in grads.items():
         assert s[n] == pytest.approx(total / count, rel=1e-5), n
+    vec = output_sensitivity(llama, find_blocks(llama), layers,
+                             [ids[k:k + 1] for k in range(3)], task, torch.device("cpu"),
+                             Ranks.current(), per_output=True)
+    for n, v in vec.items():  # the diagonal: each output feature's mean over the tokens
+        tokens = grads[n][1] // v.numel()
+        assert torch.allclose(v, per[n] / tokens, rtol=1e-5, atol=1e-30), n
     assert all(torch.equal(before[k], v) for k, v in llama.state_dict().items())
     assert [p.requires_grad for p in llama.parameters()] == flags
     assert all(p.grad is None for p in llama.parameters())

@@ -91,18 +91,20 @@ def _grad_from_first_block(model: nn.Module, blocks: Blocks) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _gradient_hooks(layers: dict[str, nn.Module], sums: dict[str, float],
+def _gradient_hooks(layers: dict[str, nn.Module], sums: dict[str, torch.Tensor],
                     counts: dict[str, int]) -> list:
-    """Forward hooks that add each layer's output gradient's squares to ``sums`` (and its
-    entries to ``counts``) when the backward pass goes through it."""
+    """Forward hooks that add each layer's output gradient's squares, per output feature
+    (r,), to ``sums`` (and its tokens to ``counts``) when the backward pass goes through
+    it."""
     def hook_of(name: str):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             if not (torch.is_grad_enabled() and out.requires_grad):
                 return
 
             def add(grad: torch.Tensor) -> None:
-                sums[name] += float(grad.detach().double().pow(2).sum())
-                counts[name] += grad.numel()
+                g = grad.detach().double()
+                sums[name] = sums[name] + g.pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
+                counts[name] += g.numel() // g.shape[-1]
             out.register_hook(add)
         return hook
 
@@ -111,12 +113,16 @@ def _gradient_hooks(layers: dict[str, nn.Module], sums: dict[str, float],
 
 def output_sensitivity(model: nn.Module, blocks: Blocks, layers: dict[str, nn.Module],
                        batches: list[Batch], task: Task, device: torch.device,
-                       ranks: Ranks, progress: bool = False) -> dict[str, float]:
+                       ranks: Ranks, progress: bool = False, per_output: bool = False
+                       ) -> dict[str, float] | dict[str, torch.Tensor]:
     """{layer name: s}, s the mean over tokens, outputs and sequences of the squared
     gradient of the summed per-sample loss with respect to the layer's outputs (units:
     loss² per output²), from the ``batches`` (this process's; summed over the processes).
-    The model is run in evaluation mode and left unchanged."""
-    sums, counts = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0)
+    ``per_output``: s is instead a float64 vector (r,), the mean over tokens and sequences
+    of each output feature's squared gradient (a diagonal rather than an isotropic Fisher
+    on the layer's outputs). The model is run in evaluation mode and left unchanged."""
+    sums = {n: torch.zeros((), dtype=torch.float64) for n in layers}
+    counts = dict.fromkeys(layers, 0)
     was = model.training
     model.eval()
     with ExitStack() as stack:
@@ -130,9 +136,12 @@ def output_sensitivity(model: nn.Module, blocks: Blocks, layers: dict[str, nn.Mo
                 pred, targets = task.run(model, to_device(batch, device))
                 loss = batch_sum(task.losses(pred, targets), pred.shape[0])
                 loss.backward()
-    names = sorted(layers)
-    total = ranks.all_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64))
-    entries = ranks.all_sum(torch.tensor([float(counts[n]) for n in names],
-                                         dtype=torch.float64))
-    return {n: float(t) / max(1.0, float(c)) for n, t, c in zip(names, total, entries,
-                                                                strict=True)}
+    out = {}
+    for n in sorted(layers):  # one reduction per layer: every process takes part alike
+        width = int(ranks.all_max(torch.tensor([float(sums[n].numel())])).item())
+        local = sums[n] if sums[n].numel() == width else torch.zeros(width, dtype=torch.float64)
+        total = ranks.all_sum(local.clone())
+        tokens = float(ranks.all_sum(torch.tensor([float(counts[n])], dtype=torch.float64)))
+        mean = total / max(1.0, tokens)
+        out[n] = mean if per_output else float(mean.mean())
+    return out

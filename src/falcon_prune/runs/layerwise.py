@@ -74,7 +74,7 @@ class BlockRun:
     rows: dict = field(default_factory=dict)
     #: each layer's sensitivity (the weight of its errors in the allocation); 1 until
     #: measured
-    sensitivity: dict[str, float] = field(default_factory=dict)
+    sensitivity: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
     def layers(self, i: int, block: nn.Module) -> dict[str, nn.Module]:
         """{full name: module} of the layers of block i whose input Grams the run needs."""
@@ -96,15 +96,16 @@ class BlockRun:
                                                                        CALIBRATION_BATCH)]
         return capture(self.work, self.blocks, batches, self.config.task.call, self.device)
 
-    def measure_sensitivity(self) -> None:
+    def measure_sensitivity(self, per_output: bool = False) -> None:
         """The sensitivity of every layer of :meth:`layers` on the dense model, from the
-        first SENSITIVITY_SEQUENCES calibration sequences (keys: ``name.weight``)."""
+        first SENSITIVITY_SEQUENCES calibration sequences (keys: ``name.weight``; one
+        number per layer, or with ``per_output`` one per output feature)."""
         t = time.perf_counter()
         modules = {name: module for i, block in enumerate(self.blocks.modules)
                    for name, module in self.layers(i, block).items()}
         s = output_sensitivity(self.work, self.blocks, modules,
                                self.batches(SENSITIVITY_SEQUENCES, 1), self.config.task,
-                               self.device, self.ranks, self.progress)
+                               self.device, self.ranks, self.progress, per_output)
         self.sensitivity = {name + ".weight": value for name, value in s.items()}
         self.times["sensitivity"] = time.perf_counter() - t
 

@@ -163,6 +163,15 @@ def _sweep(run: Units, site: Site, W: torch.Tensor, H: torch.Tensor, least: int)
     return order.cpu(), [(0, 0.0), (len(order), float(score[order].sum()))]
 
 
+def weighted(run: Units, name: str, W: torch.Tensor) -> torch.Tensor:
+    """The consumer's weight (r, d) with row j scaled by the square root of its output
+    feature's sensitivity s_j (when measured): the group OBS error of the scaled weight is
+    Σ_j s_j x (row j's reconstruction error), the loss change under a diagonal Fisher on
+    the consumer's outputs, and each row's least-squares refit is the same either way."""
+    s = run.sensitivity.get(name + ".weight")
+    return W if s is None else W * s.sqrt().to(W.device, W.dtype)[:, None]
+
+
 def measure_curves(run: Units) -> list[Curve]:
     """Every site's error curve on the dense model (weighted by its consumer's
     sensitivity), from the first CURVE_SEQUENCES calibration sequences."""
@@ -171,11 +180,10 @@ def measure_curves(run: Units) -> list[Curve]:
     def work(i: int, block: nn.Module, grams: Grams) -> bool:
         for site in run.sites:
             name = run.name(i, site)
-            W, H = consumer_weight(block, site).detach(), grams.gram(name)
+            W, H = weighted(run, name, consumer_weight(block, site).detach()), grams.gram(name)
             order, path = _sweep(run, site, W, H, 1)
-            weight = run.sensitivity.get(name + ".weight", 1.0)
             kept = [site.units - r for r, _ in reversed(path)]
-            errors = [e * weight for _, e in reversed(path)]
+            errors = [e for _, e in reversed(path)]
             curves.append(run.curve(i, site, kept, errors))
         return False
 
@@ -197,7 +205,7 @@ def allocation(run: Units, F: float, S: float) -> tuple[dict[str, int], Allocati
                   for i in range(len(run.blocks)) for s in run.sites]
         kept, alloc = uniform(curves, Fc, Sc), None
     else:
-        run.measure_sensitivity()
+        run.measure_sensitivity(per_output=True)
         t = time.perf_counter()
         curves = measure_curves(run)
         run.times["curves"] = time.perf_counter() - t
@@ -212,7 +220,7 @@ def _prune_site(run: Units, i: int, block: nn.Module, site: Site, H: torch.Tenso
     on the kept ones (OBS methods); record the site's report row."""
     name, k = run.name(i, site), run.counts[run.name(i, site)]
     W = consumer_weight(block, site).detach()
-    order, _ = _sweep(run, site, W, H, k)
+    order, _ = _sweep(run, site, weighted(run, name, W), H, k)
     keep = torch.ones(site.units, dtype=torch.bool)
     keep[order[:site.units - k]] = False
     keep = run.ranks.broadcast(keep.to(W.device)).cpu()
