@@ -16,6 +16,9 @@ pruning run's model generated before saving when the directory records them.
 
     python benchmarks/llm_structured.py --seeds 0 --rows "falcon flops 0.7"
     python benchmarks/llm_speed.py --out benchmarks/results/llm_speed.json
+    python benchmarks/llm_speed.py \
+        --pruned benchmarks/.cache/smollm2-structured/flops-0.7-nnz-0.55 \
+        --out benchmarks/results/llm_speed_nnz.json
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def main() -> int:
     from falcon_prune.runs.structured import model_macs
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pruned", type=Path, default=HERE / ".cache" / "smollm2-structured-0.7")
+    ap.add_argument("--pruned", type=Path,
+                    default=HERE / ".cache" / "smollm2-structured" / "flops-0.7")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "llm_speed.json")

@@ -20,8 +20,11 @@ products count), recounted on the pruned model with PyTorch's FLOP counter. Rows
     bash benchmarks/llm_setup.sh     # once: model and text
     python benchmarks/llm_structured.py --seeds 0 1 2 --out benchmarks/results/llm_structured.json
 
-The 70 % falcon row of seed 0 also saves its model (``--save DIR``, default
-benchmarks/.cache/smollm2-structured-0.7) for llm_speed.py.
+The 70 % falcon rows of seed 0 also save their models for llm_speed.py, in ``--save DIR``
+(default benchmarks/.cache/smollm2-structured): ``falcon flops 0.7`` in ``DIR/flops-0.7``,
+``falcon flops 0.7 nnz 0.55`` (the same FLOP budget and 55 % of the blocks' parameters: at
+batch 1 decoding reads every weight once per token, so its speed follows the parameters)
+in ``DIR/flops-0.7-nnz-0.55``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from pathlib import Path
 from isolated import run_rows
 
 HERE = Path(__file__).resolve().parent
-SAVED = HERE / ".cache" / "smollm2-structured-0.7"
+SAVED = HERE / ".cache" / "smollm2-structured"
+#: rows of seed 0 whose model is saved, and the folder under --save
+SAVED_ROWS = {"falcon flops 0.7": "flops-0.7", "falcon flops 0.7 nnz 0.55": "flops-0.7-nnz-0.55"}
 #: seconds Torch-Pruning gets before its row records a time-out
 TP_LIMIT = 900
 
@@ -50,6 +55,8 @@ ROWS = {
     "wanda uniform flops 0.7": {**COMMON, "method": "wanda", "flops": 0.7,
                                 "allocation": "uniform"},
     "torch-pruning flops 0.7": {"tp": 0.7},
+    "falcon flops 0.7 nnz 0.55": {**COMMON, "method": "falcon", "flops": 0.7, "nnz": 0.55,
+                                  "allocation": "ilp"},
     "falcon flops 0.5": {**COMMON, "method": "falcon", "flops": 0.5, "allocation": "ilp"},
     "falcon uniform flops 0.5": {**COMMON, "method": "falcon", "flops": 0.5,
                                  "allocation": "uniform"},
@@ -106,7 +113,8 @@ def run_ours(label: str, seed: int, save: Path | None) -> dict:
                reported_flops_fraction=r.flops_fraction,
                details={k: v for k, v in r.details.items() if k != "layers"},
                layers=r.details["layers"])
-    if save is not None and label == "falcon flops 0.7" and seed == 0:
+    if save is not None and label in SAVED_ROWS and seed == 0:
+        save = save / SAVED_ROWS[label]
         from llm_data import held_out
 
         fp.models.save_language_model(r.model, None, save)
