@@ -30,7 +30,6 @@ def run_isolated(script: str, args: list[str]) -> dict:
     return json.loads(proc.stdout.split("RESULT ", 1)[1])
 
 
-
 def run_rows(script: str, labels: list[str], seeds: list[int], out: Path, append: bool,
              shown: tuple[str, ...], extra: list[str] = ()) -> list[dict]:
     """Every (label, seed) of a benchmark in its own process (``script --one LABEL SEED
@@ -50,6 +49,7 @@ def run_rows(script: str, labels: list[str], seeds: list[int], out: Path, append
             save_rows(out, rows, earlier["commands"] if earlier else None, prov,
                       earlier["provenance"] if earlier else None)
     return rows
+
 
 # -- machine-independent time ---------------------------------------------------------------
 def unit_seconds(model, x, y, n: int = 1000, batch: int = 100, repeats: int = 3) -> float:

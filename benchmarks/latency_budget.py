@@ -23,16 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from isolated import provenance, write_results
+from isolated import write_results
 from structured_speed import (
-    SHARED,
     accuracies,
-    data,
     latencies,
     macs_params,
     plot,
-    resnet20,
+    shared_resnet20,
     tp_at_budget,
 )
 
@@ -83,12 +80,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/latency_budget.json"))
     ap.add_argument("--plot", type=Path, default=None)
     a = ap.parse_args()
-    if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
-        sys.exit(f"{SHARED} is absent: this benchmark needs the project's shared data")
-    prov = {**provenance(), "torch_threads": torch.get_num_threads()}
-    train, test = data()
-    base = resnet20()
-    dense = macs_params(base, train[0])
+    prov, train, test, base, dense = shared_resnet20()
     rows = [{"network": "resnet20", "method": "dense", "macs": dense[0], "params": dense[1],
              **accuracies(base, train, test, 0, a.ft_lr, a.seed)}]
     record = {"command": " ".join(["python", *sys.argv]), "rows": rows}

@@ -23,14 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-from isolated import provenance, write_results
+from isolated import write_results
 from structured_speed import (
-    SHARED,
     accuracies,
-    data,
     interleaved,
     macs_params,
-    resnet20,
+    shared_resnet20,
     tp_at_budget,
 )
 
@@ -81,12 +79,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/latency_match.json"))
     a = ap.parse_args()
-    if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
-        sys.exit(f"{SHARED} is absent: this benchmark needs the project's shared data")
-    prov = {**provenance(), "torch_threads": torch.get_num_threads()}
-    train, test = data()
-    base = resnet20()
-    dense = macs_params(base, train[0])
+    prov, train, test, base, dense = shared_resnet20()
     record = {"command": " ".join(["python", *sys.argv]), "rows": []}
     for seed in a.seeds:
         row = one_seed(seed, base, train, test, dense, a)

@@ -60,6 +60,18 @@ def resnet20():
     return load_checkpoint(resnet20(), SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").eval()
 
 
+def shared_resnet20() -> tuple[dict, tuple, tuple, torch.nn.Module, tuple[float, int]]:
+    """What a ResNet20 benchmark starts from: (the run's provenance with torch's threads,
+    the shared training and test tensors, the shared ResNet20, its dense (MACs per sample,
+    parameters)); exits with a message when the project's shared data is absent."""
+    if not (SHARED / "checkpoints" / "resnet20_cifar10.pth.tar").exists():
+        sys.exit(f"{SHARED} is absent: this benchmark needs the project's shared data")
+    prov = {**provenance(), "torch_threads": torch.get_num_threads()}
+    train, test = data()
+    base = resnet20()
+    return prov, train, test, base, macs_params(base, train[0])
+
+
 def macs_params(model, x) -> tuple[float, int]:
     """Dense MACs per sample of the network's Conv/Linear layers (torch.utils.flop_counter)
     and its parameter count."""
