@@ -81,11 +81,13 @@ class Grams:
         (d, r))."""
         if not ranks.active:
             return
-        for name in sorted(self.layers):
-            owner = self.shared.get(name, name)
+        names = sorted(self.layers)
+        owners = [self.shared.get(name, name) for name in names]
+        widths = ranks.all_max(torch.tensor(
+            [0.0 if self.sums.get(o) is None else float(self.sums[o].shape[0])
+             for o in owners], dtype=torch.float64)).long().tolist()
+        for name, owner, d in zip(names, owners, widths, strict=True):
             local = self.sums.get(owner)
-            seen = torch.tensor([0 if local is None else local.shape[0]], dtype=torch.float64)
-            d = int(ranks.all_max(seen).item())
             local = torch.zeros((d, d), dtype=torch.float64) if local is None else local
             count = torch.tensor([float(self.tokens[owner])], dtype=torch.float64)
             self.sums[name] = ranks.all_sum(local.clone())

@@ -136,12 +136,15 @@ def output_sensitivity(model: nn.Module, blocks: Blocks, layers: dict[str, nn.Mo
                 pred, targets = task.run(model, to_device(batch, device))
                 loss = batch_sum(task.losses(pred, targets), pred.shape[0])
                 loss.backward()
-    out = {}
-    for n in sorted(layers):  # one reduction per layer: every process takes part alike
-        width = int(ranks.all_max(torch.tensor([float(sums[n].numel())])).item())
-        local = sums[n] if sums[n].numel() == width else torch.zeros(width, dtype=torch.float64)
-        total = ranks.all_sum(local.clone())
-        tokens = float(ranks.all_sum(torch.tensor([float(counts[n])], dtype=torch.float64)))
-        mean = total / max(1.0, tokens)
-        out[n] = mean if per_output else float(mean.mean())
-    return out
+    names = sorted(layers)
+    # every layer's width from the processes whose backward passes reached it, then all the
+    # sums in one reduction and the token counts in another
+    widths = ranks.all_max(torch.tensor([float(sums[n].numel()) for n in names])).long()
+    local = torch.cat([sums[n].reshape(-1) if sums[n].numel() == w
+                       else torch.zeros(int(w), dtype=torch.float64)
+                       for n, w in zip(names, widths.tolist(), strict=True)])
+    total = ranks.all_sum(local).split(widths.tolist())
+    tokens = ranks.all_sum(torch.tensor([float(counts[n]) for n in names],
+                                        dtype=torch.float64))
+    means = [t / max(1.0, float(c)) for t, c in zip(total, tokens, strict=True)]
+    return {n: m if per_output else float(m.mean()) for n, m in zip(names, means, strict=True)}
