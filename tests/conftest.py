@@ -49,20 +49,41 @@ def shape_clock(monkeypatch):
     """Latency measurements that depend on the shapes only (seconds from MACs), so that
     tests of latency budgets pass on any machine, busy or idle: every interleaved timing
     and the layers' times inside the network."""
-    from falcon_prune.analysis import timing
-    from falcon_prune.runs import latency
+    from falcon_prune.analysis import site_timing, timing
+    from falcon_prune.runs import latency, site_latency
 
     def interleaved(runs, repeats, device, repeat_seconds=0.004):
         return {k: shape_seconds(fn) for k, fn in runs.items()}
 
     def inside(model, call, inputs, layers, repeats, device):
-        own = {k: lay.calls * (shape_seconds(lambda m=lay: m.module(m.x)) - CALL_SECONDS)
-               for k, lay in layers.items()}
-        return shape_seconds(lambda: call(model, inputs)), own
+        """The network's seconds, and each module's: MAC_SECONDS per MAC counted between
+        its pre- and post-hooks."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        own, start = dict.fromkeys(layers, 0.0), {}
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            def pre(k):
+                return lambda m, a: start.__setitem__(k, counter.get_total_flops())
+
+            def post(k):
+                return lambda m, a, o: own.__setitem__(k, own[k] + MAC_SECONDS * (
+                    counter.get_total_flops() - start[k]) / 2)
+
+            handles = [h for k, m in layers.items() for h in (
+                m.register_forward_pre_hook(pre(k)), m.register_forward_hook(post(k)))]
+            try:
+                call(model, inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+        return CALL_SECONDS + MAC_SECONDS * counter.get_total_flops() / 2, own
 
     monkeypatch.setattr(timing, "interleaved_seconds", interleaved)
     monkeypatch.setattr(latency, "interleaved_seconds", interleaved)
-    monkeypatch.setattr(timing, "_inside_seconds", inside)
+    monkeypatch.setattr(timing, "inside_seconds", inside)
+    monkeypatch.setattr(site_timing, "interleaved_seconds", interleaved)
+    monkeypatch.setattr(site_timing, "inside_seconds", inside)
+    monkeypatch.setattr(site_latency, "interleaved_seconds", interleaved)
 
 
 @pytest.fixture(autouse=True)

@@ -157,9 +157,68 @@ def test_budgets_below_one_unit_per_site_are_refused():
     with pytest.raises(ConfigError, match="passes=1"):
         fp.prune(model, x, flops=0.5, task="language_modeling", structure="channels",
                  n_calibration=8, passes=2, progress=False)
-    with pytest.raises(ConfigError, match="flops= and nnz= only"):  # not ignored
-        fp.prune(model, x, flops=0.7, latency=0.8, task="language_modeling",
+    with pytest.raises(ConfigError, match="obs_rank"):  # not ignored
+        fp.prune(model, x, flops=0.7, obs_rank=4, task="language_modeling",
                  structure="channels", n_calibration=8, progress=False)
+
+
+def test_round_to_and_keep_layers_shape_the_choice():
+    """round_to: every site keeps a multiple of that many of its consumer's input
+    channels, or all; keep_layers: the sites whose layers it names keep every unit."""
+    model, x, _ = case("llama")
+    r = fp.prune(model, x, flops=0.6, task="language_modeling", structure="channels",
+                 allocation="ilp", round_to=16, keep_layers=["model.layers.1.mlp.*"],
+                 n_calibration=8, progress=False)
+    rows = {row["layer"]: row for row in r.details["layers"]}
+    assert rows["model.layers.1.mlp.down_proj"]["kept"] == 96
+    assert all(row["kept"] % 16 == 0 for row in rows.values() if row["kind"] == "mlp")
+    assert r.flops_fraction <= 0.6 + 1e-9 and r.config.round_to == 16
+    with pytest.raises(ModelError, match="does not have"):
+        fp.prune(model, x, flops=0.6, task="language_modeling", structure="channels",
+                 keep_layers=["model.nowhere"], n_calibration=8, progress=False)
+    with pytest.raises(BudgetError, match="round_to"):  # 64 of 96 channels: over 0.6
+        fp.prune(model, x, flops=0.6, task="language_modeling", structure="channels",
+                 round_to=64, n_calibration=8, progress=False)
+
+
+@pytest.mark.parametrize("allocation", ["ilp", "uniform"])
+def test_a_latency_budget_is_met_by_measured_block_times(shape_clock, allocation):
+    """latency= on a language model: each site's block time measured at a grid of counts
+    (here on the shape clock, seconds from MACs, so the test holds on any machine), the
+    choice predicted within the budget, the pruned model measured against the dense one
+    and within it, counts in multiples of round_to (4 by default), and the sequence
+    length reported."""
+    model, x, _ = case("llama")
+    r = fp.prune(model, x, latency=0.6, task="language_modeling", structure="channels",
+                 allocation=allocation, n_calibration=8, progress=False)
+    lat = r.details["latency"]
+    assert lat["predicted_fraction"] <= 0.6 + 1e-9
+    assert lat["measured_fraction"] <= 0.6 + 0.02
+    assert lat["tokens"] == r.config.latency_tokens == 16 and lat["batch"] == 1
+    assert 0.5 <= lat["calibration"]["scale"] <= 2.0
+    assert all(row["kept"] % 4 == 0 for row in r.details["layers"] if row["kind"] == "mlp")
+    one = fp.prune(model, x, latency=0.8, flops=0.7, latency_tokens=1,
+                   task="language_modeling", structure="channels", allocation=allocation,
+                   n_calibration=8, progress=False)
+    assert one.details["latency"]["tokens"] == 1 and one.flops_fraction <= 0.7 + 1e-9
+    assert one.details["latency"]["predicted_fraction"] <= 0.8 + 1e-9
+
+
+def test_latency_settings_that_cannot_apply_are_refused(cnn, data):
+    model, x, _ = case("llama")
+    lm = dict(task="language_modeling", structure="channels", n_calibration=8,
+              progress=False)
+    with pytest.raises(ConfigError, match="give latency="):
+        fp.prune(model, x, flops=0.7, latency_tokens=4, **lm)
+    with pytest.raises(ConfigError, match="longer than the calibration"):
+        fp.prune(model, x, latency=0.8, latency_tokens=99, **lm)
+    with pytest.raises(BudgetError, match="not both"):
+        fp.prune(model, x, latency=0.8, nnz=0.5, **lm)
+    with pytest.raises(BudgetError, match="raise latency"):
+        fp.prune(model, x, latency=0.01, **lm)
+    with pytest.raises(ConfigError, match="global loss model"):
+        fp.prune(cnn, data, flops=0.7, latency=0.8, latency_tokens=4,
+                 structure="channels", progress=False)
 
 
 def test_wanda_units_without_refit():

@@ -69,9 +69,13 @@ def prune(
     ``latency`` (structure='channels'; alone or with ``flops``, not with ``nnz``): the kept fraction
     of the network's time per forward at ``latency_batch`` samples on ``device``, predicted
     from a lookup table of layer times measured on this machine
-    (:mod:`falcon_prune.analysis.timing`); ``result.details['latency']`` has the prediction and
-    the pruned network's time measured against the dense one (reported, not certified:
-    timings differ between runs, so a latency budget is not deterministic either).
+    (:mod:`falcon_prune.analysis.timing`); with the layer-wise loss model (a language
+    model's heads and MLP channels), of the model's time at ``latency_batch`` sequences of
+    ``latency_tokens`` tokens, from measured block times
+    (:mod:`falcon_prune.analysis.site_timing`). ``result.details['latency']`` has the
+    prediction and the pruned network's time measured against the dense one (reported, not
+    certified: timings differ between runs, so a latency budget is not deterministic
+    either).
 
     Raises a :class:`~falcon_prune.errors.FalconPruneError` subclass (also a ValueError,
     TypeError or MemoryError) for bad input, before any expensive work where it can be
@@ -89,19 +93,13 @@ def prune(
     note = None
     if cfg.loss_model is not None:
         cfg, note = layerwise.choose_loss_model(model, cfg, given)
-    if latency is not None and cfg.loss_model == "layerwise":
-        raise ConfigError(
-            "latency= budgets are met with the measured layer-time table of the global "
-            "loss model's channel pruning; the layer-wise run (a language model's heads and "
-            "MLP channels, block by block) takes flops= and nnz= only: give flops= (its "
-            "speed-up is measured in docs/benchmarks.md), or loss_model='global' for a "
-            "network the dependency graph can trace")
+    _latency_runner(cfg, latency)
     if cfg.structure == "channels" and cfg.loss_model != "layerwise" and \
             cfg.flops_of != "prunable":
         raise GLOBAL_CHANNELS_FLOPS_OF
     with torch.random.fork_rng(devices=_rng_devices(cfg.device)):
         if cfg.loss_model == "layerwise" and cfg.structure == "channels":
-            result = structured.run(model, data, flops, nnz, cfg, given, progress)
+            result = structured.run(model, data, flops, nnz, cfg, given, progress, latency)
         elif cfg.loss_model == "layerwise":
             result = layerwise.run(model, data, flops, nnz, cfg, given, progress)
         else:
@@ -141,13 +139,28 @@ def _latency_settings(cfg: PruneConfig, nnz: float | None,
     if Ranks.current().active:
         raise ConfigError("a latency= budget is measured in one process; run it without "
                           "torchrun (or drop latency=)")
+    if nnz is not None:
+        raise BudgetError("give nnz= or latency=, not both")
+    return cfg.replace(latency_batch=cfg.latency_batch or 1, round_to=cfg.round_to or 4)
+
+
+def _latency_runner(cfg: PruneConfig, latency: float | None) -> None:
+    """Refuse what the run chosen for a latency budget cannot honour: the global loss
+    model's channel units need a cost-aware method and take no ``latency_tokens``; the
+    layer-wise run's allocation (knapsack or one fraction) meets it for every method."""
+    if cfg.latency_tokens is not None and latency is None:
+        raise ConfigError("latency_tokens is the sequence length of a latency budget; give "
+                          "latency=<fraction kept> too, or drop it")
+    if latency is None or cfg.loss_model == "layerwise":
+        return
+    if cfg.latency_tokens is not None:
+        raise ConfigError("latency_tokens is the sequence length a language model's blocks "
+                          "are timed at (the layer-wise loss model); the global loss model "
+                          "times the whole network on latency_batch samples: drop it")
     if not get_method(cfg.method).cost_aware:
         able = [m for m in method_names("channels") if get_method(m).cost_aware]
         raise ConfigError(f"latency= budgets are met by {', '.join(able)}, not "
                           f"{cfg.method!r} (its rule ignores costs)")
-    if nnz is not None:
-        raise BudgetError("give nnz= or latency=, not both")
-    return cfg.replace(latency_batch=cfg.latency_batch or 1, round_to=cfg.round_to or 4)
 
 
 def count_macs(model: nn.Module, inputs: object, task: Task | str | None = None

@@ -78,6 +78,9 @@ def _add_prune(sub) -> None:
                    "with --nnz)")
     p.add_argument("--latency-batch", type=int, help="batch size the latency is measured at "
                    "(default 1)")
+    p.add_argument("--latency-tokens", type=int, help="language models (layer-wise): tokens "
+                   "per sequence the latency is measured at (1: one decoding step; default "
+                   "the calibration length)")
     _add_loss_model_args(p, ms)
     _add_layerwise_args(p)
     p.add_argument("--device", default="cpu")

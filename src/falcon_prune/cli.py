@@ -158,6 +158,7 @@ def _prune_settings(a: argparse.Namespace) -> dict:
         "n_validation": a.n_validation, "ridge": a.ridge, "alpha": a.alpha,
         "block_size": a.block_size, "dtype": DTYPE_NAMES.get(a.dtype), "storage": a.storage,
         "gradient_precision": a.gradient_precision, "latency_batch": a.latency_batch,
+        "latency_tokens": a.latency_tokens,
         "held_out_precision": a.held_out_precision,
         "scratch_dir": a.scratch_dir, "memory_limit": limit, "sampling": a.sampling,
         "min_density": a.min_density, "allow_empty_layers": a.allow_empty_layers or None,

@@ -74,7 +74,9 @@ class PruneConfig:
       multiple of this many channels, or all: CPU and GPU kernels run faster on such
       counts; 4 by default with a ``latency=`` budget), ``latency_batch`` (the batch size
       a ``latency=`` budget is measured at; 1 when a latency budget is given without it,
-      None without one).
+      None without one), ``latency_tokens`` (with the layer-wise loss model: the tokens
+      per sequence a language model's latency is measured at, 1 for one decoding step's
+      matrix-vector products; the calibration length when not given).
 
     - falcon++: ``effort``, the named preset the defaults came from ('default'; 'best',
       the most accurate in about 2.5 times the time; 'fast', about 0.4 times: see
@@ -129,6 +131,7 @@ class PruneConfig:
     obs_rank: int | None = None
     round_to: int | None = None
     latency_batch: int | None = None
+    latency_tokens: int | None = None
     effort: str | None = None
     loss_model: str | None = "layerwise"
     n_calibration: int | None = 128

@@ -176,6 +176,7 @@ CHECKS = {
     "include": lambda name, v: _selector(name, v), "exclude": lambda name, v: _selector(name, v),
     "flops_of": _choice(("prunable", "model")),
     "round_to": _optional(_integer(1)), "latency_batch": _optional(_integer(1)),
+    "latency_tokens": _optional(_integer(1)),
     "keep_layers": lambda name, v: _names(name, v),
     "loss_model": _choice(LOSS_MODELS), "n_calibration": _integer(1),
     "pattern": lambda name, v: _pattern(name, v), "allocation": _choice(ALLOCATIONS),
@@ -227,7 +228,7 @@ GLOBAL_CHANNELS_FLOPS_OF = ConfigError(
 
 def _check_structure(structure: str, method: str, settings: dict) -> None:
     only = [k for k in ("keep_layers", "obs_rank", "round_to", "latency_batch",
-                        "attention_units") if k in settings]
+                        "latency_tokens", "attention_units") if k in settings]
     if structure == "weights" and only:
         raise ConfigError(f"{', '.join(only)} apply to structure='channels'; drop them or "
                           "pass structure='channels'")

@@ -191,8 +191,9 @@ class LatencyTable:
         self.device, self.repeats = device, repeats
         self.layers = _capture(model, cm, lambda: call(model, inputs))
         _unit_terms(units, cm, self.layers)
-        self.total, inside = _inside_seconds(model, call, inputs, self.layers, repeats,
-                                             device)
+        self.total, inside = inside_seconds(
+            model, call, inputs, {k: lay.module for k, lay in self.layers.items()}, repeats,
+            device)
         self.table: dict[tuple[str, int, int], float] = {
             (k, lay.out_full, lay.in_full): inside[k] / lay.calls
             for k, lay in self.layers.items()}
@@ -238,12 +239,12 @@ class LatencyTable:
             self.scale = min(2.0, max(0.5, (1.0 - measured) / saved))
 
 
-def _inside_seconds(model: nn.Module, call: Callable, inputs: Batch,
-                    layers: dict[str, _Layer], repeats: int, device: torch.device
-                    ) -> tuple[float, dict[str, float]]:
-    """(seconds per forward of the network, {layer: its seconds per forward inside it}):
-    the network timed plainly, interleaved with forwards whose hooks time each layer
-    (medians of ``repeats``)."""
+def inside_seconds(model: nn.Module, call: Callable, inputs: Batch,
+                   layers: dict[str, nn.Module], repeats: int, device: torch.device
+                   ) -> tuple[float, dict[str, float]]:
+    """(seconds per forward of the network, {name: the seconds per forward spent inside
+    module ``layers[name]``}): the network timed plainly, interleaved with forwards whose
+    hooks time each module (medians of ``repeats``)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     spent = dict.fromkeys(layers, 0.0)
     per_forward: dict[str, list[float]] = {k: [] for k in layers}
@@ -273,9 +274,9 @@ def _inside_seconds(model: nn.Module, call: Callable, inputs: Batch,
         for k, v in spent.items():
             per_forward[k].append(v)
 
-    handles = [h for k, lay in layers.items() for h in (
-        lay.module.register_forward_pre_hook(before(k)),
-        lay.module.register_forward_hook(after(k)))]
+    handles = [h for k, module in layers.items() for h in (
+        module.register_forward_pre_hook(before(k)),
+        module.register_forward_hook(after(k)))]
     try:
         secs = interleaved_seconds({"network": lambda: call(model, inputs), "hooked": hooked},
                                    repeats, device)

@@ -377,6 +377,12 @@ def choose_loss_model(model: nn.Module, cfg: PruneConfig, given: frozenset = fro
             else ("global", f"global: {', '.join(sorted(theirs))} given") if theirs \
             else _structured_language_model(model, cfg) or _by_memory(model, cfg)
     unused = global_only if loss == "layerwise" else layerwise_only
+    if loss == "layerwise":
+        if "obs_rank" in given:
+            raise ConfigError("obs_rank is the rank of the global loss model's group "
+                              "saliency; the layer-wise run chooses units on each "
+                              "layer's input Gram at full rank: drop obs_rank")
+        unused = {*unused, "obs_rank"}
     return cfg.replace(loss_model=loss, **dict.fromkeys(sorted(unused))), why
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from falcon_prune.analysis.blocks import find_blocks, move_outside
 from falcon_prune.analysis.costs import plain_kernels
 from falcon_prune.analysis.masks import clone_model, make_permanent
+from falcon_prune.analysis.site_timing import SiteTimes, time_grid
 from falcon_prune.analysis.sites import Site, consumer_weight, find_sites, shrink
 from falcon_prune.config import PruneConfig
 from falcon_prune.data.batches import collect
@@ -42,6 +44,7 @@ from falcon_prune.loss.layerwise import Grams
 from falcon_prune.methods.group_obs import refit, remove_units
 from falcon_prune.methods.reconstruction import relative_error
 from falcon_prune.results import LayerReport, PruneResult, peak_rss_mb
+from falcon_prune.runs import site_latency
 from falcon_prune.runs.layerwise import CURVE_SEQUENCES, BlockRun
 from falcon_prune.runs.sequential import capture, run_blocks
 from falcon_prune.runs.setup import check_model, check_task
@@ -62,6 +65,10 @@ class Units(BlockRun):
     model_macs: float
     fixed_macs: float
     counts: dict[str, int] = field(default_factory=dict)
+    #: consumer names (block i's) of the sites keep_layers keeps whole
+    whole: frozenset[str] = frozenset()
+    #: the measured block times of a latency budget (the allocation's second budget)
+    site_times: SiteTimes | None = None
 
     def layers(self, i: int, block: nn.Module) -> dict[str, nn.Module]:
         return {self.name(i, s): block.get_submodule(s.consumer) for s in self.sites}
@@ -69,12 +76,32 @@ class Units(BlockRun):
     def name(self, i: int, site: Site) -> str:
         return f"{self.blocks.path}.{i}.{site.consumer}"
 
+    def step(self, site: Site) -> int:
+        """Units a count of ``site`` moves by: the fewest whose columns of the consumer's
+        input are a multiple of ``round_to`` (1 without it)."""
+        r = self.config.round_to or 1
+        return r // math.gcd(r, int(site.columns.shape[1]))
+
+    def least(self, i: int, site: Site) -> int:
+        """The fewest units site ``site`` of block i may keep: all of them when
+        keep_layers names one of its layers, else one step."""
+        return site.units if self.name(i, site) in self.whole else \
+            min(site.units, self.step(site))
+
     def curve(self, i: int, site: Site, kept: list[int], errors: list[float]) -> Curve:
-        """The allocation's curve of site ``site`` of block i: ``kept`` units (ascending)
-        as parameters, at MACs per token per parameter."""
-        p = site.params
+        """The allocation's curve of site ``site`` of block i: of the counts ``kept``
+        (ascending) and their ``errors``, those the site may keep (:meth:`least`, whole
+        steps, or all units), as parameters at MACs per token per parameter; with a
+        latency budget, each count's predicted seconds as the second budget."""
+        p, k0, step = site.params, self.least(i, site), self.step(site)
+        pts = [(k, e) for k, e in zip(kept, errors, strict=True)
+               if k == site.units or (k >= k0 and k % step == 0)]
+        counts = [k for k, _ in pts]
+        seconds = None if self.site_times is None else \
+            site_latency.sizes(self, self.site_times, i, site, counts)
         return Curve(self.name(i, site), site.units * p, site.macs / p,
-                     [k * p for k in kept], errors, step=p)
+                     [k * p for k in counts], [e for _, e in pts], step=p * step,
+                     sizes=seconds)
 
 
 def model_macs(model: nn.Module, inputs: object, call) -> float:
@@ -122,15 +149,35 @@ def setup(model: nn.Module, data: object, cfg: PruneConfig, progress: bool) -> U
                  samples=drawn.take(slice(first, last)), first=first, device=device,
                  ranks=ranks, progress=progress and ranks.is_main, probe=probe,
                  sites=sites, dropped=dropped, tokens=tokens, model_macs=total,
-                 fixed_macs=total - prunable)
+                 fixed_macs=total - prunable,
+                 whole=kept_whole(work, blocks.path, len(blocks), sites,
+                                  cfg.keep_layers or ()))
 
 
-def budgets(run: Units, flops: float | None, nnz: float | None) -> tuple[float, float]:
-    """(MACs per token, parameters) the sites may keep; BudgetError when one unit of
-    every site is already over them."""
-    if flops is None and nnz is None:
-        raise BudgetError("give at least one budget: flops=<fraction kept> and/or "
-                          "nnz=<fraction of the parameters>")
+def kept_whole(model: nn.Module, path: str, n: int, sites: list[Site],
+               keep_layers: tuple[str, ...]) -> frozenset[str]:
+    """The consumer names (``path.i.consumer``) of the sites of the ``n`` blocks at
+    ``path`` that keep every unit: those with a layer (a producer or the consumer) whose
+    name matches one of ``keep_layers`` (module names or globs). ModelError for a name
+    that matches no module of ``model``."""
+    names = [m for m, _ in model.named_modules()]
+    unknown = [k for k in keep_layers if not any(fnmatch(m, k) for m in names)]
+    if unknown:
+        raise ModelError(f"keep_layers names modules the model does not have: {unknown}")
+    return frozenset(
+        f"{path}.{i}.{s.consumer}" for i in range(n) for s in sites
+        if any(fnmatch(f"{path}.{i}.{layer}", k) for layer in (*s.producers, s.consumer)
+               for k in keep_layers))
+
+
+def budgets(run: Units, flops: float | None, nnz: float | None,
+            latency: float | None = None) -> tuple[float, float]:
+    """(MACs per token, parameters) the sites may keep; BudgetError when the fewest units
+    every site may keep (:meth:`Units.least`) are already over them."""
+    if flops is None and nnz is None and latency is None:
+        raise BudgetError("give at least one budget: flops=<fraction kept>, "
+                          "nnz=<fraction of the parameters> or latency=<fraction of the "
+                          "time>")
     n = len(run.blocks)
     macs = n * sum(s.units * s.macs for s in run.sites)
     params = n * sum(s.units * s.params for s in run.sites)
@@ -138,12 +185,14 @@ def budgets(run: Units, flops: float | None, nnz: float | None) -> tuple[float, 
     F = math.inf if flops is None else (flops * run.model_macs - run.fixed_macs if whole
                                         else flops * macs)
     S = math.inf if nnz is None else nnz * params
-    least_macs = n * sum(s.macs for s in run.sites)
-    least_params = n * sum(s.params for s in run.sites)
+    least = [(run.least(i, s), s) for i in range(n) for s in run.sites]
+    least_macs = sum(k * s.macs for k, s in least)
+    least_params = sum(k * s.params for k, s in least)
     if F < least_macs or S < least_params:
         scale = run.model_macs if whole else macs
         raise BudgetError(
-            f"keeping one unit of every site already takes "
+            f"keeping one unit of every site (more where round_to or keep_layers ask) "
+            f"already takes "
             f"{(least_macs + (run.fixed_macs if whole else 0)) / scale:.1%} of the MACs per "
             f"token and {least_params / params:.1%} of the parameters; raise the budgets")
     return F, S
@@ -201,8 +250,7 @@ def allocation(run: Units, F: float, S: float) -> tuple[dict[str, int], Allocati
     Fc = None if F == math.inf else F
     Sc = None if S == math.inf else S
     if cfg.allocation == "uniform":
-        curves = [run.curve(i, s, [1, s.units], [1.0, 0.0])
-                  for i in range(len(run.blocks)) for s in run.sites]
+        curves = [_counts_only(run, i, s) for i in range(len(run.blocks)) for s in run.sites]
         kept, alloc = uniform(curves, Fc, Sc), None
     else:
         run.measure_sensitivity(per_output=True)
@@ -211,8 +259,18 @@ def allocation(run: Units, F: float, S: float) -> tuple[dict[str, int], Allocati
         run.times["curves"] = time.perf_counter() - t
         alloc = allocate(curves, Fc, Sc)
         kept = alloc.kept
-    step = {c.name: c.step for c in curves}
-    return {name: k // step[name] for name, k in kept.items()}, alloc
+    per = {run.name(i, s): s.params for i in range(len(run.blocks)) for s in run.sites}
+    return {name: k // per[name] for name, k in kept.items()}, alloc
+
+
+def _counts_only(run: Units, i: int, site: Site) -> Curve:
+    """The curve one fraction for every site needs (counts, not errors): the least and
+    all units, and with a latency budget the counts its time was measured at (between
+    which its seconds are interpolated)."""
+    k0 = run.least(i, site)
+    ks = [site.units] if k0 == site.units else [k0, site.units] if run.site_times is None \
+        else time_grid(site.units, k0, run.step(site))
+    return run.curve(i, site, ks, [1.0 - k / site.units for k in ks])
 
 
 def _prune_site(run: Units, i: int, block: nn.Module, site: Site, H: torch.Tensor) -> None:
@@ -250,21 +308,30 @@ def prune_blocks(run: Units) -> None:
 
 
 def run(model: nn.Module, data: object, flops: float | None, nnz: float | None,
-        cfg: PruneConfig, given: frozenset, progress: bool) -> PruneResult:
+        cfg: PruneConfig, given: frozenset, progress: bool,
+        latency: float | None = None) -> PruneResult:
     """Prune a copy of ``model`` structurally, block by block (see the module's
-    docstring)."""
+    docstring); a ``latency`` budget takes the place of ``nnz``
+    (:mod:`falcon_prune.runs.site_latency`)."""
     t_start = time.perf_counter()
     if cfg.passes not in (None, 1):
         raise ConfigError("structured layer-wise pruning allocates once (passes=1)")
     units = setup(model, data, cfg, progress)
-    F, S = budgets(units, flops, nnz)
+    F, S = budgets(units, flops, nnz, latency)
+    second, dense = S, None
+    if latency is not None:  # the second budget: predicted seconds
+        dense = clone_model(units.work)
+        units.site_times, calibration = site_latency.site_times(units, dense)
+        second = site_latency.budget(units, units.site_times, latency)
     move_outside(units.work, units.blocks, units.device)
-    units.counts, alloc = allocation(units, F, S)
+    units.counts, alloc = allocation(units, F, second)
     t = time.perf_counter()
     prune_blocks(units)
     units.times["prune"] = time.perf_counter() - t
+    measured = {} if dense is None else {"latency": site_latency.report(
+        units, dense, units.site_times, latency, calibration)}
     move_outside(units.work, units.blocks, torch.device("cpu"))
-    return _finish(units, F, S, alloc, flops, nnz, t_start)
+    return _finish(units, F, S, alloc, flops, nnz, t_start, measured)
 
 
 def _recount(run: Units) -> tuple[float, int]:
@@ -283,8 +350,10 @@ def _recount(run: Units) -> tuple[float, int]:
 
 
 def _finish(run: Units, F: float, S: float, alloc: Allocation | None,
-            flops: float | None, nnz: float | None, t_start: float) -> PruneResult:
-    """Check the pruned copy against the budgets through the recount, and report."""
+            flops: float | None, nnz: float | None, t_start: float,
+            measured: dict) -> PruneResult:
+    """Check the pruned copy against the budgets through the recount, and report
+    (``measured``: the latency's record, added to the details)."""
     n = len(run.blocks)
     dense_macs = n * sum(s.units * s.macs for s in run.sites)
     dense_params = n * sum(s.units * s.params for s in run.sites)
@@ -308,7 +377,7 @@ def _finish(run: Units, F: float, S: float, alloc: Allocation | None,
             run.config.method, "group OBS with a least-squares refit of the consumer"),
         "macs_per_token": run.model_macs, "fixed_macs_per_token": run.fixed_macs,
         "kept_macs_per_token": macs + run.fixed_macs, "tokens_per_sequence": run.tokens,
-        "layers": list(run.rows.values())}
+        "layers": list(run.rows.values()), **measured}
     if alloc is not None:
         details.update(allocation_error=alloc.error, allocation_lower_bound=alloc.lower_bound)
     run.times["total"] = time.perf_counter() - t_start

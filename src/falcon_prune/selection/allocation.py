@@ -12,7 +12,14 @@ are taken in order, since their value per weight decreases), solved by
 :mod:`falcon_prune.selection.knapsack`, whose dual bound gives a certificate: no choice of
 grid counts has a smaller total error than :attr:`Allocation.lower_bound`. The integral
 answer takes each layer's hull prefix, then moves layers up their own grid, best error
-decrease per budget used first, while both budgets hold.
+decrease per budget used first, while both budgets hold, then tries lowering each layer
+by one count and filling again while that lowers the total error.
+
+The second budget may count something other than the weights: a curve's ``sizes`` give
+its use at each count (a latency budget's predicted seconds, measured, so not
+proportional to the count). The knapsack then prices each hull segment by its sizes; the
+certificate holds for the choices on the hulls, with the sizes between grid counts
+interpolated linearly.
 
 :func:`uniform` (one density for every layer) and :func:`outlier_weighted` (OWL's rule:
 blocks with more outlier features keep more) are the baselines.
@@ -20,6 +27,7 @@ blocks with more outlier features keep more) are the baselines.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -42,6 +50,22 @@ class Curve:
     kept: list[int]
     errors: list[float]
     step: int = 1
+    #: the second budget's use at each count of ``kept`` when it is not the count itself
+    #: (parameters): a latency budget's predicted seconds, non-decreasing
+    sizes: list[float] | None = None
+
+    def size(self, k: int) -> float:
+        """The second budget's use at count ``k``: ``k`` itself, or ``sizes``
+        interpolated linearly between the grid's counts."""
+        if self.sizes is None:
+            return float(k)
+        j = bisect.bisect_left(self.kept, k)
+        if j < len(self.kept) and self.kept[j] == k:
+            return self.sizes[j]
+        j = min(max(j, 1), len(self.kept) - 1)
+        a, b = self.kept[j - 1], self.kept[j]
+        w = (k - a) / (b - a)
+        return self.sizes[j - 1] + w * (self.sizes[j] - self.sizes[j - 1])
 
 
 @dataclass
@@ -75,7 +99,7 @@ def _hull(kept: list[int], errors: list[float]) -> list[int]:
 
 def _check_floors(curves: list[Curve], F: float, S: float) -> None:
     cost = sum(c.cost * c.kept[0] for c in curves)
-    count = sum(c.kept[0] for c in curves)
+    count = sum(c.size(c.kept[0]) for c in curves)
     if cost > F * (1 + 1e-12) or count > S:
         raise BudgetError(
             f"the least each layer keeps ({count:,} weights, {cost:,.0f} MACs per sample) is "
@@ -90,16 +114,17 @@ def allocate(curves: list[Curve], max_macs: float | None, max_weights: float | N
     S = math.inf if max_weights is None else float(max_weights)
     _check_floors(curves, F, S)
     items = []  # (layer, hull point reached)
-    values, costs, sizes = [], [], []
+    values, costs, sizes, counts = [], [], [], []
     for li, c in enumerate(curves):
         hull = _hull(c.kept, c.errors)
         for a, b in zip(hull, hull[1:], strict=False):
             items.append((li, b))
             values.append(max(0.0, c.errors[a] - c.errors[b]))
-            sizes.append(c.kept[b] - c.kept[a])
-            costs.append(c.cost * (c.kept[b] - c.kept[a]))
+            sizes.append(c.size(c.kept[b]) - c.size(c.kept[a]))
+            counts.append(c.kept[b] - c.kept[a])
+            costs.append(c.cost * counts[-1])
     base_cost = sum(c.cost * c.kept[0] for c in curves)
-    base_count = sum(c.kept[0] for c in curves)
+    base_count = sum(c.size(c.kept[0]) for c in curves)
     base_error = sum(c.errors[0] for c in curves)
     choice = [0] * len(curves)
     bound = 0.0
@@ -111,15 +136,52 @@ def allocate(curves: list[Curve], max_macs: float | None, max_weights: float | N
                            None if S == math.inf else S - base_count)
         bound = r.upper_bound
         taken = [0.0] * len(curves)
-        for (li, _), size, on in zip(items, sizes, r.mask.tolist(), strict=True):
-            taken[li] += size if on else 0.0
-        for (li, b), _ in zip(items, sizes, strict=True):  # each layer's hull prefix
+        for (li, _), dk, on in zip(items, counts, r.mask.tolist(), strict=True):
+            taken[li] += dk if on else 0.0
+        for li, b in items:  # each layer's hull prefix
             if curves[li].kept[b] - curves[li].kept[0] <= taken[li]:
                 choice[li] = max(choice[li], b)
-    choice = _fill(curves, choice, F, S)
+    choice = _exchange(curves, _fill(curves, _trim(curves, choice, S), F, S), F, S)
     kept = {c.name: c.kept[j] for c, j in zip(curves, choice, strict=True)}
     error = sum(c.errors[j] for c, j in zip(curves, choice, strict=True))
     return Allocation(kept, error, base_error - bound)
+
+
+def _trim(curves: list[Curve], choice: list[int], S: float) -> list[int]:
+    """Lower layers one grid count at a time, the least error added per size freed
+    first, until the second budget holds (a hull prefix can pass it only when the sizes
+    are not proportional to the counts)."""
+    choice = list(choice)
+    while sum(c.size(c.kept[j]) for c, j in zip(curves, choice, strict=True)) > \
+            S * (1 + 1e-12):
+        _, li = min(((c.errors[j - 1] - c.errors[j]) / max(
+            c.size(c.kept[j]) - c.size(c.kept[j - 1]), 1e-300), li)
+            for li, (c, j) in enumerate(zip(curves, choice, strict=True)) if j > 0)
+        choice[li] -= 1
+    return choice
+
+
+def _exchange(curves: list[Curve], choice: list[int], F: float, S: float) -> list[int]:
+    """Lower one layer by one grid count and refill (:func:`_fill`) while that lowers
+    the total error (at most 4 passes over the layers): what the greedy fill leaves when
+    a budget's sizes are not proportional to the counts."""
+    def total(ch: list[int]) -> float:
+        return sum(c.errors[j] for c, j in zip(curves, ch, strict=True))
+
+    best = total(choice)
+    for _ in range(4):
+        better = False
+        for li in range(len(curves)):
+            if choice[li] == 0:
+                continue
+            trial = list(choice)
+            trial[li] -= 1
+            trial = _fill(curves, trial, F, S)
+            if total(trial) < best - 1e-12 * max(1.0, abs(best)):
+                choice, best, better = trial, total(trial), True
+        if not better:
+            return choice
+    return choice
 
 
 def _fill(curves: list[Curve], choice: list[int], F: float, S: float) -> list[int]:
@@ -127,26 +189,27 @@ def _fill(curves: list[Curve], choice: list[int], F: float, S: float) -> list[in
     while both budgets hold."""
     choice = list(choice)
     cost = sum(c.cost * c.kept[j] for c, j in zip(curves, choice, strict=True))
-    count = sum(c.kept[j] for c, j in zip(curves, choice, strict=True))
+    count = sum(c.size(c.kept[j]) for c, j in zip(curves, choice, strict=True))
     while True:
         best, best_ratio = None, 0.0
         for li, c in enumerate(curves):
             for j in range(choice[li] + 1, len(c.kept)):
                 dk = c.kept[j] - c.kept[choice[li]]
-                if cost + c.cost * dk > F * (1 + 1e-12) or count + dk > S:
+                ds = c.size(c.kept[j]) - c.size(c.kept[choice[li]])
+                if cost + c.cost * dk > F * (1 + 1e-12) or count + ds > S * (1 + 1e-12):
                     break
-                use = (c.cost * dk / F if F < math.inf else 0.0) + (dk / S if S < math.inf
-                                                                     else 0.0)
+                use = (c.cost * dk / F if F < math.inf else 0.0) + (
+                    max(ds, 0.0) / S if S < math.inf else 0.0)
                 gain = c.errors[choice[li]] - c.errors[j]
                 ratio = gain / max(use, 1e-300)
                 if gain > 0 and ratio > best_ratio:
-                    best, best_ratio = (li, j, dk), ratio
+                    best, best_ratio = (li, j, dk, ds), ratio
         if best is None:
             return choice
-        li, j, dk = best
+        li, j, dk, ds = best
         choice[li] = j
         cost += curves[li].cost * dk
-        count += dk
+        count += ds
 
 
 def uniform(curves: list[Curve], max_macs: float | None, max_weights: float | None
@@ -179,7 +242,7 @@ def _largest(curves: list[Curve], floor: dict[str, int], F: float, S: float, nea
     bisection (the counts rise with the fraction); ``floor`` must fit."""
     def fits(kept: dict[str, int]) -> bool:
         cost = sum(c.cost * kept[c.name] for c in curves)
-        return cost <= F * (1 + 1e-12) and sum(kept.values()) <= S
+        return cost <= F * (1 + 1e-12) and sum(c.size(kept[c.name]) for c in curves) <= S
 
     lo, hi = 0.0, 1.0
     if fits(_counts(curves, hi, floor, nearest)):
