@@ -13,6 +13,10 @@ products count), recounted on the pruned model with PyTorch's FLOP counter. Rows
   over the blocks' error curves, with its certificate);
 - ``falcon uniform``: the same, every block keeping the same fraction of its units;
 - ``wanda uniform``: units scored by |W| times the input norm, no refit, one fraction;
+- ``falcon flops 0.7 decode latency 0.75``: the FLOP budget and a latency budget of 75 %
+  of the dense model's measured time per forward at 1 sequence of 1 token (a decoding
+  step's matrix-vector products; the block-time table of ``latency_tokens=1``), the
+  model's time measured on this machine (run it with nothing else heavy running);
 - ``torch-pruning``: Torch-Pruning's LLM recipe (BasePruner over the dependency graph, the
   model's head counts given, group L2 magnitude, uniform per layer), with a time limit: a
   failure or a run past it records its message instead of a perplexity.
@@ -24,7 +28,7 @@ The 70 % falcon rows of seed 0 also save their models for llm_speed.py, in ``--s
 (default benchmarks/.cache/smollm2-structured): ``falcon flops 0.7`` in ``DIR/flops-0.7``,
 ``falcon flops 0.7 nnz 0.55`` (the same FLOP budget and 55 % of the blocks' parameters: at
 batch 1 decoding reads every weight once per token, so its speed follows the parameters)
-in ``DIR/flops-0.7-nnz-0.55``.
+in ``DIR/flops-0.7-nnz-0.55``, and the decode-latency row in ``DIR/flops-0.7-decode-0.75``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from isolated import run_rows
 HERE = Path(__file__).resolve().parent
 SAVED = HERE / ".cache" / "smollm2-structured"
 #: rows of seed 0 whose model is saved, and the folder under --save
-SAVED_ROWS = {"falcon flops 0.7": "flops-0.7", "falcon flops 0.7 nnz 0.55": "flops-0.7-nnz-0.55"}
+SAVED_ROWS = {"falcon flops 0.7": "flops-0.7", "falcon flops 0.7 nnz 0.55": "flops-0.7-nnz-0.55",
+              "falcon flops 0.7 decode latency 0.75": "flops-0.7-decode-0.75"}
 #: seconds Torch-Pruning gets before its row records a time-out
 TP_LIMIT = 900
 
@@ -57,6 +62,11 @@ ROWS = {
     "torch-pruning flops 0.7": {"tp": 0.7},
     "falcon flops 0.7 nnz 0.55": {**COMMON, "method": "falcon", "flops": 0.7, "nnz": 0.55,
                                   "allocation": "ilp"},
+    # a latency budget measured at one token per sequence (a decoding step's matrix-vector
+    # products) beside the FLOP budget
+    "falcon flops 0.7 decode latency 0.75": {**COMMON, "method": "falcon", "flops": 0.7,
+                                             "latency": 0.75, "latency_tokens": 1,
+                                             "allocation": "ilp"},
     "falcon flops 0.5": {**COMMON, "method": "falcon", "flops": 0.5, "allocation": "ilp"},
     "falcon uniform flops 0.5": {**COMMON, "method": "falcon", "flops": 0.5,
                                  "allocation": "uniform"},
