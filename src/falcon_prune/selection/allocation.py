@@ -227,44 +227,35 @@ def uniform(curves: list[Curve], max_macs: float | None, max_weights: float | No
     return _largest(curves, first, F, S, nearest=False)
 
 
-def _counts(curves: list[Curve], d: float, floor: dict[str, int], nearest: bool
-            ) -> dict[str, int]:
-    """Each layer's count at kept fraction ``d``: ``d`` x numel to the nearest (else the
-    lower) whole step, within [its least count or ``floor``, numel]."""
+def _counts(curves: list[Curve], d: float, floor: dict[str, int], nearest: bool,
+            density: dict[str, float] | None = None) -> dict[str, int]:
+    """Each layer's count at kept fraction ``d`` (times its ``density``, 1 by default):
+    that share of its numel to the nearest (else the lower) whole step, within [its least
+    count or ``floor``, numel]."""
     rnd = (lambda v: math.floor(v + 0.5)) if nearest else (lambda v: math.floor(v + 1e-9))
-    return {c.name: max(c.kept[0], floor.get(c.name, 0),
-                        min(c.numel, c.step * rnd(d * c.numel / c.step))) for c in curves}
+    share = density or {}
+    return {c.name: max(c.kept[0], floor.get(c.name, 0), min(c.numel, c.step * rnd(
+        d * share.get(c.name, 1.0) * c.numel / c.step))) for c in curves}
 
 
-def _largest(curves: list[Curve], floor: dict[str, int], F: float, S: float, nearest: bool
-             ) -> dict[str, int]:
+def _largest(curves: list[Curve], floor: dict[str, int], F: float, S: float, nearest: bool,
+             density: dict[str, float] | None = None) -> dict[str, int]:
     """The counts (:func:`_counts`) at the largest fraction within both budgets, by
     bisection (the counts rise with the fraction); ``floor`` must fit."""
+    def at(d: float) -> dict[str, int]:
+        return _counts(curves, d, floor, nearest, density)
+
     def fits(kept: dict[str, int]) -> bool:
         cost = sum(c.cost * kept[c.name] for c in curves)
         return cost <= F * (1 + 1e-12) and sum(c.size(kept[c.name]) for c in curves) <= S
 
     lo, hi = 0.0, 1.0
-    if fits(_counts(curves, hi, floor, nearest)):
-        return _counts(curves, hi, floor, nearest)
+    if fits(at(hi)):
+        return at(hi)
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if fits(_counts(curves, mid, floor, nearest)) else (lo, mid)
-    return _counts(curves, lo, floor, nearest)
-
-
-def _scaled(curves: list[Curve], density: dict[str, float], F: float, S: float
-            ) -> dict[str, int]:
-    """Counts floor(density x numel) (at least each layer's least; whole steps), scaled
-    down together until both budgets hold."""
-    scale = 1.0
-    while True:
-        kept = {c.name: max(c.kept[0], min(c.numel, c.step * math.floor(
-            scale * density[c.name] * c.numel / c.step + 1e-9))) for c in curves}
-        cost = sum(c.cost * kept[c.name] for c in curves)
-        if cost <= F * (1 + 1e-12) and sum(kept.values()) <= S:
-            return kept
-        scale *= 0.999
+        lo, hi = (mid, hi) if fits(at(mid)) else (lo, mid)
+    return at(lo)
 
 
 def outlier_weighted(curves: list[Curve], groups: dict[str, int], outliers: dict[int, float],
@@ -284,4 +275,4 @@ def outlier_weighted(curves: list[Curve], groups: dict[str, int], outliers: dict
                for c in curves}
     F = math.inf if max_macs is None else float(max_macs)
     S = math.inf if max_weights is None else float(max_weights)
-    return _scaled(curves, density, F, S)
+    return _largest(curves, {}, F, S, nearest=False, density=density)
