@@ -1,6 +1,7 @@
 """Language models end to end: text cut into sequences, perplexity, a HuggingFace directory
 pruned layer-wise by the command line and loaded back with ``from_pretrained``."""
 
+import json
 import math
 from pathlib import Path
 
@@ -97,6 +98,19 @@ def test_the_command_line_writes_a_structured_model_that_load_pruned_reads(hf_di
     assert main(["evaluate", "--hf", str(out), "--text", str(TEXT), "--seq-len", "32",
                  "--max-sequences", "4"]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_the_command_line_takes_a_latency_budget_for_a_language_model(hf_dir, tmp_path,
+                                                                      shape_clock):
+    """--latency with --latency-tokens on a HuggingFace directory: the block-time table's
+    prediction and the measurement are in the report (timed on the shape clock)."""
+    report = tmp_path / "r.json"
+    assert main(["prune", "--hf", str(hf_dir), "--text", str(TEXT), "--seq-len", "32",
+                 "--structure", "channels", "--latency", "0.9", "--latency-tokens", "4",
+                 "--n-calibration", "8", "--output", str(tmp_path / "fast"), "--report",
+                 str(report), "--no-progress"]) == 0
+    lat = json.loads(report.read_text())["details"]["latency"]
+    assert lat["tokens"] == 4 and lat["predicted_fraction"] <= 0.9 + 1e-9
 
 
 @pytest.mark.parametrize("extra, match", [

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from falcon_prune.analysis.sites import Site, shrink
 from falcon_prune.analysis.timing import inside_seconds, interleaved_seconds
@@ -104,7 +105,7 @@ class SiteTimes:
 def measure_sites(model: nn.Module, blocks: list[nn.Module], sites: list[Site],
                   least: dict[str, int], step: dict[str, int], run_model: Callable[[], object],
                   run_block: Callable[[nn.Module], object], repeats: int,
-                  device: torch.device) -> SiteTimes:
+                  device: torch.device, progress: bool = False) -> SiteTimes:
     """The :class:`SiteTimes` of ``model`` (run by ``run_model()``) whose ``blocks`` have
     ``sites``: each site is timed at :func:`time_grid` counts (its ``least`` and ``step``
     units, by consumer name) in a copy of the first block run by ``run_block(block)`` on
@@ -113,8 +114,12 @@ def measure_sites(model: nn.Module, blocks: list[nn.Module], sites: list[Site],
                                    {str(i): b for i, b in enumerate(blocks)}, repeats, device)
     times = SiteTimes(total, [inside[str(i)] for i in range(len(blocks))])
     first = blocks[0]
+    grids = {s.consumer: time_grid(s.units, least[s.consumer], step[s.consumer])
+             for s in sites}
+    bar = tqdm(total=sum(len(g) - 1 for g in grids.values()), desc="block times",
+               unit="count", disable=not progress)
     for site in sites:
-        ks = time_grid(site.units, least[site.consumer], step[site.consumer])
+        ks = grids[site.consumer]
         ratios = []
         for k in ks:
             if k == site.units:
@@ -125,8 +130,10 @@ def measure_sites(model: nn.Module, blocks: list[nn.Module], sites: list[Site],
             secs = interleaved_seconds({"thin": lambda b=thin: run_block(b),
                                         "whole": lambda: run_block(first)}, repeats, device)
             ratios.append(secs["thin"] / max(secs["whole"], 1e-12))
+            bar.update()
         times.counts[site.consumer] = ks
         # no count predicted slower than a larger one (nor than the whole block)
         r = torch.tensor(ratios, dtype=torch.float64).clamp_max(1.0).flip(0)
         times.ratios[site.consumer] = r.cummin(0).values.flip(0).tolist()
+    bar.close()
     return times

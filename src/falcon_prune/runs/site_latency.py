@@ -108,7 +108,8 @@ def site_times(run: Units, dense: nn.Module) -> tuple[SiteTimes, dict]:
                                   for i in range(len(blocks))], run.sites,
                           {k: min(s.units, run.step(s)) for k, s in names.items()},
                           {k: run.step(s) for k, s in names.items()},
-                          lambda: call(dense, x), run_block, LATENCY_REPEATS, run.device)
+                          lambda: call(dense, x), run_block, LATENCY_REPEATS, run.device,
+                          run.progress)
     half = _half(run)
     small = clone_model(dense)
     for (i, name), k in half.items():
