@@ -59,8 +59,8 @@ def resolve(run: Units) -> None:
     if t is not None and t > ids[0].shape[1]:
         raise ConfigError(f"latency_tokens={t} is longer than the calibration sequences "
                           f"({ids[0].shape[1]} tokens): give at most that")
-    home = next(run.work.parameters()).device
-    if home != run.device:
+    home, dev = next(run.work.parameters()).device, run.device
+    if home.type != dev.type or dev.index not in (None, home.index):
         raise ConfigError(f"a latency= budget is measured where the model runs: the model "
                           f"is on {home}, the run's device is {run.device}; move the model "
                           f"there or pass device='{home}'")
