@@ -305,3 +305,23 @@ def test_query_head_units_prune_a_grouped_query_llama():
     with pytest.raises(ConfigError, match="apply to structure='channels'"):
         fp.prune(model, x, nnz=0.5, task="language_modeling", attention_units="heads",
                  progress=False)
+
+
+def test_block_time_table_interpolates_and_calibrates():
+    """SiteTimes: the ratio between timed counts is interpolated linearly, a choice's
+    prediction is the dense time less each block's saving, and the calibration scales
+    the savings to one measured choice (within [0.5, 2])."""
+    from falcon_prune.analysis.site_timing import SiteTimes, time_grid
+
+    grid = time_grid(96, 4, 4)
+    assert grid[0] == 4 and grid[-1] == 96 and all(k % 4 == 0 for k in grid)
+    assert len(grid) <= 18 and grid == sorted(set(grid))
+    t = SiteTimes(total=10.0, inside=[2.0, 2.0], counts={"mlp": [8, 16]},
+                  ratios={"mlp": [0.5, 1.0]})
+    assert t.ratio("mlp", 12) == pytest.approx(0.75)
+    assert t.seconds({(0, "mlp"): 8, (1, "mlp"): 12}) == pytest.approx(10 - 1.0 - 0.5)
+    t.calibrate({(0, "mlp"): 8, (1, "mlp"): 8}, measured=0.7)  # table: 0.8
+    assert t.scale == pytest.approx(1.5)
+    assert t.seconds({(0, "mlp"): 8, (1, "mlp"): 8}) == pytest.approx(7.0)
+    t.calibrate({(0, "mlp"): 8, (1, "mlp"): 8}, measured=0.1)
+    assert t.scale == 2.0
