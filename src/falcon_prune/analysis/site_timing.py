@@ -11,10 +11,14 @@ widths. So the time is measured, on the device the model runs on, at the latency
   in block i (hooks, interleaved with plain runs; :func:`~falcon_prune.analysis.timing.
   inside_seconds`);
 - for every site s and a grid of counts k (at most ``TIME_GRID`` + 2 of them): a copy of
-  the first block with site s cut to k units (the others whole) timed against the whole
-  block, interleaved, on the input the block receives: the ratio r_s(k), made at most 1
-  and non-decreasing in k (a count never predicted slower than a larger one). The blocks of a
-  language model have one shape, so the first block serves for all.
+  the model with site s cut to k units in every block (the other sites whole) timed
+  against the model, interleaved; what it saves, spread over the blocks by their time,
+  gives r_s(k), the ratio of a block's time with the site at k units to its whole time,
+  made at most 1 and non-decreasing in k (a count never predicted slower than a larger
+  one). Timed in the model rather than block by block: at one token a block's weights
+  stream from memory, while a block timed alone again and again runs from the cache (on
+  SmolLM2 a table of blocks timed alone chose a model that was slower at one token, and
+  less accurate, than a plain parameter budget at the same FLOPs).
 
 A choice is predicted to take
 
@@ -102,38 +106,37 @@ class SiteTimes:
             self.scale = min(2.0, max(0.5, (1.0 - measured) / saved))
 
 
-def measure_sites(model: nn.Module, blocks: list[nn.Module], sites: list[Site],
-                  least: dict[str, int], step: dict[str, int], run_model: Callable[[], object],
-                  run_block: Callable[[nn.Module], object], repeats: int,
-                  device: torch.device, progress: bool = False) -> SiteTimes:
-    """The :class:`SiteTimes` of ``model`` (run by ``run_model()``) whose ``blocks`` have
-    ``sites``: each site is timed at :func:`time_grid` counts (its ``least`` and ``step``
-    units, by consumer name) in a copy of the first block run by ``run_block(block)`` on
-    its captured input."""
-    total, inside = inside_seconds(model, lambda m, x: run_model(), None,
+def measure_sites(model: nn.Module, path: str, sites: list[Site], grids: dict[str, list[int]],
+                  run: Callable[[nn.Module], object], repeats: int, device: torch.device,
+                  progress: bool = False) -> SiteTimes:
+    """The :class:`SiteTimes` of ``model`` (run on the latency inputs by ``run(model)``),
+    whose blocks are the ``nn.ModuleList`` at ``path``: each site at the counts
+    ``grids[consumer]`` (ascending, the last all its units), timed in a copy of the whole
+    model with that site cut in every block against the model itself, interleaved. In
+    the model, not block by block: at one token a block's weights stream from memory,
+    while a block timed alone again and again runs from the cache."""
+    blocks = list(model.get_submodule(path))
+    total, inside = inside_seconds(model, lambda m, x: run(m), None,
                                    {str(i): b for i, b in enumerate(blocks)}, repeats, device)
     times = SiteTimes(total, [inside[str(i)] for i in range(len(blocks))])
-    first = blocks[0]
-    grids = {s.consumer: time_grid(s.units, least[s.consumer], step[s.consumer])
-             for s in sites}
+    share = total / max(sum(times.inside), 1e-12)  # model seconds per second of blocks
     bar = tqdm(total=sum(len(g) - 1 for g in grids.values()), desc="block times",
                unit="count", disable=not progress)
     for site in sites:
-        ks = grids[site.consumer]
-        ratios = []
-        for k in ks:
-            if k == site.units:
-                ratios.append(1.0)
-                continue
-            thin = copy.deepcopy(first)
-            shrink(thin, site, first_units(site.units, k))
-            secs = interleaved_seconds({"thin": lambda b=thin: run_block(b),
-                                        "whole": lambda: run_block(first)}, repeats, device)
-            ratios.append(secs["thin"] / max(secs["whole"], 1e-12))
+        ks, ratios = grids[site.consumer], []
+        for k in ks[:-1]:
+            thin = copy.deepcopy(model)
+            for block in thin.get_submodule(path):
+                shrink(block, site, first_units(site.units, k))
+            secs = interleaved_seconds({"thin": lambda m=thin: run(m),
+                                        "whole": lambda: run(model)}, repeats, device)
+            del thin
+            # the blocks' ratio that saves what the model saved: 1 - r = share (1 - r_model)
+            ratios.append(1.0 - share * (1.0 - secs["thin"] / max(secs["whole"], 1e-12)))
             bar.update()
         times.counts[site.consumer] = ks
         # no count predicted slower than a larger one (nor than the whole block)
-        r = torch.tensor(ratios, dtype=torch.float64).clamp_max(1.0).flip(0)
+        r = torch.tensor([*ratios, 1.0], dtype=torch.float64).clamp_max(1.0).flip(0)
         times.ratios[site.consumer] = r.cummin(0).values.flip(0).tolist()
     bar.close()
     return times

@@ -23,12 +23,11 @@ import torch
 from torch import nn
 
 from falcon_prune.analysis.masks import clone_model
-from falcon_prune.analysis.site_timing import SiteTimes, first_units, measure_sites
+from falcon_prune.analysis.site_timing import SiteTimes, first_units, measure_sites, time_grid
 from falcon_prune.analysis.sites import shrink
 from falcon_prune.analysis.timing import LATENCY_REPEATS, interleaved_seconds, latency_batch
 from falcon_prune.data.batches import leaves, map_tensors
 from falcon_prune.errors import BudgetError, ConfigError
-from falcon_prune.runs.sequential import capture
 
 if TYPE_CHECKING:
     from falcon_prune.runs.structured import Units
@@ -97,19 +96,11 @@ def site_times(run: Units, dense: nn.Module) -> tuple[SiteTimes, dict]:
     t0 = time.perf_counter()
     resolve(run)
     call, x = run.config.task.call, latency_inputs(run)
-    blocks = list(run.blocks.modules)
-    st = capture(run.work, run.blocks, [x], call, run.device)
-
-    def run_block(block: nn.Module) -> object:
-        return block(st.states[0], *st.args[0], **st.kwargs[0])
-
     names = {s.consumer: s for s in run.sites}
-    times = measure_sites(dense, [dense.get_submodule(f"{run.blocks.path}.{i}")
-                                  for i in range(len(blocks))], run.sites,
-                          {k: min(s.units, run.step(s)) for k, s in names.items()},
-                          {k: run.step(s) for k, s in names.items()},
-                          lambda: call(dense, x), run_block, LATENCY_REPEATS, run.device,
-                          run.progress)
+    grids = {k: time_grid(s.units, min(s.units, run.step(s)), run.step(s))
+             for k, s in names.items()}
+    times = measure_sites(dense, run.blocks.path, run.sites, grids, lambda m: call(m, x),
+                          LATENCY_REPEATS, run.device, run.progress)
     half = _half(run)
     small = clone_model(dense)
     for (i, name), k in half.items():
