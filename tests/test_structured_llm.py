@@ -325,3 +325,12 @@ def test_block_time_table_interpolates_and_calibrates():
     assert t.seconds({(0, "mlp"): 8, (1, "mlp"): 8}) == pytest.approx(7.0)
     t.calibrate({(0, "mlp"): 8, (1, "mlp"): 8}, measured=0.1)
     assert t.scale == 2.0
+
+
+def test_measured_ratios_are_fitted_rising_by_pooling():
+    from falcon_prune.analysis.site_timing import rising
+
+    assert rising([0.5, 0.7, 0.6, 0.9, 1.0]) == pytest.approx([0.5, 0.65, 0.65, 0.9, 1.0])
+    assert rising([0.5, 1.2, 1.0]) == pytest.approx([0.5, 1.0, 1.0])  # capped at the last
+    fitted = rising([0.3, 0.2, 0.9, 0.4, 0.8, 1.0])
+    assert all(a <= b for a, b in zip(fitted, fitted[1:], strict=False))

@@ -14,11 +14,12 @@ widths. So the time is measured, on the device the model runs on, at the latency
   the model with site s cut to k units in every block (the other sites whole) timed
   against the model, interleaved; what it saves, spread over the blocks by their time,
   gives r_s(k), the ratio of a block's time with the site at k units to its whole time,
-  made at most 1 and non-decreasing in k (a count never predicted slower than a larger
-  one). Timed in the model rather than block by block: at one token a block's weights
-  stream from memory, while a block timed alone again and again runs from the cache (on
-  SmolLM2 a table of blocks timed alone chose a model that was slower at one token, and
-  less accurate, than a plain parameter budget at the same FLOPs).
+  fitted non-decreasing in k and at most 1 (:func:`rising`: a count is never predicted
+  slower than a larger one, and the timings' noise is averaged, not its minima taken).
+  Timed in the model rather than block by block: at one token a block's weights stream
+  from memory, while a block timed alone again and again runs from the cache (on SmolLM2
+  a table of blocks timed alone chose a model that was slower at one token, and less
+  accurate, than a plain parameter budget at the same FLOPs).
 
 A choice is predicted to take
 
@@ -53,6 +54,20 @@ def time_grid(units: int, least: int, step: int) -> list[int]:
     ``TIME_GRID`` evenly spaced multiples of ``step`` between them (ascending)."""
     inner = {step * round(units * j / TIME_GRID / step) for j in range(1, TIME_GRID)}
     return sorted({least, units} | {k for k in inner if least < k < units})
+
+
+def rising(values: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to ``values`` in squared error (pooling
+    adjacent violators: a run that falls is replaced by its mean), then capped at the
+    last value: measured ratios with their noise averaged out, not their minima taken."""
+    pools: list[list[float]] = []  # [mean, count]
+    for v in values:
+        pools.append([v, 1.0])
+        while len(pools) > 1 and pools[-2][0] > pools[-1][0]:
+            (a, n), (b, m) = pools[-2], pools.pop()
+            pools[-1] = [(a * n + b * m) / (n + m), n + m]
+    out = [mean for mean, n in pools for _ in range(int(n))]
+    return [min(v, values[-1]) for v in out]
 
 
 def first_units(units: int, k: int) -> torch.Tensor:
@@ -135,8 +150,6 @@ def measure_sites(model: nn.Module, path: str, sites: list[Site], grids: dict[st
             ratios.append(1.0 - share * (1.0 - secs["thin"] / max(secs["whole"], 1e-12)))
             bar.update()
         times.counts[site.consumer] = ks
-        # no count predicted slower than a larger one (nor than the whole block)
-        r = torch.tensor([*ratios, 1.0], dtype=torch.float64).clamp_max(1.0).flip(0)
-        times.ratios[site.consumer] = r.cummin(0).values.flip(0).tolist()
+        times.ratios[site.consumer] = rising([*ratios, 1.0])
     bar.close()
     return times
