@@ -327,10 +327,10 @@ def test_block_time_table_interpolates_and_calibrates():
     assert t.scale == 2.0
 
 
-def test_measured_ratios_are_fitted_rising_by_pooling():
-    from falcon_prune.analysis.site_timing import rising
+def test_measured_ratios_are_fitted_by_a_line_through_the_whole_count():
+    from falcon_prune.analysis.site_timing import line_fit
 
-    assert rising([0.5, 0.7, 0.6, 0.9, 1.0]) == pytest.approx([0.5, 0.65, 0.65, 0.9, 1.0])
-    assert rising([0.5, 1.2, 1.0]) == pytest.approx([0.5, 1.0, 1.0])  # capped at the last
-    fitted = rising([0.3, 0.2, 0.9, 0.4, 0.8, 1.0])
-    assert all(a <= b for a, b in zip(fitted, fitted[1:], strict=False))
+    assert line_fit([0, 50, 100], [0.5, 0.75, 1.0]) == pytest.approx([0.5, 0.75, 1.0])
+    noisy = line_fit([0, 25, 50, 75, 100], [0.52, 0.6, 0.77, 0.86, 1.0])
+    assert noisy[-1] == 1.0 and all(a < b for a, b in zip(noisy, noisy[1:], strict=False))
+    assert line_fit([0, 50, 100], [1.1, 1.05, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
