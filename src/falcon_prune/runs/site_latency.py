@@ -30,6 +30,7 @@ from falcon_prune.data.batches import leaves, map_tensors
 from falcon_prune.errors import BudgetError, ConfigError
 
 if TYPE_CHECKING:
+    from falcon_prune.analysis.sites import Site
     from falcon_prune.runs.structured import Units
 
 
@@ -115,7 +116,8 @@ def site_times(run: Units, dense: nn.Module) -> tuple[SiteTimes, dict]:
                    "scale": times.scale}
 
 
-def sizes(run: Units, times: SiteTimes, i: int, site, counts: list[int]) -> list[float]:
+def sizes(run: Units, times: SiteTimes, i: int, site: Site, counts: list[int]
+          ) -> list[float]:
     """The seconds of block i's time that ``site`` accounts for at each of ``counts``
     units, the allocation's second budget: scale x inside[i] x r_s(k)."""
     return [times.scale * times.inside[i] * times.ratio(site.consumer, k) for k in counts]
