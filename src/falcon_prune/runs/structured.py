@@ -7,7 +7,9 @@ The pipeline behind ``prune(..., structure='channels')`` with the layer-wise los
    block, :mod:`falcon_prune.analysis.sites`), each unit with its MACs per token and its
    parameters. The FLOP budget is a fraction of the MACs per token at the calibration
    sequences' length: of the whole model's with ``flops_of='model'``, else of the sites'
-   (what can shrink); the ``nnz`` budget a fraction of the sites' parameters.
+   (what can shrink); the ``nnz`` budget a fraction of the sites' parameters, or in its
+   place a ``latency`` budget of measured seconds (:mod:`falcon_prune.runs.site_latency`).
+   ``round_to`` makes counts move in steps, ``keep_layers`` keeps sites whole.
 2. Allocate: with ``allocation='ilp'``, every consumer layer's sensitivity, then each
    site's error curve on the dense model (the group OBS sweep of
    :mod:`falcon_prune.methods.group_obs` on the Gram of its consumer's inputs, weighted by
