@@ -232,10 +232,10 @@ def measure_curves(run: Units) -> list[Curve]:
         for site in run.sites:
             name = run.name(i, site)
             W, H = weighted(run, name, consumer_weight(block, site).detach()), grams.gram(name)
-            order, path = _sweep(run, site, W, H, 1)
-            kept = [site.units - r for r, _ in reversed(path)]
-            errors = [e for _, e in reversed(path)]
-            curves.append(run.curve(i, site, kept, errors))
+            # down to the fewest units the site may keep, so that the curve ends there
+            _, path = _sweep(run, site, W, H, run.least(i, site))
+            points = {site.units - r: e for r, e in reversed(path)}  # count: error
+            curves.append(run.curve(i, site, list(points), list(points.values())))
         return False
 
     run_blocks(run.blocks, run.stream(CURVE_SEQUENCES), run.layers, work, run.ranks,
