@@ -50,7 +50,6 @@ def shape_clock(monkeypatch):
     tests of latency budgets pass on any machine, busy or idle: every interleaved timing
     and the layers' times inside the network."""
     from falcon_prune.analysis import site_timing, timing
-    from falcon_prune.runs import latency, site_latency
 
     def interleaved(runs, repeats, device, repeat_seconds=0.004):
         return {k: shape_seconds(fn) for k, fn in runs.items()}
@@ -79,11 +78,9 @@ def shape_clock(monkeypatch):
         return CALL_SECONDS + MAC_SECONDS * counter.get_total_flops() / 2, own
 
     monkeypatch.setattr(timing, "interleaved_seconds", interleaved)
-    monkeypatch.setattr(latency, "interleaved_seconds", interleaved)
     monkeypatch.setattr(timing, "inside_seconds", inside)
     monkeypatch.setattr(site_timing, "interleaved_seconds", interleaved)
     monkeypatch.setattr(site_timing, "inside_seconds", inside)
-    monkeypatch.setattr(site_latency, "interleaved_seconds", interleaved)
 
 
 @pytest.fixture(autouse=True)

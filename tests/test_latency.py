@@ -262,6 +262,16 @@ def test_latency_refusals(kw, exc, match):
     assert same_state(model, before)
 
 
+def side_by_side(fake):
+    """timing.side_by_side with its interleaved timings replaced by ``fake``."""
+    def measure(call, inputs, dense, small, device):
+        secs = fake({"dense": lambda: call(dense, inputs),
+                     "pruned": lambda: call(small, inputs)}, 14, device)
+        return {"measured_fraction": secs["pruned"] / secs["dense"],
+                "dense_ms": secs["dense"] * 1e3, "pruned_ms": secs["pruned"] * 1e3}
+    return measure
+
+
 def test_a_network_measured_over_the_budget_gets_another_stage(monkeypatch):
     """The measured check drives extra stages: a first measurement over the budget makes
     the run prune once more with the table's budget lowered by the prediction's error."""
@@ -274,7 +284,7 @@ def test_a_network_measured_over_the_budget_gets_another_stage(monkeypatch):
             fn()
         return {"dense": 1.0, "pruned": next(measured)}
 
-    monkeypatch.setattr(latency_runs, "interleaved_seconds", fake)
+    monkeypatch.setattr(latency_runs, "side_by_side", side_by_side(fake))
     r = fp.prune(WideResNet().eval(), image_data(size=16), flops=0.9, latency=0.8,
                  method="falcon", latency_batch=16, **KW)
     lat = r.details["latency"]
@@ -296,7 +306,7 @@ def test_the_extra_stages_stop_and_warn(monkeypatch):
     def fake(runs, repeats, device, repeat_seconds=0.004):
         return {"dense": 1.0, "pruned": next(measured)}
 
-    monkeypatch.setattr(latency_runs, "interleaved_seconds", fake)
+    monkeypatch.setattr(latency_runs, "side_by_side", side_by_side(fake))
     with pytest.warns(UserWarning, match="above the latency budget 0.80, after 2 extra"):
         r = fp.prune(WideResNet().eval(), image_data(size=16), latency=0.8,
                      method="mp_flops", latency_batch=16, structure="channels",

@@ -87,6 +87,18 @@ def interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def side_by_side(call: Callable, inputs: Batch, dense: nn.Module, small: nn.Module,
+                 device: torch.device) -> dict:
+    """The seconds per forward of ``small`` as a fraction of ``dense``'s on ``inputs``
+    (each run by ``call(model, inputs)``), both run in turn in every repeat (median of
+    ``2 x LATENCY_REPEATS``), with both times in ms."""
+    secs = interleaved_seconds({"dense": lambda: call(dense, inputs),
+                                "pruned": lambda: call(small, inputs)},
+                               LATENCY_REPEATS * 2, device)
+    return {"measured_fraction": secs["pruned"] / secs["dense"],
+            "dense_ms": secs["dense"] * 1e3, "pruned_ms": secs["pruned"] * 1e3}
+
+
 def sliceable(module: nn.Module) -> bool:
     """A Linear, an ungrouped convolution or a depthwise one: its channels can be cut by
     slicing its weight."""

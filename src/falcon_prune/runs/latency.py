@@ -23,8 +23,8 @@ from falcon_prune.analysis.timing import (
     LATENCY_REPEATS,
     LATENCY_ROUNDS,
     LatencyTable,
-    interleaved_seconds,
     latency_batch,
+    side_by_side,
 )
 from falcon_prune.data.batches import Batch, map_tensors
 from falcon_prune.errors import BudgetViolation
@@ -63,12 +63,9 @@ def latency_inputs(r: Run) -> Batch:
 
 def measure_fraction(r: Run, dense: nn.Module, small: nn.Module) -> dict:
     """The time of ``small`` as a fraction of ``dense``'s at ``latency_batch`` samples,
-    both run in turn in every repeat (median of 14), with the times in ms."""
-    call, x = r.context.task.call, latency_inputs(r)
-    secs = interleaved_seconds({"dense": lambda: call(dense, x), "pruned": lambda: call(small, x)},
-                               LATENCY_REPEATS * 2, r.context.device)
-    return {"measured_fraction": secs["pruned"] / secs["dense"],
-            "dense_ms": secs["dense"] * 1e3, "pruned_ms": secs["pruned"] * 1e3}
+    measured side by side (:func:`~falcon_prune.analysis.timing.side_by_side`)."""
+    return side_by_side(r.context.task.call, latency_inputs(r), dense, small,
+                        r.context.device)
 
 
 def pruned_copy(r: Run, space: UnitSpace, keep: torch.Tensor) -> nn.Module:

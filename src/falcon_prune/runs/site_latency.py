@@ -25,7 +25,7 @@ from torch import nn
 from falcon_prune.analysis.masks import clone_model
 from falcon_prune.analysis.site_timing import SiteTimes, first_units, measure_sites, time_grid
 from falcon_prune.analysis.sites import shrink
-from falcon_prune.analysis.timing import LATENCY_REPEATS, interleaved_seconds, latency_batch
+from falcon_prune.analysis.timing import LATENCY_REPEATS, latency_batch, side_by_side
 from falcon_prune.data.batches import leaves, map_tensors
 from falcon_prune.errors import BudgetError, ConfigError
 
@@ -69,13 +69,9 @@ def resolve(run: Units) -> None:
 
 
 def measure_fraction(run: Units, dense: nn.Module, small: nn.Module) -> dict:
-    """The seconds per forward of ``small`` as a fraction of ``dense``'s at the latency
-    inputs, both run in turn in every repeat (median of ``2 x LATENCY_REPEATS``)."""
-    call, x = run.config.task.call, latency_inputs(run)
-    secs = interleaved_seconds({"dense": lambda: call(dense, x), "pruned": lambda: call(small, x)},
-                               LATENCY_REPEATS * 2, run.device)
-    return {"measured_fraction": secs["pruned"] / secs["dense"],
-            "dense_ms": secs["dense"] * 1e3, "pruned_ms": secs["pruned"] * 1e3}
+    """The time of ``small`` as a fraction of ``dense``'s at the latency inputs, measured
+    side by side (:func:`~falcon_prune.analysis.timing.side_by_side`)."""
+    return side_by_side(run.config.task.call, latency_inputs(run), dense, small, run.device)
 
 
 def _half(run: Units) -> dict:
