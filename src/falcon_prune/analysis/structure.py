@@ -224,6 +224,16 @@ class ChannelUnits:
         return out
 
 
+def kept_layers(model: nn.Module, keep_layers: tuple[str, ...]) -> tuple[str, ...]:
+    """The names of ``model``'s modules that ``keep_layers`` (module names or globs)
+    match; ModelError for a name or glob that matches none."""
+    modules = [m for m, _ in model.named_modules()]
+    unknown = [n for n in keep_layers if not any(fnmatch(m, n) for m in modules)]
+    if unknown:
+        raise ModelError(f"keep_layers names modules the model does not have: {unknown}")
+    return tuple(m for m in modules if any(fnmatch(m, n) for n in keep_layers))
+
+
 def channel_units(model: nn.Module, cm: CostModel, inputs: object,
                   call: Callable[[nn.Module, object], object],
                   keep_layers: tuple[str, ...] = ()) -> ChannelUnits:
@@ -234,10 +244,7 @@ def channel_units(model: nn.Module, cm: CostModel, inputs: object,
     tp = torch_pruning()
     names = {id(m): n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
-    unknown = [n for n in keep_layers if not any(fnmatch(m, n) for m in modules)]
-    if unknown:
-        raise ModelError(f"keep_layers names modules the model does not have: {unknown}")
-    keep_layers = tuple(m for m in modules if any(fnmatch(m, n) for n in keep_layers))
+    keep_layers = kept_layers(model, keep_layers)
     heads = head_sizes(model, inputs, call)
     _refuse_grouped_query({n: d for n, d in heads.items() if n not in keep_layers}, modules)
     graph = _graph(tp, model, inputs, call)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 
 import torch
 from torch import nn
@@ -38,6 +37,7 @@ from falcon_prune.analysis.costs import plain_kernels
 from falcon_prune.analysis.masks import clone_model, make_permanent
 from falcon_prune.analysis.site_timing import SiteTimes, time_grid
 from falcon_prune.analysis.sites import Site, consumer_weight, find_sites, shrink
+from falcon_prune.analysis.structure import kept_layers
 from falcon_prune.config import PruneConfig
 from falcon_prune.data.batches import collect
 from falcon_prune.errors import BudgetError, BudgetViolation, ConfigError, ModelError
@@ -162,14 +162,10 @@ def kept_whole(model: nn.Module, path: str, n: int, sites: list[Site],
     ``path`` that keep every unit: those with a layer (a producer or the consumer) whose
     name matches one of ``keep_layers`` (module names or globs). ModelError for a name
     that matches no module of ``model``."""
-    names = [m for m, _ in model.named_modules()]
-    unknown = [k for k in keep_layers if not any(fnmatch(m, k) for m in names)]
-    if unknown:
-        raise ModelError(f"keep_layers names modules the model does not have: {unknown}")
-    return frozenset(
-        f"{path}.{i}.{s.consumer}" for i in range(n) for s in sites
-        if any(fnmatch(f"{path}.{i}.{layer}", k) for layer in (*s.producers, s.consumer)
-               for k in keep_layers))
+    kept = set(kept_layers(model, keep_layers))
+    return frozenset(f"{path}.{i}.{s.consumer}" for i in range(n) for s in sites
+                     if any(f"{path}.{i}.{layer}" in kept
+                            for layer in (*s.producers, s.consumer)))
 
 
 def budgets(run: Units, flops: float | None, nnz: float | None,
