@@ -98,16 +98,22 @@ def brute_force(curves, F, S):
     return best
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_the_allocation_meets_both_budgets_with_a_valid_certificate(seed):
-    g = torch.Generator().manual_seed(seed)
-    curves = []
-    for i in range(5):
+def random_curves(g, count):
+    """``count`` (numel, kept grid, falling errors ending at 0) of random layers."""
+    out = []
+    for _ in range(count):
         n = int(torch.randint(50, 200, (1,), generator=g))
         kept = sorted({int(n * f) for f in (0.1, 0.3, 0.5, 0.7, 1.0)})
         drops = torch.rand(len(kept), generator=g).sort(descending=True).values
-        errors = (drops.cumsum(0).flip(0) - drops[-1]).tolist()
-        curves.append(Curve(f"l{i}", n, float(torch.rand(1, generator=g)) + 0.5, kept, errors))
+        out.append((n, kept, (drops.cumsum(0).flip(0) - drops[-1]).tolist()))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_allocation_meets_both_budgets_with_a_valid_certificate(seed):
+    g = torch.Generator().manual_seed(seed)
+    curves = [Curve(f"l{i}", n, float(torch.rand(1, generator=g)) + 0.5, kept, errors)
+              for i, (n, kept, errors) in enumerate(random_curves(g, 5))]
     F = 0.5 * sum(c.cost * c.numel for c in curves)
     S = 0.45 * sum(c.numel for c in curves)
     a = allocate(curves, F, S)
@@ -130,11 +136,7 @@ def test_a_second_budget_in_measured_seconds_is_met(seed):
     budgets, and the knapsack's error is within 10 % of the best choice of grid counts."""
     g = torch.Generator().manual_seed(seed)
     curves = []
-    for i in range(4):
-        n = int(torch.randint(50, 200, (1,), generator=g))
-        kept = sorted({int(n * f) for f in (0.1, 0.3, 0.5, 0.7, 1.0)})
-        drops = torch.rand(len(kept), generator=g).sort(descending=True).values
-        errors = (drops.cumsum(0).flip(0) - drops[-1]).tolist()
+    for i, (n, kept, errors) in enumerate(random_curves(g, 4)):
         jump = float(torch.rand(1, generator=g)) * 20
         sizes = [0.4 * k + (jump if k > n // 2 else 0.0) for k in kept]
         curves.append(Curve(f"l{i}", n, 1.0, kept, errors, sizes=sizes))
