@@ -25,8 +25,8 @@ A choice is predicted to take
 
     T = total - scale x Σ_i Σ_s inside[i] x (1 - r_s(k_{i,s}))  seconds,
 
-the dense time less what each site's count saves of its block's time, r_s interpolated
-linearly between the grid's counts. ``scale`` is set once (:meth:`SiteTimes.calibrate`)
+the dense time less what each site's count saves of its block's time, with
+r_s(k) = 1 - b_s (1 - k / U_s) the fitted line. ``scale`` is set once (:meth:`SiteTimes.calibrate`)
 from a copy of the model that keeps about half of every site's units, measured against
 the dense model side by side: the sum of per-site savings misses what sites share (the
 block's fixed cost) and how blocks run together.
@@ -56,17 +56,16 @@ def time_grid(units: int, least: int, step: int) -> list[int]:
     return sorted({least, units} | {k for k in inner if least < k < units})
 
 
-def line_fit(counts: list[int], ratios: list[float]) -> list[float]:
-    """The measured ratios at ``counts`` (the last all units, ratio 1) replaced by the
-    least-squares line through (all units, 1): r(k) = 1 - b (1 - k / U), b >= 0. A line,
+def line_fit(counts: list[int], ratios: list[float]) -> float:
+    """The slope b >= 0 of the least-squares line through (all units, 1) of the measured
+    ratios at ``counts`` (the last all units, ratio 1): r(k) = 1 - b (1 - k / U). A line,
     not the measured steps: the timings' noise is a few per cent, and a table with steps
     let the knapsack pick the counts whose noise happened to be low (on SmolLM2 at one
     token it predicted 0.75 of the dense time for a model measured at 0.79)."""
     U = counts[-1]
     x = torch.tensor([1.0 - k / U for k in counts], dtype=torch.float64)
     y = 1.0 - torch.tensor(ratios, dtype=torch.float64)
-    b = max(0.0, float((x * y).sum() / (x * x).sum().clamp_min(1e-12)))
-    return (1.0 - b * x).tolist()
+    return max(0.0, float((x * y).sum() / (x * x).sum().clamp_min(1e-12)))
 
 
 def first_units(units: int, k: int) -> torch.Tensor:
@@ -80,25 +79,21 @@ def first_units(units: int, k: int) -> torch.Tensor:
 class SiteTimes:
     """The measured times of one model at one latency shape: ``total`` (seconds per
     forward of the dense model), ``inside`` (seconds per forward in each block), and per
-    site (by consumer name) the grid of ``counts`` with the block-time ``ratios`` r_s(k);
-    ``scale`` the calibration of the predicted savings."""
+    site (by consumer name) its ``units`` U_s, the ``slopes`` b_s of its fitted block-time
+    ratio and how many counts were ``timed``; ``scale`` the calibration of the predicted
+    savings."""
 
     total: float
     inside: list[float]
-    counts: dict[str, list[int]] = field(default_factory=dict)
-    ratios: dict[str, list[float]] = field(default_factory=dict)
+    units: dict[str, int] = field(default_factory=dict)
+    slopes: dict[str, float] = field(default_factory=dict)
+    timed: dict[str, int] = field(default_factory=dict)
     scale: float = 1.0
 
     def ratio(self, site: str, k: int) -> float:
-        """r_s(k): the first block's time with ``site`` (its consumer's name) at ``k``
-        units over its whole time, interpolated linearly between the timed counts."""
-        ks, rs = self.counts[site], self.ratios[site]
-        k = min(max(k, ks[0]), ks[-1])
-        j = next(j for j in range(len(ks)) if ks[j] >= k)
-        if ks[j] == k or j == 0:
-            return rs[j]
-        w = (k - ks[j - 1]) / (ks[j] - ks[j - 1])
-        return rs[j - 1] + w * (rs[j] - rs[j - 1])
+        """r_s(k) = 1 - b_s (1 - k / U_s): a block's time with ``site`` (its consumer's
+        name) at ``k`` units over its whole time."""
+        return 1.0 - self.slopes[site] * (1.0 - k / self.units[site])
 
     def saving(self, i: int, site: str, k: int) -> float:
         """Seconds per forward that keeping ``k`` units of ``site`` (its consumer's name)
@@ -148,7 +143,7 @@ def measure_sites(model: nn.Module, path: str, sites: list[Site], grids: dict[st
             # the blocks' ratio that saves what the model saved: 1 - r = share (1 - r_model)
             ratios.append(1.0 - share * (1.0 - secs["thin"] / max(secs["whole"], 1e-12)))
             bar.update()
-        times.counts[site.consumer] = ks
-        times.ratios[site.consumer] = line_fit(ks, [*ratios, 1.0])
+        times.units[site.consumer], times.timed[site.consumer] = site.units, len(ks)
+        times.slopes[site.consumer] = line_fit(ks, [*ratios, 1.0])
     bar.close()
     return times

@@ -150,7 +150,7 @@ def report(run: Units, dense: nn.Module, times: SiteTimes, latency: float,
            "tokens": run.config.latency_tokens, "device": str(run.device),
            "predicted_fraction": times.seconds(kept) / times.total, **m,
            "calibration": calibration,
-           "counts_timed": {k: len(v) for k, v in times.counts.items()}}
+           "counts_timed": dict(times.timed)}
     if m["measured_fraction"] > latency:
         warnings.warn(
             f"the pruned model ran in {m['measured_fraction']:.2f} of the dense one's time "

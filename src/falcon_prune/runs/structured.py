@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from falcon_prune.analysis.blocks import find_blocks, move_outside
 from falcon_prune.analysis.costs import plain_kernels
 from falcon_prune.analysis.masks import clone_model, make_permanent
-from falcon_prune.analysis.site_timing import SiteTimes, time_grid
+from falcon_prune.analysis.site_timing import SiteTimes
 from falcon_prune.analysis.sites import Site, consumer_weight, find_sites, shrink
 from falcon_prune.analysis.structure import kept_layers
 from falcon_prune.config import PruneConfig
@@ -263,11 +263,9 @@ def allocation(run: Units, F: float, S: float) -> tuple[dict[str, int], Allocati
 
 def _counts_only(run: Units, i: int, site: Site) -> Curve:
     """The curve one fraction for every site needs (counts, not errors): the least and
-    all units, and with a latency budget the counts its time was measured at (between
-    which its seconds are interpolated)."""
+    all units (a latency budget's seconds are linear in the units between them)."""
     k0 = run.least(i, site)
-    ks = [site.units] if k0 == site.units else [k0, site.units] if run.site_times is None \
-        else time_grid(site.units, k0, run.step(site))
+    ks = [site.units] if k0 == site.units else [k0, site.units]
     return run.curve(i, site, ks, [1.0 - k / site.units for k in ks])
 
 
